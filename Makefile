@@ -1,0 +1,50 @@
+# jobgate — two commands: `make run` and `make test`. Everything else bootstraps itself.
+PYTHON ?= python3
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint typecheck unit bench lock clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(UV):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "jobgate needs Python >= 3.11"; exit 1; }
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check "uv>=0.4,<1"
+
+uv.lock: pyproject.toml | $(UV)
+	$(UV) lock --python $(PYTHON)
+	@touch $@
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --python $(PYTHON)
+	@touch $@
+
+lock: $(UV) ## refresh uv.lock after editing pyproject.toml
+	$(UV) lock --python $(PYTHON)
+
+run: $(VENV)/.synced ## start the API and a worker on 127.0.0.1:8000 (SQLite, local blobs)
+	$(BIN)/jobgate serve
+
+lint: $(VENV)/.synced ## ruff and mypy --strict
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/mypy
+
+test: lint ## lint, type-check and run every test (real servers when reachable)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: $(VENV)/.synced ## only the tests that need no server
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+bench: $(VENV)/.synced ## benchmarks (never part of CI); figures go to bench/RESULTS.md
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean: ## remove the virtualenvs and the embedded data
+	rm -rf $(VENV) $(TOOLS) .jobgate .pytest_cache .mypy_cache .ruff_cache

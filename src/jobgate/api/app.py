@@ -1,0 +1,74 @@
+"""The app factory: `create_app(settings)` builds the FastAPI app and its lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from jobgate import __version__
+from jobgate.api import middleware, problems
+from jobgate.api.routes import ROUTERS
+from jobgate.api.state import AppState
+from jobgate.blobs import open_blob_store
+from jobgate.config import Settings
+from jobgate.pipelines import Registry
+from jobgate.store import Database
+from jobgate.store.migrate import upgrade
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    registry: Registry | None = None,
+    worker_concurrency: int | None = None,
+) -> FastAPI:
+    """The jobgate API.
+
+    Args:
+        settings: defaults to `Settings()` from the environment.
+        registry: the pipelines (default: built-ins plus `JOBGATE_PIPELINES`).
+        worker_concurrency: run an in-process worker of this concurrency (default:
+            `settings.worker_concurrency`; 0 runs the API alone).
+    """
+    settings = settings or Settings()
+    registry = registry or Registry.from_paths(settings.pipeline_paths)
+    concurrency = settings.worker_concurrency if worker_concurrency is None else worker_concurrency
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.is_sqlite:
+            await upgrade(settings.database_url)
+        db = Database(settings.database_url)
+        blobs = open_blob_store(settings.blobs_url)
+        state = AppState(settings=settings, db=db, blobs=blobs, registry=registry)
+        app.state.jobgate = state
+        worker = None
+        if concurrency > 0:
+            from jobgate.worker import Worker
+
+            worker = Worker(
+                settings=settings, db=db, blobs=blobs, registry=registry, concurrency=concurrency
+            )
+            state.wake = worker.wake
+            await worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                await worker.stop()
+            await blobs.aclose()
+            await db.aclose()
+
+    app = FastAPI(
+        title="jobgate",
+        version=__version__,
+        description="API gateway and orchestration for long-running ML jobs.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    middleware.install(app, settings)
+    for router in ROUTERS:
+        app.include_router(router)
+    return app

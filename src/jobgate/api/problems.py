@@ -1,0 +1,104 @@
+"""RFC 9457 problem documents: every 4xx/5xx answer jobgate gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jobgate.errors import RequestError
+
+PROBLEM_BASE = "https://jobgate.dev/problems/"
+MEDIA_TYPE = "application/problem+json"
+_SLUG_BY_STATUS = {
+    400: ("malformed-request", "Malformed request"),
+    401: ("unauthenticated", "Unauthenticated"),
+    403: ("forbidden", "Forbidden"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    406: ("not-acceptable", "Not acceptable"),
+    409: ("conflict", "Conflict"),
+    413: ("file-too-large", "Request too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+    422: ("validation-error", "Validation error"),
+    429: ("rate-limited", "Too many requests"),
+    503: ("unavailable", "Service unavailable"),
+}
+log = structlog.get_logger("jobgate.api")
+
+
+def problem(
+    request: Request,
+    status: int,
+    slug: str,
+    title: str,
+    detail: str,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """A problem+json response for `request`."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        "request_id": getattr(request.state, "request_id", None),
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+def _clean_loc(loc: tuple[Any, ...] | list[Any]) -> list[Any]:
+    return [part for part in loc if part != "body"] or ["body"]
+
+
+async def _on_request_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestError)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return problem(
+        request, exc.status, exc.slug, exc.title, exc.message, errors=exc.errors, headers=headers
+    )
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = []
+    malformed = False
+    for err in exc.errors():
+        if err.get("type") in ("json_invalid", "missing") and tuple(err.get("loc", ())) == ("body",):
+            malformed = True
+        # Never echo `input` or value-derived `ctx`: they can carry secrets.
+        errors.append({"loc": _clean_loc(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type")})
+    if malformed:
+        return problem(request, 400, "malformed-request", "Malformed request", "the body is empty or not valid JSON")
+    return problem(request, 422, "validation-error", "Validation error", "the request is invalid", errors=errors)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    slug, title = _SLUG_BY_STATUS.get(exc.status_code, ("error", "Error"))
+    detail = exc.detail if isinstance(exc.detail, str) else title
+    return problem(request, exc.status_code, slug, title, detail, headers=exc.headers)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("request_failed", path=request.url.path, exc_info=exc)
+    return problem(
+        request, 500, "internal-error", "Internal server error",
+        "something went wrong; quote the request_id when reporting it",
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Route every error through a problem document."""
+    app.add_exception_handler(RequestError, _on_request_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -1,0 +1,5 @@
+"""Who is calling: API keys (and, later, JWTs), and what their roles allow."""
+
+from jobgate.auth.principal import ROLES, Principal
+
+__all__ = ["ROLES", "Principal"]

@@ -1,0 +1,102 @@
+"""Settings: environment variables (and `.env`) prefixed `JOBGATE_`.
+
+Build them with `Settings()` (or `get_settings()`) where they are needed, never at
+import time, so that tests and embedders can build their own.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SIGNING_KEY = "dev-only-signing-key-change-me"
+
+
+class Settings(BaseSettings):
+    """Every setting jobgate reads; `.env.example` documents each one."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="JOBGATE_", env_file=".env", extra="ignore", env_file_encoding="utf-8"
+    )
+
+    env: Literal["dev", "prod"] = "dev"
+    data_dir: Path = Path(".jobgate")
+    database_url: str = ""
+    transport_url: str = "database"
+    bus_url: str = ""
+    blobs_url: str = ""
+    limits_url: str = "memory://"
+    pipelines: str = ""
+    public_url: str = "http://127.0.0.1:8000"
+
+    signing_key: str = DEV_SIGNING_KEY
+    signed_url_ttl_s: int = Field(3600, ge=1)
+    stream_token_ttl_s: int = Field(300, ge=1)
+
+    max_jobs_per_request: int = Field(100, ge=1)
+    max_upload_bytes: int = Field(100_000_000, ge=1)
+    max_upload_parts: int = Field(100, ge=1)
+    list_max_limit: int = Field(50, ge=1)
+    job_budget_usd: float = Field(2000.0, ge=0)
+    idempotency_ttl_s: int = Field(86_400, ge=1)
+
+    worker_concurrency: int = Field(4, ge=0)
+    worker_queues: str = "default"
+    worker_poll_interval_s: float = Field(0.5, gt=0)
+    lease_s: float = Field(30.0, gt=0)
+    cancel_grace_s: float = Field(5.0, ge=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    retry_backoff_max_s: float = Field(300.0, gt=0)
+    priority_aging_s: float = Field(
+        10.0, ge=0, description="each priority point counts as this many seconds of waiting"
+    )
+    sweep_interval_s: float = Field(5.0, gt=0)
+    worker_lost_after_s: float = Field(15.0, gt=0)
+    event_flush_interval_s: float = Field(0.1, gt=0)
+
+    sse_heartbeat_s: float = Field(30.0, gt=0)
+    sse_max_per_job: int = Field(10, ge=1)
+    metrics_token: str = ""
+    log_format: Literal["auto", "console", "json"] = "auto"
+    log_level: str = "INFO"
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _defaults_and_secrets(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'jobgate.db'}"
+        if not self.blobs_url:
+            self.blobs_url = (self.data_dir / "blobs").resolve().as_uri()
+        weak_key = self.signing_key == DEV_SIGNING_KEY or len(self.signing_key) < 32
+        if self.env == "prod" and weak_key:
+            raise ValueError(
+                "JOBGATE_SIGNING_KEY must be set to a random value of at least 32 characters "
+                "when JOBGATE_ENV=prod"
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def queue_names(self) -> list[str]:
+        return [q.strip() for q in self.worker_queues.split(",") if q.strip()]
+
+    @property
+    def pipeline_paths(self) -> list[str]:
+        return [p.strip() for p in self.pipelines.split(",") if p.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

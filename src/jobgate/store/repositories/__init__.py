@@ -1,0 +1,1 @@
+"""Repositories: plain async functions taking a connection first; they never commit."""

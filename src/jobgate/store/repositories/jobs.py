@@ -1,0 +1,345 @@
+"""Jobs: creating them with their first tasks, reading them, cancelling and retrying."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from jobgate.errors import Conflict, NotFound
+from jobgate.pipelines import Pipeline, Registry
+from jobgate.store.repositories import events, tasks
+from jobgate.store.tables import artifacts, jobs, stages
+from jobgate.store.tables import events as event_table
+from jobgate.store.tables import tasks as task_table
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE = frozenset({"queued", "running"})
+
+
+@dataclass
+class NewJob:
+    """A validated submission, ready to be written."""
+
+    id: str
+    pipeline: Pipeline
+    owner: str
+    params: dict[str, Any]
+    files: list[dict[str, Any]]
+    priority: int
+    budget_usd: float
+    estimated_usd: float
+    correlation_id: str | None = None
+    webhook: dict[str, Any] | None = None
+
+
+@dataclass
+class JobSnapshot:
+    """A job row with its stages (in pipeline order) and artifacts."""
+
+    job: RowMapping
+    stages: list[RowMapping] = field(default_factory=list)
+    artifacts: list[RowMapping] = field(default_factory=list)
+
+
+async def create(conn: AsyncConnection, new_jobs: Sequence[NewJob], *, at: float) -> None:
+    """Insert jobs, their stages, first events and first tasks: one submit, one transaction."""
+    job_rows: list[dict[str, Any]] = []
+    stage_rows: list[dict[str, Any]] = []
+    event_rows: list[dict[str, Any]] = []
+    task_rows: list[dict[str, Any]] = []
+    for job in new_jobs:
+        pipeline = job.pipeline
+        order = pipeline.topological_order()
+        first_events: list[tuple[str, dict[str, Any]]] = []
+        expected = 0
+        for position, name in enumerate(order):
+            stage = pipeline.stages[name]
+            is_root = not stage.after
+            items = len(job.files) if stage.map_over == "files" else 0
+            if stage.is_map and stage.map_over == "files":
+                expected += items
+            stage_rows.append(
+                {
+                    "job_id": job.id,
+                    "name": name,
+                    "position": position,
+                    "status": "queued" if is_root else "pending",
+                    "attempt": 0,
+                    "progress": 0.0,
+                    "is_map": stage.is_map,
+                    "items_total": items,
+                    "items_succeeded": 0,
+                    "items_failed": 0,
+                }
+            )
+            if is_root:
+                first_events.append(
+                    ("stage_update", {"stage": name, "status": "queued", "attempt": 0})
+                )
+                indexes: list[int | None] = list(range(items)) if stage.is_map else [None]
+                task_rows.extend(
+                    tasks.task_row(
+                        job.id, job.owner, pipeline.name, stage, i, job.priority, at, attempt=0
+                    )
+                    for i in indexes
+                )
+        job_rows.append(
+            {
+                "id": job.id,
+                "pipeline": pipeline.name,
+                "pipeline_version": pipeline.version,
+                "owner": job.owner,
+                "status": "queued",
+                "cancel_requested": False,
+                "priority": job.priority,
+                "params": job.params,
+                "files": job.files,
+                "correlation_id": job.correlation_id,
+                "webhook": job.webhook,
+                "estimated_usd": job.estimated_usd,
+                "actual_usd": 0.0,
+                "budget_usd": job.budget_usd,
+                "progress": 0.0,
+                "records_expected": expected,
+                "records_succeeded": 0,
+                "records_failed": 0,
+                "last_seq": len(first_events),
+                "created_at": at,
+            }
+        )
+        event_rows.extend(
+            {"job_id": job.id, "seq": i + 1, "type": kind, "data": data, "created_at": at}
+            for i, (kind, data) in enumerate(first_events)
+        )
+    await conn.execute(insert(jobs), job_rows)
+    await conn.execute(insert(stages), stage_rows)
+    if event_rows:
+        await conn.execute(insert(event_table), event_rows)
+    if task_rows:
+        await conn.execute(insert(task_table), task_rows)
+    # Map stages whose item list is empty (no files) finish at once.
+    for job in new_jobs:
+        for stage in job.pipeline.stages.values():
+            if not stage.after and stage.is_map and not job.files:
+                await tasks.finish_map_stage(conn, job.id, job.pipeline, stage.name, at=at)
+
+
+async def load(conn: AsyncConnection, ids: Sequence[str]) -> list[JobSnapshot]:
+    """Snapshots of the jobs with these ids, in the order given (unknown ids skipped)."""
+    if not ids:
+        return []
+    rows = (await conn.execute(select(jobs).where(jobs.c.id.in_(ids)))).mappings().all()
+    by_id = {row["id"]: JobSnapshot(job=row) for row in rows}
+    if by_id:
+        for row in (
+            await conn.execute(
+                select(stages).where(stages.c.job_id.in_(by_id)).order_by(stages.c.position)
+            )
+        ).mappings():
+            by_id[row["job_id"]].stages.append(row)
+        for row in (
+            await conn.execute(
+                select(artifacts)
+                .where(artifacts.c.job_id.in_(by_id))
+                .order_by(artifacts.c.created_at, artifacts.c.name)
+            )
+        ).mappings():
+            by_id[row["job_id"]].artifacts.append(row)
+    return [by_id[i] for i in ids if i in by_id]
+
+
+async def get(conn: AsyncConnection, job_id: str, *, owner: str | None = None) -> JobSnapshot:
+    """One job; `owner` (when given) must own it.
+
+    Raises:
+        NotFound: no such job, or another owner's.
+    """
+    found = await load(conn, [job_id])
+    if not found or (owner is not None and found[0].job["owner"] != owner):
+        raise NotFound(f"no job {job_id!r}")
+    return found[0]
+
+
+async def owned_ids(conn: AsyncConnection, ids: Sequence[str], owner: str | None) -> list[str]:
+    """Which of `ids` exist and belong to `owner` (any owner when None)."""
+    query = select(jobs.c.id).where(jobs.c.id.in_(ids))
+    if owner is not None:
+        query = query.where(jobs.c.owner == owner)
+    return [row[0] for row in await conn.execute(query)]
+
+
+async def search(
+    conn: AsyncConnection,
+    *,
+    owner: str | None,
+    statuses: Sequence[str] = (),
+    pipeline: str | None = None,
+    created_after: float | None = None,
+    created_before: float | None = None,
+    limit: int,
+    offset: int,
+) -> tuple[list[str], int]:
+    """Ids of matching jobs, newest first, and how many match in all."""
+    conditions = []
+    if owner is not None:
+        conditions.append(jobs.c.owner == owner)
+    if statuses:
+        conditions.append(jobs.c.status.in_(statuses))
+    if pipeline:
+        conditions.append(jobs.c.pipeline == pipeline)
+    if created_after is not None:
+        conditions.append(jobs.c.created_at > created_after)
+    if created_before is not None:
+        conditions.append(jobs.c.created_at < created_before)
+    total = (
+        await conn.execute(select(func.count()).select_from(jobs).where(*conditions))
+    ).scalar_one()
+    ids = await conn.execute(
+        select(jobs.c.id)
+        .where(*conditions)
+        .order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return [row[0] for row in ids], int(total)
+
+
+async def lock(conn: AsyncConnection, job_id: str) -> RowMapping | None:
+    """The job row, locked for update (PostgreSQL; SQLite writers are already exclusive)."""
+    return (
+        (await conn.execute(select(jobs).where(jobs.c.id == job_id).with_for_update()))
+        .mappings()
+        .first()
+    )
+
+
+async def cancel(conn: AsyncConnection, job_id: str, *, owner: str | None, at: float) -> bool:
+    """Cancel a job: at once if nothing of it runs, else by flag. True when done at once.
+
+    Raises:
+        NotFound: no such job (or another owner's).
+        Conflict: the job already finished.
+    """
+    job = await lock(conn, job_id)
+    if job is None or (owner is not None and job["owner"] != owner):
+        raise NotFound(f"no job {job_id!r}")
+    if job["status"] in TERMINAL:
+        raise Conflict(f"job {job_id} is already {job['status']}")
+    # Waiting tasks never start; running ones see the flag and stop.
+    await conn.execute(
+        delete(task_table).where(task_table.c.job_id == job_id, task_table.c.lease_token.is_(None))
+    )
+    running = (
+        await conn.execute(
+            select(func.count()).select_from(task_table).where(task_table.c.job_id == job_id)
+        )
+    ).scalar_one()
+    if running:
+        if not job["cancel_requested"]:
+            await conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True)
+            )
+            await events.append(
+                conn,
+                job_id,
+                [("message", {"level": "info", "text": "cancellation requested", "stage": None})],
+                at=at,
+            )
+        return False
+    await finalize(conn, job_id, "cancelled", at=at)
+    return True
+
+
+async def finalize(
+    conn: AsyncConnection,
+    job_id: str,
+    status: str,
+    *,
+    at: float,
+    result: Any = None,
+    error: dict[str, Any] | None = None,
+) -> None:
+    """Move a job to a terminal state, closing its unfinished stages, with its last event."""
+    stage_rows = (
+        await conn.execute(
+            select(stages.c.name, stages.c.status, stages.c.attempt)
+            .where(stages.c.job_id == job_id)
+            .order_by(stages.c.position)
+        )
+    ).all()
+    closing = "cancelled" if status == "cancelled" else "skipped"
+    updates: list[tuple[str, dict[str, Any]]] = []
+    for name, stage_status, attempt in stage_rows:
+        if stage_status in ("pending", "queued", "running"):
+            new = "cancelled" if stage_status != "pending" or status == "cancelled" else closing
+            await conn.execute(
+                update(stages)
+                .where(stages.c.job_id == job_id, stages.c.name == name)
+                .values(status=new, finished_at=at)
+            )
+            updates.append(("stage_update", {"stage": name, "status": new, "attempt": attempt}))
+    values: dict[str, Any] = {"status": status, "finished_at": at, "cancel_requested": False}
+    if status == "succeeded":
+        values.update(result=result, progress=1.0, error=None)
+    elif status == "failed":
+        values.update(error=error)
+    await conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+    await conn.execute(
+        delete(task_table).where(task_table.c.job_id == job_id, task_table.c.lease_token.is_(None))
+    )
+    final: tuple[str, dict[str, Any]]
+    if status == "succeeded":
+        final = ("completed", {"result": result})
+    elif status == "failed":
+        final = ("error", {"error": error})
+    else:
+        final = ("cancelled", {})
+    await events.append(conn, job_id, [*updates, final], at=at)
+
+
+async def retry(
+    conn: AsyncConnection, job_id: str, *, owner: str | None, registry: Registry, at: float
+) -> None:
+    """Queue a failed or cancelled job again, resuming at the stages that did not succeed.
+
+    Raises:
+        NotFound: no such job (or another owner's).
+        Conflict: the job is not failed or cancelled.
+    """
+    job = await lock(conn, job_id)
+    if job is None or (owner is not None and job["owner"] != owner):
+        raise NotFound(f"no job {job_id!r}")
+    if job["status"] not in ("failed", "cancelled"):
+        raise Conflict(
+            f"only a failed or cancelled job can be retried; job {job_id} is {job['status']}"
+        )
+    if await conn.scalar(
+        select(func.count()).select_from(task_table).where(task_table.c.job_id == job_id)
+    ):
+        raise Conflict(f"job {job_id} still has a stage stopping; retry in a moment")
+    pipeline = registry.get(job["pipeline"])
+    await conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id)
+        .values(status="queued", error=None, result=None, finished_at=None, cancel_requested=False)
+    )
+    await conn.execute(
+        update(stages)
+        .where(stages.c.job_id == job_id, stages.c.status != "succeeded")
+        .values(status="pending", error=None, finished_at=None, progress=0.0)
+    )
+    done = {
+        row[0]
+        for row in await conn.execute(
+            select(stages.c.name).where(stages.c.job_id == job_id, stages.c.status == "succeeded")
+        )
+    }
+    for name in pipeline.topological_order():
+        stage = pipeline.stages[name]
+        if name not in done and all(dep in done for dep in stage.after):
+            await tasks.enqueue_stage(conn, job_id, pipeline, name, at=at)

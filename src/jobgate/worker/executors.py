@@ -1,0 +1,68 @@
+"""Running one stage function: on the event loop (async) or in a thread (sync)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pydantic import BaseModel
+
+from jobgate.pipelines import Stage, StageContext
+
+
+class StageTimeout(Exception):
+    """The stage ran longer than its timeout."""
+
+
+class OutputNotSerializable(Exception):
+    """The stage returned something that is not JSON."""
+
+
+def call_arguments(stage: Stage, ctx: StageContext) -> dict[str, Any]:
+    """The keyword arguments a stage function takes: dependency outputs, and `item`."""
+    kwargs = {name: ctx.outputs.get(name) for name in stage.dependency_args}
+    if stage.takes_item:
+        kwargs["item"] = ctx.item
+    return kwargs
+
+
+async def execute(stage: Stage, ctx: StageContext, threads: ThreadPoolExecutor) -> Any:
+    """Run the stage under its timeout and return its output, as JSON-ready data.
+
+    Raises:
+        StageTimeout: the attempt ran longer than `stage.timeout_s`.
+        OutputNotSerializable: the output is not JSON.
+        Exception: whatever the stage raised.
+    """
+    kwargs = call_arguments(stage, ctx)
+    if stage.is_async:
+        work: asyncio.Future[Any] = asyncio.ensure_future(stage.fn(ctx, **kwargs))
+    else:
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, stage.fn, ctx, **kwargs)
+        work = loop.run_in_executor(threads, call)
+    try:
+        output = await asyncio.wait_for(work, timeout=stage.timeout_s)
+    except TimeoutError:
+        raise StageTimeout(f"stage {stage.name!r} ran longer than {stage.timeout_s:g} s") from None
+    return to_json(output)
+
+
+def to_json(value: Any) -> Any:
+    """The value as plain JSON data (pydantic models dumped), or `OutputNotSerializable`."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    try:
+        return json.loads(json.dumps(value, default=_dump_model))
+    except (TypeError, ValueError) as exc:
+        raise OutputNotSerializable(f"the stage's output is not JSON-serialisable: {exc}") from None
+
+
+def _dump_model(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")

@@ -1,0 +1,177 @@
+"""`TaskRuntime`: the worker's side of a `StageContext`, for one claimed task.
+
+Stage code may call it from the event loop (async stages) or from a thread (sync
+stages), so everything it buffers is guarded by a lock, and everything it must write
+is handed to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mimetypes
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobgate.errors import BudgetExhausted
+from jobgate.ids import now
+from jobgate.pipelines.context import ArtifactSource
+from jobgate.pipelines.files import sanitize_filename, sniff
+from jobgate.store.repositories import artifacts, tasks
+
+if TYPE_CHECKING:
+    from jobgate.worker.worker import Worker
+
+
+class TaskRuntime:
+    """Buffers a running stage's progress, messages and cost until the next flush."""
+
+    def __init__(self, worker: Worker, task: tasks.Claimed, loop: asyncio.AbstractEventLoop):
+        self._worker = worker
+        self.task = task
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._lock = threading.Lock()
+        self._events: list[tuple[str, dict[str, Any]]] = []
+        self._progress: tuple[float, str | None] | None = None
+        self._cost_delta = 0.0
+        self._cost_items: str = ""
+        self._cancelled = threading.Event()
+        if task.cancel_requested:
+            self._cancelled.set()
+        self.dirty = asyncio.Event()
+        self.lease_lost = False
+        self.handing_back = False
+
+    # -- StageRuntime ----------------------------------------------------------------
+
+    def report_progress(self, fraction: float, message: str | None) -> None:
+        with self._lock:
+            self._progress = (fraction, message)
+        self._mark_dirty()
+
+    def report_log(self, level: str, text: str) -> None:
+        with self._lock:
+            self._events.append(
+                ("message", {"level": level, "text": text[:10_000], "stage": self.task.stage})
+            )
+        self._mark_dirty()
+
+    def report_cost(self, usd: float, item: str) -> None:
+        with self._lock:
+            self._cost_delta += usd
+            self._cost_items = item
+            total = self.task.actual_usd + self._cost_delta
+        self._mark_dirty()
+        if total > self.task.budget_usd + 1e-9:
+            raise BudgetExhausted(
+                f"the job's cost {total:.4f} USD passed its budget "
+                f"of {self.task.budget_usd:.4f} USD"
+            )
+
+    def job_cost(self) -> float:
+        with self._lock:
+            return self.task.actual_usd + self._cost_delta
+
+    def cancel_requested(self) -> bool:
+        return self._cancelled.is_set()
+
+    def save_artifact_blocking(
+        self, name: str, source: ArtifactSource, content_type: str | None, primary: bool
+    ) -> dict[str, Any]:
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError("async stages save artifacts with `await ctx.asave_artifact(...)`")
+        future = asyncio.run_coroutine_threadsafe(
+            self.save_artifact(name, source, content_type, primary), self._loop
+        )
+        return future.result()
+
+    async def save_artifact(
+        self, name: str, source: ArtifactSource, content_type: str | None, primary: bool
+    ) -> dict[str, Any]:
+        safe_name = sanitize_filename(name)
+        blobs = self._worker.blobs
+        if isinstance(source, bytes):
+            stored = await blobs.put_bytes(source)
+        else:
+            stored = await blobs.put_file(Path(source))
+        kind = content_type or mimetypes.guess_type(safe_name)[0] or sniff(stored.head, safe_name)
+        # Events buffered so far go first, so the log keeps the stage's own order.
+        await self.flush()
+        async with self._worker.db.write() as conn:
+            await tasks.hold(conn, self.task)
+            return await artifacts.put(
+                conn,
+                job_id=self.task.job_id,
+                stage=self.task.stage,
+                name=safe_name,
+                sha256=stored.sha256,
+                size=stored.size,
+                content_type=kind,
+                primary=primary,
+                at=now(),
+            )
+
+    # -- the worker's side -----------------------------------------------------------
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def take_report(self) -> tasks.Report:
+        """Everything buffered since the last call, as one `Report`."""
+        with self._lock:
+            report = tasks.Report(events=self._events)
+            self._events = []
+            if self._cost_delta:
+                actual = self.task.actual_usd + self._cost_delta
+                report.cost_delta = self._cost_delta
+                report.events.append(
+                    (
+                        "cost_update",
+                        {
+                            "actual_usd": round(actual, 10),
+                            "delta_usd": round(self._cost_delta, 10),
+                            "item": self._cost_items,
+                        },
+                    )
+                )
+                self._cost_delta = 0.0
+            if self._progress is not None and self.task.item_index is None:
+                fraction, message = self._progress
+                report.progress = fraction
+                data: dict[str, Any] = {"stage": self.task.stage, "stage_progress": fraction}
+                if message is not None:
+                    data["message"] = message
+                report.events.append(("progress", data))
+                self._progress = None
+            return report
+
+    def put_back(self, report: tasks.Report) -> None:
+        """Return a report that could not be written, so the next flush retries it."""
+        with self._lock:
+            self._events = report.events + self._events
+            self._cost_delta += report.cost_delta
+
+    async def flush(self) -> None:
+        """Write what is buffered (renewing the lease); raises `LeaseLost`."""
+        report = self.take_report()
+        if not report:
+            return
+        try:
+            async with self._worker.db.write() as conn:
+                stop = await tasks.flush(
+                    conn, self.task, report, lease_s=self._worker.settings.lease_s, at=now()
+                )
+        except tasks.LeaseLost:
+            raise
+        except Exception:
+            self.put_back(report)
+            raise
+        if stop:
+            self.cancel()
+
+    def _mark_dirty(self) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self.dirty.set()
+        else:
+            self._loop.call_soon_threadsafe(self.dirty.set)

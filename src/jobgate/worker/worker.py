@@ -1,0 +1,446 @@
+"""`Worker`: claims stage tasks, runs them under renewed leases, records their outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import structlog
+
+from jobgate import __version__
+from jobgate.blobs.base import BlobStore
+from jobgate.config import Settings
+from jobgate.errors import BudgetExhausted, JobCancelled
+from jobgate.ids import now, uuid7
+from jobgate.pipelines import InputFile, Registry, StageContext
+from jobgate.store import Database
+from jobgate.store.repositories import tasks
+from jobgate.store.repositories import workers as worker_repo
+from jobgate.worker import executors
+from jobgate.worker.runtime import TaskRuntime
+
+log = structlog.get_logger("jobgate.worker")
+T = TypeVar("T")
+
+
+class Worker:
+    """A pool of `concurrency` stage runners on the database transport.
+
+    Args:
+        settings: leases, polling, grace periods.
+        db: the store.
+        blobs: where input files and artifacts live.
+        registry: the pipelines this worker can run (it claims only their tasks).
+        concurrency: stages run at once.
+        queues: the queues it takes from (default: `settings.worker_queues`).
+        worker_id: a stable name (default: host-pid-random).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        blobs: BlobStore,
+        registry: Registry,
+        concurrency: int,
+        queues: list[str] | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.blobs = blobs
+        self.registry = registry
+        self.concurrency = max(1, concurrency)
+        self.queues = queues or settings.queue_names
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid7()[-6:]}"
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._running: dict[int, tuple[TaskRuntime, asyncio.Task[None]]] = {}
+        self._slot_freed = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        # Threads abandoned by a timeout keep their slot until they end; leave headroom.
+        self._threads = ThreadPoolExecutor(
+            max_workers=self.concurrency * 2, thread_name_prefix="jobgate-stage"
+        )
+        self._started_at = now()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register in the workers table and start claiming."""
+        await self._register()
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name="jobgate-claim"),
+            asyncio.create_task(self._lease_loop(), name="jobgate-leases"),
+            asyncio.create_task(self._maintenance_loop(), name="jobgate-maintenance"),
+        ]
+        log.info(
+            "worker_started", worker_id=self.id, queues=self.queues, concurrency=self.concurrency
+        )
+
+    def wake(self) -> None:
+        """New tasks may be ready: claim now instead of at the next poll."""
+        self._wakeup.set()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop claiming, let running stages finish within the grace, hand back the rest."""
+        if self._stopping.is_set() and not self._loops:
+            return
+        self._stopping.set()
+        self._wakeup.set()
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        claim_loop = self._loops[0] if self._loops else None
+        if claim_loop is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await claim_loop
+        running = [task for _, task in self._running.values()]
+        if running:
+            log.info("worker_draining", running=len(running), grace_s=grace)
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for runtime, task in list(self._running.values()):
+                if task in pending:
+                    runtime.handing_back = True
+                    runtime.cancel()
+                    task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for loop_task in self._loops[1:]:
+            loop_task.cancel()
+        for loop_task in self._loops[1:]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+        self._loops = []
+        with contextlib.suppress(Exception):
+            async with self.db.write() as conn:
+                await worker_repo.unregister(conn, self.id)
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        log.info("worker_stopped", worker_id=self.id)
+
+    async def run(self) -> None:
+        """Run until SIGTERM or SIGINT, then drain (a second signal cuts the grace short)."""
+        loop = asyncio.get_running_loop()
+        signals = 0
+        stop_now = asyncio.Event()
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                self._stopping.set()
+            else:
+                stop_now.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await self.start()
+        await self._stopping.wait()
+        stopper = asyncio.create_task(self.stop())
+        cut = asyncio.create_task(stop_now.wait())
+        await asyncio.wait([stopper, cut], return_when=asyncio.FIRST_COMPLETED)
+        if not stopper.done():
+            stopper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopper
+            await self.stop(grace_s=0)
+        cut.cancel()
+
+    # -- loops -----------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        pipelines = self.registry.names()
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            self._wakeup.clear()
+            try:
+                async with self.db.write() as conn:
+                    claimed = await tasks.claim(
+                        conn,
+                        worker_id=self.id,
+                        queues=self.queues,
+                        pipelines=pipelines,
+                        limit=free,
+                        lease_s=self.settings.lease_s,
+                        at=now(),
+                        registry=self.registry,
+                    )
+            except Exception:
+                log.exception("claim_failed")
+                claimed = []
+                await asyncio.sleep(self.settings.worker_poll_interval_s)
+            for task in claimed:
+                self._launch(task)
+            if len(claimed) < free and not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._wakeup.wait(), timeout=self.settings.worker_poll_interval_s
+                    )
+
+    async def _lease_loop(self) -> None:
+        """Renew every held lease together and pass on cancellations and lost leases."""
+        interval = min(0.5, self.settings.lease_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            held = {runtime.task.lease_token: runtime for runtime, _ in self._running.values()}
+            if not held:
+                continue
+            try:
+                async with self.db.write() as conn:
+                    still, stopping = await tasks.renew(
+                        conn, list(held), lease_s=self.settings.lease_s, at=now()
+                    )
+            except Exception:
+                log.exception("lease_renewal_failed")
+                continue
+            for token, runtime in held.items():
+                if token not in still:
+                    if runtime.task.task_id in self._running:
+                        log.warning(
+                            "lease_lost", job_id=runtime.task.job_id, stage=runtime.task.stage
+                        )
+                        runtime.lease_lost = True
+                        runtime.cancel()
+                        self._running[runtime.task.task_id][1].cancel()
+                elif runtime.task.job_id in stopping and not runtime.cancel_requested():
+                    runtime.cancel()
+                    self._stop_soon(runtime)
+
+    async def _maintenance_loop(self) -> None:
+        heartbeat_every = max(1.0, min(5.0, self.settings.worker_lost_after_s / 3))
+        last_sweep = 0.0
+        while True:
+            await asyncio.sleep(heartbeat_every)
+            try:
+                async with self.db.write() as conn:
+                    alive = await worker_repo.heartbeat(
+                        conn, self.id, running=len(self._running), at=now()
+                    )
+                if not alive:
+                    await self._register()
+                if now() - last_sweep >= self.settings.sweep_interval_s:
+                    last_sweep = now()
+                    async with self.db.write() as conn:
+                        swept = await tasks.sweep(conn, registry=self.registry, at=now())
+                    if swept:
+                        log.info("leases_swept", count=swept)
+                        self.wake()
+            except Exception:
+                log.exception("maintenance_failed")
+
+    async def _register(self) -> None:
+        async with self.db.write() as conn:
+            await worker_repo.register(
+                conn,
+                {
+                    "id": self.id,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "queues": self.queues,
+                    "pipelines": self.registry.names(),
+                    "concurrency": self.concurrency,
+                    "running": len(self._running),
+                    "version": __version__,
+                    "started_at": self._started_at,
+                    "last_seen_at": now(),
+                },
+            )
+
+    # -- running one task ------------------------------------------------------------
+
+    def _launch(self, task: tasks.Claimed) -> None:
+        runtime = TaskRuntime(self, task, asyncio.get_running_loop())
+        runner = asyncio.create_task(self._run(runtime), name=f"stage-{task.job_id}-{task.stage}")
+        self._running[task.task_id] = (runtime, runner)
+        runner.add_done_callback(lambda _: self._finished(task.task_id))
+
+    def _finished(self, task_id: int) -> None:
+        self._running.pop(task_id, None)
+        self._slot_freed.set()
+        self._wakeup.set()
+
+    def _stop_soon(self, runtime: TaskRuntime) -> None:
+        """Cancellation: async stages get `CancelledError` now; threads get the grace."""
+        entry = self._running.get(runtime.task.task_id)
+        if entry is None:
+            return
+        stage = self.registry.get(runtime.task.pipeline).stages[runtime.task.stage]
+        if stage.is_async:
+            entry[1].cancel()
+        else:
+            asyncio.get_running_loop().call_later(
+                self.settings.cancel_grace_s,
+                lambda: entry[1].cancel() if not entry[1].done() else None,
+            )
+
+    async def _run(self, runtime: TaskRuntime) -> None:
+        task = runtime.task
+        pipeline = self.registry.get(task.pipeline)
+        stage = pipeline.stages[task.stage]
+        bound = structlog.contextvars.bound_contextvars(
+            job_id=task.job_id, stage=task.stage, attempt=task.attempt, worker_id=self.id
+        )
+        with bound:
+            flusher = asyncio.create_task(self._flush_loop(runtime))
+            started = now()
+            outcome = "succeeded"
+            try:
+                files = [self._input_file(f) for f in task.files]
+                item = task.item
+                if stage.map_over == "files" and isinstance(item, dict):
+                    item = self._input_file(item)
+                ctx = StageContext(
+                    job_id=task.job_id,
+                    stage=task.stage,
+                    attempt=task.attempt,
+                    params=pipeline.parse_params(task.params),
+                    files=files,
+                    outputs=task.outputs,
+                    runtime=runtime,
+                    item=item,
+                    item_key=task.item_key,
+                )
+                if runtime.cancel_requested():
+                    raise JobCancelled()
+                output = await executors.execute(stage, ctx, self._threads)
+            except asyncio.CancelledError:
+                outcome = await self._interrupted(runtime)
+            except JobCancelled:
+                outcome = "cancelled"
+                await self._write(runtime, lambda conn, r: tasks.stopped(conn, task, r, at=now()))
+            except BudgetExhausted as exc:
+                outcome = "failed"
+                await self._fail(runtime, "budget_exceeded", exc.message, retryable=False)
+            except executors.StageTimeout as exc:
+                outcome = "failed"
+                runtime.cancel()
+                await self._fail(runtime, "timeout", str(exc), retryable=True)
+            except Exception as exc:
+                outcome = "failed"
+                log.warning("stage_raised", error=repr(exc), exc_info=True)
+                kind = "stage_failed"
+                await self._fail(runtime, kind, str(exc) or type(exc).__name__, retryable=True)
+            else:
+                await self._write(
+                    runtime,
+                    lambda conn, r: tasks.complete(
+                        conn,
+                        task,
+                        output,
+                        r,
+                        registry=self.registry,
+                        at=now(),
+                        aging_s=self.settings.priority_aging_s,
+                    ),
+                )
+            finally:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+            log.info("stage_finished", outcome=outcome, duration_s=round(now() - started, 4))
+            _observe(task.pipeline, task.stage, outcome, now() - started)
+
+    async def _interrupted(self, runtime: TaskRuntime) -> str:
+        task = runtime.task
+        if runtime.lease_lost:
+            return "lost"
+        if runtime.handing_back:
+            await self._write(runtime, lambda conn, r: tasks.release(conn, task, r, at=now()))
+            return "released"
+        await self._write(runtime, lambda conn, r: tasks.stopped(conn, task, r, at=now()))
+        return "cancelled"
+
+    async def _fail(
+        self, runtime: TaskRuntime, kind: str, message: str, *, retryable: bool
+    ) -> None:
+        task = runtime.task
+        error = {"type": kind, "message": message[:2000]}
+        await self._write(
+            runtime,
+            lambda conn, r: tasks.fail(
+                conn,
+                task,
+                error,
+                r,
+                retryable=retryable,
+                registry=self.registry,
+                at=now(),
+                backoff_cap_s=self.settings.retry_backoff_max_s,
+                aging_s=self.settings.priority_aging_s,
+            ),
+        )
+
+    async def _write(
+        self, runtime: TaskRuntime, outcome: Callable[[Any, tasks.Report], Awaitable[T]]
+    ) -> None:
+        """Write a task's outcome, retrying transient store errors until the lease ends."""
+        delay = 0.05
+        while True:
+            report = runtime.take_report()
+            try:
+                async with self.db.write() as conn:
+                    await outcome(conn, report)
+                return
+            except tasks.LeaseLost:
+                log.warning("outcome_dropped_lease_lost")
+                return
+            except Exception:
+                runtime.put_back(report)
+                if now() > runtime.task.lease_expires_at:
+                    log.exception("outcome_not_written")
+                    return
+                log.warning("outcome_write_retry", exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                self.wake()
+
+    async def _flush_loop(self, runtime: TaskRuntime) -> None:
+        while True:
+            await runtime.dirty.wait()
+            await asyncio.sleep(self.settings.event_flush_interval_s)
+            runtime.dirty.clear()
+            try:
+                await runtime.flush()
+            except tasks.LeaseLost:
+                runtime.lease_lost = True
+                runtime.cancel()
+                entry = self._running.get(runtime.task.task_id)
+                if entry:
+                    entry[1].cancel()
+                return
+            except Exception:
+                log.warning("flush_failed", exc_info=True)
+            if runtime.cancel_requested():
+                self._stop_soon(runtime)
+
+    def _input_file(self, info: dict[str, Any]) -> InputFile:
+        path = self.blobs.local_path(info["sha256"])
+        if path is None:
+            raise RuntimeError("this blob store has no local paths; remote stores need a download")
+        return InputFile(
+            name=info["name"],
+            sha256=info["sha256"],
+            size=int(info["size"]),
+            content_type=info["content_type"],
+            path=path,
+        )
+
+
+def _observe(pipeline: str, stage: str, outcome: str, seconds: float) -> None:
+    try:
+        from jobgate.observability import metrics
+    except ImportError:  # pragma: no cover - metrics are optional for embedders
+        return
+    histogram = getattr(metrics, "STAGE_DURATION", None)
+    if histogram is not None:
+        histogram.labels(pipeline=pipeline, stage=stage, outcome=outcome).observe(seconds)
