@@ -208,7 +208,7 @@ async def _outputs(conn: AsyncConnection, job_id: str, names: Sequence[str]) -> 
             stages.c.job_id == job_id, stages.c.name.in_(names)
         )
     )
-    return dict(rows.tuples().all())
+    return {row.name: row.output for row in rows}
 
 
 async def _recount_records(conn: AsyncConnection, job_id: str) -> None:
@@ -853,6 +853,12 @@ async def release(conn: AsyncConnection, task: Claimed, report: Report, *, at: f
             deliveries=task_table.c.deliveries - 1,
         )
     )
+    if task.item_index is None:
+        await conn.execute(
+            update(stages)
+            .where(stages.c.job_id == task.job_id, stages.c.name == task.stage)
+            .values(status="queued", attempt=task.attempt - 1, progress=0.0)
+        )
     await events.append(
         conn,
         task.job_id,

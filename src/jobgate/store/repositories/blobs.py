@@ -1,0 +1,176 @@
+"""Blob rows, who may use them, and the artifacts that point at them.
+
+A caller may use a blob by its hash when it uploaded it (a `blob_grants` row), when
+the blob is an input file of one of its jobs, or an artifact of one of them. Admins
+may use any stored blob. Everything else is answered exactly like an unknown blob.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Insert, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from jobgate.store.tables import artifacts, blob_grants, blobs, jobs
+
+
+@dataclass(frozen=True)
+class BlobRow:
+    """A stored blob's size and detected type."""
+
+    sha256: str
+    size: int
+    content_type: str
+
+
+def _insert_ignore(conn: AsyncConnection, table: object) -> Insert:
+    """`INSERT ... ON CONFLICT DO NOTHING` in the connection's dialect."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()  # type: ignore[arg-type]
+    return sqlite.insert(table).on_conflict_do_nothing()  # type: ignore[arg-type]
+
+
+async def add(conn: AsyncConnection, items: Iterable[BlobRow], *, at: float) -> None:
+    """Record stored blobs; blobs already recorded are left as they are."""
+    rows = {
+        item.sha256: {
+            "sha256": item.sha256,
+            "size": item.size,
+            "content_type": item.content_type,
+            "created_at": at,
+        }
+        for item in items
+    }
+    if rows:
+        await conn.execute(_insert_ignore(conn, blobs), list(rows.values()))
+
+
+async def grant(conn: AsyncConnection, sha256s: Iterable[str], *, owner: str, at: float) -> None:
+    """Let `owner` use these (recorded) blobs."""
+    rows = [{"sha256": s, "owner": owner, "created_at": at} for s in dict.fromkeys(sha256s)]
+    if rows:
+        await conn.execute(_insert_ignore(conn, blob_grants), rows)
+
+
+async def find(conn: AsyncConnection, sha256s: Sequence[str]) -> dict[str, BlobRow]:
+    """The recorded blobs among `sha256s`, by hash."""
+    if not sha256s:
+        return {}
+    rows = await conn.execute(
+        select(blobs.c.sha256, blobs.c.size, blobs.c.content_type).where(
+            blobs.c.sha256.in_(set(sha256s))
+        )
+    )
+    return {
+        r.sha256: BlobRow(sha256=r.sha256, size=int(r.size), content_type=r.content_type)
+        for r in rows
+    }
+
+
+async def usable(conn: AsyncConnection, sha256s: Sequence[str], *, owner: str | None) -> set[str]:
+    """Which of `sha256s` the caller may use (`owner` None: an admin, any recorded blob)."""
+    wanted = set(sha256s)
+    if not wanted:
+        return set()
+    recorded = set(await find(conn, list(wanted)))
+    if owner is None:
+        return recorded
+    allowed = {
+        row[0]
+        for row in await conn.execute(
+            select(blob_grants.c.sha256).where(
+                blob_grants.c.owner == owner, blob_grants.c.sha256.in_(recorded)
+            )
+        )
+    }
+    rest = recorded - allowed
+    if rest:
+        allowed |= {
+            row[0]
+            for row in await conn.execute(
+                select(artifacts.c.sha256)
+                .join(jobs, jobs.c.id == artifacts.c.job_id)
+                .where(jobs.c.owner == owner, artifacts.c.sha256.in_(rest))
+            )
+        }
+    for sha256 in sorted(recorded - allowed):
+        if await _in_job_files(conn, sha256, owner):
+            allowed.add(sha256)
+    return allowed
+
+
+async def _in_job_files(conn: AsyncConnection, sha256: str, owner: str) -> bool:
+    """Whether `sha256` is an input file of one of `owner`'s jobs (JSON search)."""
+    if conn.dialect.name == "postgresql":
+        query = text(
+            "SELECT 1 FROM jobs WHERE owner = :owner AND files @> CAST(:probe AS jsonb) LIMIT 1"
+        ).bindparams(owner=owner, probe=json.dumps([{"sha256": sha256}]))
+    else:
+        query = text(
+            "SELECT 1 FROM jobs, json_each(jobs.files) AS f "
+            "WHERE jobs.owner = :owner AND json_extract(f.value, '$.sha256') = :sha256 LIMIT 1"
+        ).bindparams(owner=owner, sha256=sha256)
+    return (await conn.execute(query)).first() is not None
+
+
+# -- artifacts ---------------------------------------------------------------------------
+
+
+async def add_artifact(
+    conn: AsyncConnection,
+    *,
+    job_id: str,
+    name: str,
+    blob: BlobRow,
+    stage: str,
+    primary: bool = False,
+    at: float,
+) -> None:
+    """Record an artifact of a job (and its blob row, if new)."""
+    await add(conn, [blob], at=at)
+    await conn.execute(
+        artifacts.insert().values(
+            job_id=job_id,
+            name=name,
+            sha256=blob.sha256,
+            size=blob.size,
+            content_type=blob.content_type,
+            is_primary=primary,
+            stage=stage,
+            created_at=at,
+        )
+    )
+
+
+async def artifacts_of(conn: AsyncConnection, job_id: str) -> list[RowMapping]:
+    """A job's artifacts, oldest first."""
+    rows = await conn.execute(
+        select(artifacts)
+        .where(artifacts.c.job_id == job_id)
+        .order_by(artifacts.c.created_at, artifacts.c.name)
+    )
+    return list(rows.mappings())
+
+
+async def artifact(conn: AsyncConnection, job_id: str, name: str) -> RowMapping | None:
+    """One artifact of a job by name, or None."""
+    row = await conn.execute(
+        select(artifacts).where(artifacts.c.job_id == job_id, artifacts.c.name == name)
+    )
+    return row.mappings().first()
+
+
+async def primary_artifact(conn: AsyncConnection, job_id: str) -> RowMapping | None:
+    """The job's primary artifact (the latest, should there be several), or None."""
+    row = await conn.execute(
+        select(artifacts)
+        .where(artifacts.c.job_id == job_id, artifacts.c.is_primary.is_(True))
+        .order_by(artifacts.c.created_at.desc())
+        .limit(1)
+    )
+    return row.mappings().first()

@@ -1,0 +1,110 @@
+"""Pipelines the engine tests run: DAGs, map stages, timeouts, artifacts, threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from jobgate import FileRule, Pipeline, StageContext
+
+# A diamond: `split` fans out to `left` and `right`, which run in parallel; `join` gets both.
+diamond = Pipeline("diamond")
+
+
+@diamond.stage
+async def split(ctx: StageContext) -> dict[str, Any]:
+    return {"n": ctx.params.get("n", 3)}
+
+
+@diamond.stage(after=[split])
+async def left(ctx: StageContext, split: dict[str, Any]) -> dict[str, Any]:
+    started = time.time()
+    await asyncio.sleep(ctx.params.get("branch_s", 0.3))
+    return {"value": split["n"] * 2, "started": started, "ended": time.time()}
+
+
+@diamond.stage(after=[split])
+def right(ctx: StageContext, split: dict[str, Any]) -> dict[str, Any]:
+    started = time.time()
+    time.sleep(ctx.params.get("branch_s", 0.3))
+    return {"value": split["n"] + 1, "started": started, "ended": time.time()}
+
+
+@diamond.stage(after=[left, right])
+async def join(ctx: StageContext, left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
+    return {"sum": left["value"] + right["value"]}
+
+
+# Map over a list another stage returns; the item "bad" fails on every attempt.
+mapper = Pipeline("mapper")
+
+
+@mapper.stage
+async def items(ctx: StageContext) -> list[str]:
+    return list(ctx.params["items"])
+
+
+@mapper.map_stage(over=items, retries=1, backoff=0.01)
+async def shout(ctx: StageContext, item: str) -> dict[str, Any]:
+    if item == "bad":
+        raise ValueError(f"cannot shout {item!r}")
+    return {"text": item.upper(), "attempt": ctx.attempt}
+
+
+@mapper.stage(after=[shout])
+async def collect(ctx: StageContext, shout: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "texts": [r["data"]["text"] for r in shout["results"]],
+        "failed": [e["key"] for e in shout["errors"]],
+    }
+
+
+class Summary(BaseModel):
+    total: int
+    names: list[str]
+
+
+# Sync stages in threads: timeouts, cooperative cancellation, artifacts, pydantic output.
+threads = Pipeline("threads", files=FileRule(types=["text/plain"], max_count=5))
+
+
+@threads.stage(timeout=0.5)
+def run(ctx: StageContext) -> Summary:
+    mode = ctx.params.get("mode", "ok")
+    if mode == "sleep":
+        for _ in range(200):
+            time.sleep(0.05)
+            ctx.check_cancelled()
+    if mode == "loop":
+        # Loops until cancelled, whatever the timeout.
+        while True:
+            time.sleep(0.02)
+            ctx.check_cancelled()
+    ctx.save_artifact("names.txt", "\n".join(f.name for f in ctx.files).encode(), primary=True)
+    ctx.log(f"thread {threading.current_thread().name}")
+    return Summary(total=sum(f.size for f in ctx.files), names=[f.name for f in ctx.files])
+
+
+slow = Pipeline("slow")
+
+
+@slow.stage(timeout=0.3, retries=1, backoff=0.01)
+async def wait(ctx: StageContext) -> None:
+    await asyncio.sleep(5)
+
+
+cancellable = Pipeline("cancellable")
+
+
+@cancellable.stage
+def spin(ctx: StageContext) -> None:
+    while True:
+        time.sleep(0.02)
+        ctx.check_cancelled()
+
+
+ALL = (diamond, mapper, threads, slow, cancellable)

@@ -1,0 +1,199 @@
+"""Cancel, retry, leases: the engine's control paths, and the fencing that keeps them safe."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from jobgate.errors import Conflict
+from jobgate.ids import now
+from jobgate.store.repositories import jobs, tasks
+from tests.engine.conftest import Engine
+
+
+def _is_running(snapshot: jobs.JobSnapshot) -> bool:
+    return any(s["status"] == "running" for s in snapshot.stages)
+
+
+async def cancel(engine: Engine, job_id: str) -> bool:
+    async with engine.db.write() as conn:
+        return await jobs.cancel(conn, job_id, owner=None, at=now())
+
+
+async def retry(engine: Engine, job_id: str) -> None:
+    async with engine.db.write() as conn:
+        await jobs.retry(conn, job_id, owner=None, registry=engine.registry, at=now())
+    for worker in engine.workers:
+        worker.wake()
+
+
+async def test_cancel_queued_job_is_immediate(engine: Engine) -> None:
+    """With no worker, cancel ends the job at once with a `cancelled` event and no task."""
+    job_id = await engine.submit("steps")
+    assert await cancel(engine, job_id) is True
+    snapshot = await engine.job(job_id)
+    assert snapshot.job["status"] == "cancelled"
+    assert {s["status"] for s in snapshot.stages} == {"cancelled"}
+    assert (await engine.events(job_id))[-1]["type"] == "cancelled"
+    async with engine.db.read() as conn:
+        assert await tasks.depth(conn) == {}
+    with pytest.raises(Conflict):
+        await cancel(engine, job_id)
+
+
+async def test_cancel_running_async_stage_stops_within_a_second(engine: Engine) -> None:
+    """A running async stage is stopped within 1 s and the job ends `cancelled` once."""
+    await engine.start_worker()
+    job_id = await engine.submit("steps", {"steps": 1000, "step_ms": 50})
+    await engine.wait(job_id, until=lambda s: engine.stage(s, "work")["status"] == "running")
+    asked = time.monotonic()
+    assert await cancel(engine, job_id) is False
+    assert (await engine.job(job_id)).job["cancel_requested"] is True
+    snapshot = await engine.wait(job_id)
+    assert time.monotonic() - asked < 1.0
+    assert snapshot.job["status"] == "cancelled"
+    assert engine.stage(snapshot, "work")["status"] == "cancelled"
+    assert engine.stage(snapshot, "finish")["status"] == "cancelled"
+    types = [e["type"] for e in await engine.events(job_id)]
+    assert types.count("cancelled") == 1 and "completed" not in types
+
+
+async def test_cancel_running_thread_stage_cooperatively(engine: Engine) -> None:
+    """A sync stage polling `check_cancelled()` stops and the job ends `cancelled`."""
+    await engine.start_worker()
+    job_id = await engine.submit("cancellable")
+    await engine.wait(job_id, until=_is_running)
+    asked = time.monotonic()
+    await cancel(engine, job_id)
+    snapshot = await engine.wait(job_id)
+    assert time.monotonic() - asked < 1.0
+    assert snapshot.job["status"] == "cancelled"
+
+
+async def test_retry_resumes_at_the_failed_stage_and_continues_the_attempt_count(
+    engine: Engine,
+) -> None:
+    """After 3 failed attempts, a retry runs `work` as attempt 4 and never reruns `prepare`."""
+    await engine.start_worker()
+    job_id = await engine.submit(
+        "steps", {"steps": 2, "step_ms": 0, "fail_at": 1, "fail_attempts": 3}
+    )
+    failed = await engine.wait(job_id)
+    assert failed.job["status"] == "failed"
+    prepare_done_at = engine.stage(failed, "prepare")["finished_at"]
+    await retry(engine, job_id)
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded"
+    assert snapshot.job["error"] is None
+    assert engine.stage(snapshot, "work")["attempt"] == 4
+    assert engine.stage(snapshot, "prepare")["attempt"] == 1
+    assert engine.stage(snapshot, "prepare")["finished_at"] == prepare_done_at
+
+
+async def test_retry_of_a_cancelled_map_job_keeps_succeeded_items(engine: Engine) -> None:
+    """Retrying reruns only the items that did not succeed."""
+    job_id = await engine.submit("mapper", {"items": ["a", "b"]})
+    await cancel(engine, job_id)
+    await engine.start_worker()
+    await retry(engine, job_id)
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded"
+    assert snapshot.job["result"]["texts"] == ["A", "B"]
+
+
+async def test_retry_refuses_jobs_that_are_not_failed_or_cancelled(engine: Engine) -> None:
+    job_id = await engine.submit("noop")
+    with pytest.raises(Conflict):
+        await retry(engine, job_id)
+
+
+async def _claim(
+    engine: Engine, *, at: float | None = None, worker: str = "w1"
+) -> list[tasks.Claimed]:
+    async with engine.db.write() as conn:
+        return await tasks.claim(
+            conn,
+            worker_id=worker,
+            queues=["default"],
+            pipelines=engine.registry.names(),
+            limit=10,
+            lease_s=engine.settings.lease_s,
+            at=at or now(),
+            registry=engine.registry,
+        )
+
+
+async def test_a_task_is_claimed_by_one_worker_only(engine: Engine) -> None:
+    """Two claims never get the same task."""
+    await engine.submit("noop")
+    first, second = await _claim(engine, worker="a"), await _claim(engine, worker="b")
+    assert len(first) == 1 and second == []
+
+
+async def test_zombie_cannot_commit_after_its_lease_was_taken_over(engine: Engine) -> None:
+    """An expired lease is swept and re-claimed; the old holder's outcome is refused."""
+    job_id = await engine.submit("noop", {"x": 1})
+    [zombie] = await _claim(engine, worker="zombie")
+    later = now() + engine.settings.lease_s + 1
+    async with engine.db.write() as conn:
+        assert await tasks.sweep(conn, registry=engine.registry, at=later) == 1
+    [fresh] = await _claim(engine, worker="fresh", at=later)
+    assert fresh.attempt == 2 and fresh.lease_token != zombie.lease_token
+    with pytest.raises(tasks.LeaseLost):
+        async with engine.db.write() as conn:
+            await tasks.complete(
+                conn, zombie, {"zombie": True}, tasks.Report(), registry=engine.registry, at=later
+            )
+    with pytest.raises(tasks.LeaseLost):
+        async with engine.db.write() as conn:
+            await tasks.flush(conn, zombie, tasks.Report(progress=0.5), lease_s=1, at=later)
+    async with engine.db.write() as conn:
+        await tasks.complete(
+            conn, fresh, {"x": 1}, tasks.Report(), registry=engine.registry, at=later
+        )
+    snapshot = await engine.job(job_id)
+    assert snapshot.job["status"] == "succeeded" and snapshot.job["result"] == {"x": 1}
+    types = [e["type"] for e in await engine.events(job_id)]
+    assert types.count("completed") == 1
+
+
+async def test_task_delivered_too_often_fails_the_job_lost(engine: Engine) -> None:
+    """A stage whose worker is lost on every delivery fails the job `lost`, not forever."""
+    job_id = await engine.submit("noop")
+    at = now()
+    for _ in range(5):
+        assert len(await _claim(engine, at=at)) == 1
+        at += engine.settings.lease_s + 1
+        async with engine.db.write() as conn:
+            await tasks.sweep(conn, registry=engine.registry, at=at, max_deliveries=5)
+    snapshot = await engine.job(job_id)
+    assert snapshot.job["status"] == "failed"
+    assert snapshot.job["error"]["type"] == "lost"
+
+
+async def test_abandoned_stage_is_finished_by_another_worker(engine: Engine) -> None:
+    """A claimed task whose worker vanished runs again on a live worker after its lease."""
+    job_id = await engine.submit("noop", {"y": 2})
+    [abandoned] = await _claim(engine, worker="ghost")
+    assert abandoned.job_id == job_id
+    await engine.start_worker()
+    snapshot = await engine.wait(job_id, timeout=15)
+    assert snapshot.job["status"] == "succeeded"
+    assert engine.stage(snapshot, "run")["attempt"] == 2
+
+
+async def test_shutdown_hands_running_stages_back_unfinished(engine: Engine) -> None:
+    """A worker stopped with no grace releases its stage; the next worker finishes it."""
+    worker = await engine.start_worker()
+    job_id = await engine.submit("steps", {"steps": 20, "step_ms": 50})
+    await engine.wait(job_id, until=lambda s: engine.stage(s, "work")["status"] == "running")
+    await worker.stop(grace_s=0)
+    engine.workers.remove(worker)
+    snapshot = await engine.job(job_id)
+    assert engine.stage(snapshot, "work")["status"] == "queued"
+    await engine.start_worker()
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded"
+    # The handed-back run does not count as an attempt.
+    assert engine.stage(snapshot, "work")["attempt"] == 1

@@ -1,0 +1,192 @@
+"""Jobs run to the right end: DAGs, map stages, retries, timeouts, artifacts, budgets."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine.conftest import Engine
+
+
+async def test_steps_job_succeeds_with_result_cost_and_contiguous_events(engine: Engine) -> None:
+    """A `steps` job reaches succeeded with its result, its cost, and events numbered 1..n."""
+    await engine.start_worker()
+    job_id = await engine.submit("steps", {"steps": 4, "step_ms": 5, "cost_per_step": 0.25})
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded"
+    assert snapshot.job["result"] == {"steps": 4, "cost_usd": 1.0}
+    assert snapshot.job["actual_usd"] == pytest.approx(1.0)
+    assert snapshot.job["progress"] == 1.0
+    assert [s["status"] for s in snapshot.stages] == ["succeeded"] * 3
+    log = await engine.events(job_id)
+    assert [e["seq"] for e in log] == list(range(1, len(log) + 1))
+    assert log[-1]["type"] == "completed"
+    assert log[-1]["data"] == {"result": {"steps": 4, "cost_usd": 1.0}}
+    assert any(e["type"] == "progress" for e in log)
+    assert sum(e["data"]["delta_usd"] for e in log if e["type"] == "cost_update") == 1.0
+
+
+async def test_parallel_branches_overlap_and_join_gets_both_outputs(engine: Engine) -> None:
+    """Stages with no order between them run at the same time; the join sees both."""
+    await engine.start_worker(concurrency=4)
+    job_id = await engine.submit("diamond", {"n": 5, "branch_s": 0.4})
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded"
+    assert snapshot.job["result"] == {"sum": 5 * 2 + 5 + 1}
+    left = engine.stage(snapshot, "left")["output"]
+    right = engine.stage(snapshot, "right")["output"]
+    assert left["started"] < right["ended"] and right["started"] < left["ended"]
+
+
+async def test_map_stage_records_each_item_and_job_succeeds_with_partial_failure(
+    engine: Engine,
+) -> None:
+    """Each item is a record; the failed item is retried then recorded failed."""
+    await engine.start_worker()
+    job_id = await engine.submit("mapper", {"items": ["a", "bad", "c"]})
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded"
+    assert snapshot.job["result"] == {"texts": ["A", "C"], "failed": ["1"]}
+    assert snapshot.job["records_succeeded"] == 2
+    assert snapshot.job["records_failed"] == 1
+    shout = engine.stage(snapshot, "shout")
+    assert (shout["items_total"], shout["items_succeeded"], shout["items_failed"]) == (3, 2, 1)
+    error = shout["output"]["errors"][0]["error"]
+    assert error["type"] == "stage_failed" and "cannot shout 'bad'" in error["message"]
+
+
+async def test_empty_map_stage_succeeds_at_once(engine: Engine) -> None:
+    """A map over an empty list finishes with no records and the job goes on."""
+    await engine.start_worker()
+    job_id = await engine.submit("mapper", {"items": []})
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded"
+    assert snapshot.job["result"] == {"texts": [], "failed": []}
+
+
+async def test_retries_then_fails_with_the_stage_message(engine: Engine) -> None:
+    """A stage that always fails is run 1 + retries times; the job fails with its message."""
+    await engine.start_worker()
+    job_id = await engine.submit("steps", {"steps": 3, "step_ms": 0, "fail_at": 2})
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "failed"
+    assert snapshot.job["error"] == {
+        "type": "stage_failed",
+        "message": "planned failure at step 2",
+        "stage": "work",
+    }
+    assert engine.stage(snapshot, "work")["attempt"] == 3
+    assert engine.stage(snapshot, "finish")["status"] == "skipped"
+    log = await engine.events(job_id)
+    assert log[-1] == {**log[-1], "type": "error", "data": {"error": snapshot.job["error"]}}
+    assert "Traceback" not in str(snapshot.job["error"])
+
+
+async def test_fail_attempts_lets_a_later_attempt_succeed(engine: Engine) -> None:
+    """`fail_attempts=2`: attempts 1 and 2 fail, attempt 3 succeeds within the retries."""
+    await engine.start_worker()
+    job_id = await engine.submit(
+        "steps", {"steps": 3, "step_ms": 0, "fail_at": 2, "fail_attempts": 2, "cost_per_step": 1}
+    )
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded"
+    assert engine.stage(snapshot, "work")["attempt"] == 3
+    # Each failed attempt paid for step 1 before raising at step 2.
+    assert snapshot.job["actual_usd"] == pytest.approx(1 + 1 + 3)
+    assert snapshot.job["result"]["cost_usd"] == pytest.approx(5)
+
+
+async def test_timeout_fails_the_attempt_and_then_the_job(engine: Engine) -> None:
+    """An async stage over its timeout is stopped; after its retry the job fails `timeout`."""
+    await engine.start_worker()
+    job_id = await engine.submit("slow")
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "failed"
+    assert snapshot.job["error"]["type"] == "timeout"
+    assert engine.stage(snapshot, "wait")["attempt"] == 2
+
+
+async def test_thread_stage_timeout(engine: Engine) -> None:
+    """A sync stage over its timeout fails `timeout`; its thread sees the cancel flag."""
+    await engine.start_worker()
+    job_id = await engine.submit("threads", {"mode": "sleep"})
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "failed"
+    assert snapshot.job["error"]["type"] == "timeout"
+
+
+async def test_thread_stage_reads_files_saves_artifacts_returns_model(engine: Engine) -> None:
+    """Files reach a sync stage; its artifact is recorded; a pydantic output is stored as JSON."""
+    await engine.start_worker()
+    files = [await engine.upload("a.txt", b"hello"), await engine.upload("b.txt", b"worlds")]
+    job_id = await engine.submit("threads", files=files)
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded", snapshot.job["error"]
+    assert snapshot.job["result"] == {"total": 11, "names": ["a.txt", "b.txt"]}
+    [artifact] = snapshot.artifacts
+    assert artifact["name"] == "names.txt" and artifact["is_primary"]
+    path = engine.blobs.local_path(artifact["sha256"])
+    assert path is not None and path.read_bytes() == b"a.txt\nb.txt"
+    types = [e["type"] for e in await engine.events(job_id)]
+    assert "artifact" in types and "message" in types
+
+
+async def test_text_stats_counts_files_and_fails_bad_utf8_as_its_own_record(
+    engine: Engine,
+) -> None:
+    """The built-in `text-stats`: per-file records, one bad file, totals and two artifacts."""
+    await engine.start_worker()
+    files = [
+        await engine.upload("one.txt", b"the cat\nthe dog\n"),
+        await engine.upload("bad.txt", b"caf\xe9 latin-1\n"),
+        await engine.upload("two.md", "# Title\nthe end \u00e9\n".encode()),
+    ]
+    job_id = await engine.submit("text-stats", {"top": 2}, files=files)
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded", snapshot.job["error"]
+    result = snapshot.job["result"]
+    assert result["files"] == 2 and result["failed"] == 1
+    assert result["lines"] == 4 and result["words"] == 9
+    assert result["chars"] == len("the cat\nthe dog\n") + len("# Title\nthe end \u00e9\n")
+    assert result["top_words"] == [["the", 3], ["cat", 1]]
+    assert sorted(a["name"] for a in snapshot.artifacts) == ["report.csv", "report.json"]
+    csv_artifact = next(a for a in snapshot.artifacts if a["name"] == "report.csv")
+    path = engine.blobs.local_path(csv_artifact["sha256"])
+    assert path is not None
+    assert path.read_text().splitlines() == [
+        "file,lines,words,chars",
+        "one.txt,2,4,16",
+        f"two.md,2,5,{len('# Title' + chr(10) + 'the end é' + chr(10))}",
+    ]
+
+
+async def test_text_stats_fails_when_no_file_can_be_counted(engine: Engine) -> None:
+    """With every file undecodable the report stage fails the job."""
+    await engine.start_worker()
+    files = [await engine.upload("bad.txt", b"\xff\xfe\xfa not utf-8")]
+    job_id = await engine.submit("text-stats", files=files)
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "failed"
+    assert snapshot.job["error"]["stage"] == "report"
+
+
+async def test_budget_exceeded_fails_the_job_past_its_budget_by_one_step(engine: Engine) -> None:
+    """Actual cost over the budget fails the job `budget_exceeded`, without retries."""
+    await engine.start_worker()
+    job_id = await engine.submit(
+        "steps", {"steps": 10, "step_ms": 0, "cost_per_step": 1.0}, budget_usd=3.5
+    )
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "failed"
+    assert snapshot.job["error"]["type"] == "budget_exceeded"
+    assert snapshot.job["actual_usd"] == pytest.approx(4.0)
+    assert engine.stage(snapshot, "work")["attempt"] == 1
+
+
+async def test_higher_priority_is_claimed_first(engine: Engine) -> None:
+    """With both waiting, a priority-10 job runs before an earlier priority-0 one."""
+    low = await engine.submit("noop", {"n": "low"}, priority=0)
+    high = await engine.submit("noop", {"n": "high"}, priority=10)
+    await engine.start_worker(concurrency=1)
+    low_done = await engine.wait(low)
+    high_done = await engine.wait(high)
+    assert high_done.job["started_at"] < low_done.job["started_at"]
