@@ -56,7 +56,8 @@ async def test_cancel_running_async_stage_stops_within_a_second(engine: Engine) 
     assert engine.stage(snapshot, "work")["status"] == "cancelled"
     assert engine.stage(snapshot, "finish")["status"] == "cancelled"
     types = [e["type"] for e in await engine.events(job_id)]
-    assert types.count("cancelled") == 1 and "completed" not in types
+    assert types.count("cancelled") == 1
+    assert "completed" not in types
 
 
 async def test_cancel_running_thread_stage_cooperatively(engine: Engine) -> None:
@@ -128,7 +129,8 @@ async def test_a_task_is_claimed_by_one_worker_only(engine: Engine) -> None:
     """Two claims never get the same task."""
     await engine.submit("noop")
     first, second = await _claim(engine, worker="a"), await _claim(engine, worker="b")
-    assert len(first) == 1 and second == []
+    assert len(first) == 1
+    assert second == []
 
 
 async def test_zombie_cannot_commit_after_its_lease_was_taken_over(engine: Engine) -> None:
@@ -139,7 +141,8 @@ async def test_zombie_cannot_commit_after_its_lease_was_taken_over(engine: Engin
     async with engine.db.write() as conn:
         assert await tasks.sweep(conn, registry=engine.registry, at=later) == 1
     [fresh] = await _claim(engine, worker="fresh", at=later)
-    assert fresh.attempt == 2 and fresh.lease_token != zombie.lease_token
+    assert fresh.attempt == 2
+    assert fresh.lease_token != zombie.lease_token
     with pytest.raises(tasks.LeaseLost):
         async with engine.db.write() as conn:
             await tasks.complete(
@@ -153,7 +156,8 @@ async def test_zombie_cannot_commit_after_its_lease_was_taken_over(engine: Engin
             conn, fresh, {"x": 1}, tasks.Report(), registry=engine.registry, at=later
         )
     snapshot = await engine.job(job_id)
-    assert snapshot.job["status"] == "succeeded" and snapshot.job["result"] == {"x": 1}
+    assert snapshot.job["status"] == "succeeded"
+    assert snapshot.job["result"] == {"x": 1}
     types = [e["type"] for e in await engine.events(job_id)]
     assert types.count("completed") == 1
 

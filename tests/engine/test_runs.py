@@ -34,7 +34,8 @@ async def test_parallel_branches_overlap_and_join_gets_both_outputs(engine: Engi
     assert snapshot.job["result"] == {"sum": 5 * 2 + 5 + 1}
     left = engine.stage(snapshot, "left")["output"]
     right = engine.stage(snapshot, "right")["output"]
-    assert left["started"] < right["ended"] and right["started"] < left["ended"]
+    assert left["started"] < right["ended"]
+    assert right["started"] < left["ended"]
 
 
 async def test_map_stage_records_each_item_and_job_succeeds_with_partial_failure(
@@ -51,7 +52,8 @@ async def test_map_stage_records_each_item_and_job_succeeds_with_partial_failure
     shout = engine.stage(snapshot, "shout")
     assert (shout["items_total"], shout["items_succeeded"], shout["items_failed"]) == (3, 2, 1)
     error = shout["output"]["errors"][0]["error"]
-    assert error["type"] == "stage_failed" and "cannot shout 'bad'" in error["message"]
+    assert error["type"] == "stage_failed"
+    assert "cannot shout 'bad'" in error["message"]
 
 
 async def test_empty_map_stage_succeeds_at_once(engine: Engine) -> None:
@@ -123,11 +125,14 @@ async def test_thread_stage_reads_files_saves_artifacts_returns_model(engine: En
     assert snapshot.job["status"] == "succeeded", snapshot.job["error"]
     assert snapshot.job["result"] == {"total": 11, "names": ["a.txt", "b.txt"]}
     [artifact] = snapshot.artifacts
-    assert artifact["name"] == "names.txt" and artifact["is_primary"]
+    assert artifact["name"] == "names.txt"
+    assert artifact["is_primary"]
     path = engine.blobs.local_path(artifact["sha256"])
-    assert path is not None and path.read_bytes() == b"a.txt\nb.txt"
+    assert path is not None
+    assert path.read_bytes() == b"a.txt\nb.txt"
     types = [e["type"] for e in await engine.events(job_id)]
-    assert "artifact" in types and "message" in types
+    assert "artifact" in types
+    assert "message" in types
 
 
 async def test_text_stats_counts_files_and_fails_bad_utf8_as_its_own_record(
@@ -144,8 +149,10 @@ async def test_text_stats_counts_files_and_fails_bad_utf8_as_its_own_record(
     snapshot = await engine.wait(job_id)
     assert snapshot.job["status"] == "succeeded", snapshot.job["error"]
     result = snapshot.job["result"]
-    assert result["files"] == 2 and result["failed"] == 1
-    assert result["lines"] == 4 and result["words"] == 9
+    assert result["files"] == 2
+    assert result["failed"] == 1
+    assert result["lines"] == 4
+    assert result["words"] == 9
     assert result["chars"] == len("the cat\nthe dog\n") + len("# Title\nthe end \u00e9\n")
     assert result["top_words"] == [["the", 3], ["cat", 1]]
     assert sorted(a["name"] for a in snapshot.artifacts) == ["report.csv", "report.json"]
