@@ -1,0 +1,114 @@
+"""Real processes: `jobgate serve` started as a subprocess, driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+JOBGATE = [str(Path(sys.executable).parent / "jobgate")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A running `jobgate serve` and an admin key for it."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    key: str
+    data_dir: Path
+    log: Path
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {key or self.key}"},
+            timeout=10,
+        )
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                return self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise
+        return self.process.returncode
+
+
+def run_cli(*args: str, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [*JOBGATE, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    return done.stdout
+
+
+def start_server(tmp_path: Path, database_url: str | None, *extra: str) -> Server:
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("JOBGATE_")},
+        "JOBGATE_DATA_DIR": str(tmp_path / "data"),
+        "JOBGATE_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "JOBGATE_LOG_FORMAT": "json",
+        "JOBGATE_WORKER_POLL_INTERVAL_S": "0.1",
+    }
+    if database_url:
+        env["JOBGATE_DATABASE_URL"] = database_url
+    run_cli("db", "upgrade", env=env)
+    key = run_cli("keys", "create", "--owner", "e2e-admin", "--role", "admin", env=env)
+    key = key.strip().splitlines()[-1]
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen(
+        [*JOBGATE, "serve", "--port", str(port), "--worker-concurrency", "4", *extra],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("jobgate serve did not start:\n" + log.read_text())
+        time.sleep(0.1)
+    return Server(process=process, url=url, key=key, data_dir=tmp_path / "data", log=log)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.service("postgres")),
+    ]
+)
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    url = None if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
+    running = start_server(tmp_path, url)
+    try:
+        yield running
+    finally:
+        code = running.stop()
+        assert code == 0, running.log.read_text()[-5000:]

@@ -1,0 +1,104 @@
+"""End to end: `jobgate serve` in its own process, driven over HTTP like a client would."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+def test_steps_job_runs_to_completion(server: Server) -> None:
+    with server.client() as client:
+        answer = client.post("/v1/jobs", json={"pipeline": "steps", "params": {"steps": 3, "step_ms": 10, "cost_per_step": 0.5}})
+        assert answer.status_code == 202, answer.text
+        assert answer.headers["location"] == f"/v1/jobs/{answer.json()['id']}"
+        job = wait_for(client, answer.json()["id"], {"succeeded", "failed"})
+        assert job["status"] == "succeeded"
+        assert job["result"] == {"steps": 3, "cost_usd": 1.5}
+        assert job["cost"]["actual_usd"] == pytest.approx(1.5)
+        events = client.get(f"/v1/jobs/{job['id']}/events").json()["events"]
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert events[-1]["type"] == "completed"
+
+
+def test_text_stats_with_files_records_partial_failure_and_signed_download(server: Server) -> None:
+    files = [
+        ("files", ("one.txt", b"the cat\nthe dog\n", "text/plain")),
+        ("files", ("latin.txt", b"caf\xe9\n", "text/plain")),
+        ("files", ("two.md", b"# the end\n", "text/markdown")),
+    ]
+    with server.client() as client:
+        answer = client.post(
+            "/v1/jobs", data={"pipeline": "text-stats", "params": json.dumps({"top": 3})}, files=files
+        )
+        assert answer.status_code == 202, answer.text
+        job = wait_for(client, answer.json()["id"], {"succeeded", "failed"})
+        assert job["status"] == "succeeded", job["error"]
+        assert job["records"] == {"succeeded": 2, "failed": 1, "expected": 3}
+        assert job["result"]["files"] == 2
+        assert job["result"]["top_words"][0] == ["the", 3]
+        failed = client.get(f"/v1/jobs/{job['id']}/records", params={"status": "failed"}).json()
+        assert [r["key"] for r in failed["records"]] == ["latin.txt"]
+        table = client.get(f"/v1/jobs/{job['id']}/records", params={"format": "csv"})
+        assert table.status_code == 200
+        assert len(list(csv.reader(io.StringIO(table.text)))) == 4  # header + 3 records
+        link = client.get(f"/v1/jobs/{job['id']}/download").json()
+        assert link["filename"] == "report.json"
+        assert link["download_url"].startswith(server.url + "/")
+    # The signed URL works with no credentials at all, and serves byte ranges.
+    report = httpx.get(link["download_url"], timeout=10)
+    assert report.status_code == 200
+    assert json.loads(report.content) == job["result"]
+    part = httpx.get(link["download_url"], headers={"Range": "bytes=0-9"}, timeout=10)
+    assert part.status_code == 206
+    assert part.content == report.content[:10]
+    tampered = link["download_url"].replace("sig=", "sig=x")
+    assert httpx.get(tampered, timeout=10).status_code == 403
+
+
+def test_cancel_a_running_job(server: Server) -> None:
+    with server.client() as client:
+        job_id = client.post(
+            "/v1/jobs", json={"pipeline": "steps", "params": {"steps": 500, "step_ms": 20}}
+        ).json()["id"]
+        wait_for(client, job_id, {"running"})
+        answer = client.post(f"/v1/jobs/{job_id}/cancel")
+        assert answer.status_code in (200, 202)
+        job = wait_for(client, job_id, {"cancelled", "succeeded", "failed"}, timeout=5)
+        assert job["status"] == "cancelled"
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+
+
+def test_failed_job_is_retried_from_the_failed_stage(server: Server) -> None:
+    with server.client() as client:
+        params = {"steps": 2, "step_ms": 0, "fail_at": 1, "fail_attempts": 3}
+        job_id = client.post("/v1/jobs", json={"pipeline": "steps", "params": params}).json()["id"]
+        failed = wait_for(client, job_id, {"failed", "succeeded"})
+        assert failed["status"] == "failed"
+        assert failed["error"]["message"] == "planned failure at step 1"
+        answer = client.post(f"/v1/jobs/{job_id}/retry")
+        assert answer.status_code == 202
+        assert answer.json()["status"] == "queued"
+        job = wait_for(client, job_id, {"succeeded", "failed"})
+        assert job["status"] == "succeeded"
+        attempts = {s["name"]: s["attempt"] for s in job["stages"]}
+        assert attempts == {"prepare": 1, "work": 4, "finish": 1}
