@@ -28,7 +28,10 @@ def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: flo
 
 def test_steps_job_runs_to_completion(server: Server) -> None:
     with server.client() as client:
-        answer = client.post("/v1/jobs", json={"pipeline": "steps", "params": {"steps": 3, "step_ms": 10, "cost_per_step": 0.5}})
+        answer = client.post(
+            "/v1/jobs",
+            json={"pipeline": "steps", "params": {"steps": 3, "step_ms": 10, "cost_per_step": 0.5}},
+        )
         assert answer.status_code == 202, answer.text
         assert answer.headers["location"] == f"/v1/jobs/{answer.json()['id']}"
         job = wait_for(client, answer.json()["id"], {"succeeded", "failed"})
@@ -48,7 +51,9 @@ def test_text_stats_with_files_records_partial_failure_and_signed_download(serve
     ]
     with server.client() as client:
         answer = client.post(
-            "/v1/jobs", data={"pipeline": "text-stats", "params": json.dumps({"top": 3})}, files=files
+            "/v1/jobs",
+            data={"pipeline": "text-stats", "params": json.dumps({"top": 3})},
+            files=files,
         )
         assert answer.status_code == 202, answer.text
         job = wait_for(client, answer.json()["id"], {"succeeded", "failed"})

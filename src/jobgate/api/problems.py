@@ -72,26 +72,33 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     errors = []
     malformed = False
     for err in exc.errors():
-        if err.get("type") in ("json_invalid", "missing") and tuple(err.get("loc", ())) == ("body",):
+        loc = tuple(err.get("loc", ()))
+        if err.get("type") == "json_invalid" or (err.get("type") == "missing" and loc == ("body",)):
             malformed = True
         # Never echo `input` or value-derived `ctx`: they can carry secrets.
-        errors.append({"loc": _clean_loc(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type")})
+        errors.append({"loc": _clean_loc(loc), "msg": err.get("msg", ""), "type": err.get("type")})
     if malformed:
-        return problem(request, 400, "malformed-request", "Malformed request", "the body is empty or not valid JSON")
-    return problem(request, 422, "validation-error", "Validation error", "the request is invalid", errors=errors)
+        detail = "the body is empty or not valid JSON"
+        return problem(request, 400, "malformed-request", "Malformed request", detail)
+    detail = "the request is invalid"
+    return problem(request, 422, "validation-error", "Validation error", detail, errors=errors)
 
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     slug, title = _SLUG_BY_STATUS.get(exc.status_code, ("error", "Error"))
     detail = exc.detail if isinstance(exc.detail, str) else title
-    return problem(request, exc.status_code, slug, title, detail, headers=exc.headers)
+    headers = dict(exc.headers) if exc.headers else None
+    return problem(request, exc.status_code, slug, title, detail, headers=headers)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("request_failed", path=request.url.path, exc_info=exc)
     return problem(
-        request, 500, "internal-error", "Internal server error",
+        request,
+        500,
+        "internal-error",
+        "Internal server error",
         "something went wrong; quote the request_id when reporting it",
     )
 

@@ -1,0 +1,127 @@
+"""Request ids, access logs and request metrics, as pure ASGI middleware.
+
+Pure ASGI (not `BaseHTTPMiddleware`): it wraps `send` and never buffers a body, so
+streamed downloads and SSE pass through untouched.
+
+Key contracts:
+
+- Every HTTP response carries `X-Request-ID`: the client's when it is sane
+  (`[A-Za-z0-9._-]{1,128}`), else a new UUIDv7. It is in `request.state.request_id`
+  and bound in structlog's context vars for everything logged during the request.
+- One `http_request` access line per request with method, path, status and
+  duration — never the query string: signed URLs carry their tokens there.
+- Metrics are labelled by route template (`/v1/jobs/{job_id}`), never the raw path.
+- The middleware wraps the whole stack, outside Starlette's `ServerErrorMiddleware`,
+  so even a 500 gets the header, the log line and the metrics.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from jobgate.config import Settings
+from jobgate.ids import uuid7
+from jobgate.observability import metrics
+
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+UNMATCHED_ROUTE = "<unmatched>"
+access_log = structlog.get_logger("jobgate.access")
+
+
+def request_id_from(scope: Scope) -> str:
+    """The client's `X-Request-ID` when it is sane, else a new UUIDv7."""
+    headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER.encode():
+            candidate = value.decode("latin-1")
+            if _SANE_REQUEST_ID.fullmatch(candidate):
+                return candidate
+            break
+    return uuid7()
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route that answered, or `<unmatched>`."""
+    route = scope.get("route")
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return template if isinstance(template, str) else UNMATCHED_ROUTE
+
+
+class RequestContextMiddleware:
+    """Request id, access log and request metrics for every HTTP request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection; non-HTTP scopes pass straight through."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = [
+                    (name, value)
+                    for name, value in message.get("headers", ())
+                    if name.lower() != header[0]
+                ]
+                headers.append(header)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        started = time.perf_counter()
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                _record(scope, status, time.perf_counter() - started)
+
+
+def _record(scope: Scope, status: int, elapsed_s: float) -> None:
+    method: str = scope.get("method", "")
+    route = route_template(scope)
+    labels: dict[str, Any] = {"method": method, "route": route, "status": str(status)}
+    metrics.HTTP_REQUESTS.labels(**labels).inc()
+    metrics.HTTP_REQUEST_DURATION.labels(**labels).observe(elapsed_s)
+    access_log.info(
+        "http_request",
+        method=method,
+        path=scope.get("path", ""),
+        route=route,
+        status=status,
+        duration_ms=round(elapsed_s * 1000, 2),
+    )
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Wrap `app`'s whole middleware stack in `RequestContextMiddleware`.
+
+    Starlette always puts `ServerErrorMiddleware` outermost, and it answers 500s
+    itself; wrapping the built stack is the only way for those answers to get a
+    request id too.
+
+    Args:
+        app: The FastAPI app.
+        settings: Unused for now; kept so middleware can become configurable.
+    """
+    del settings
+    build_stack = app.build_middleware_stack
+
+    def build_wrapped_stack() -> ASGIApp:
+        return RequestContextMiddleware(build_stack())
+
+    app.build_middleware_stack = build_wrapped_stack  # type: ignore[method-assign]

@@ -1,0 +1,76 @@
+"""`GET /v1/blobs/{sha256}`: signed downloads, without credentials.
+
+The signature vouches for the blob, the file name, the content type and the expiry;
+a tampered or expired URL is 403. Files are served as attachments with `nosniff`
+and a sandboxing CSP, so an HTML or SVG artifact is never rendered inline.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+
+from jobgate.api.deps import StateDep
+from jobgate.api.schemas import problem_responses
+from jobgate.blobs import is_sha256
+from jobgate.blobs.signing import verify_blob_signature
+from jobgate.errors import Forbidden, NotFound
+from jobgate.ids import now
+
+router = APIRouter(prefix="/v1/blobs", tags=["files"])
+
+
+def content_disposition(filename: str) -> str:
+    """`attachment` with an ASCII fallback name and the exact UTF-8 name (RFC 6266)."""
+    fallback = "".join(
+        c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+@router.get(
+    "/{sha256}",
+    response_class=FileResponse,
+    summary="Download a blob through a signed URL (no credentials)",
+    responses={
+        200: {"description": "The bytes", "content": {"application/octet-stream": {}}},
+        206: {"description": "The requested range"},
+        **problem_responses(403, 404),
+    },
+)
+async def get_blob(
+    sha256: str,
+    state: StateDep,
+    exp: Annotated[int, Query()],
+    name: Annotated[str, Query(max_length=1024)],
+    ct: Annotated[str, Query(max_length=255)],
+    sig: Annotated[str, Query(max_length=128)],
+) -> FileResponse:
+    """The blob's bytes, with `Range` support, if the signature is genuine and live."""
+    valid = is_sha256(sha256) and verify_blob_signature(
+        key=state.settings.signing_key,
+        sha256=sha256,
+        filename=name,
+        content_type=ct,
+        expires_at=exp,
+        signature=sig,
+        now=now(),
+    )
+    if not valid:
+        raise Forbidden("this download URL is invalid or expired")
+    path = state.blobs.local_path(sha256)
+    if path is None or not await state.blobs.exists(sha256):
+        raise NotFound("this file is no longer stored")
+    return FileResponse(
+        path,
+        media_type=ct,
+        headers={
+            "Content-Disposition": content_disposition(name),
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "sandbox; default-src 'none'",
+            "Cache-Control": "private, max-age=0",
+        },
+    )

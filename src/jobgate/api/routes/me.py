@@ -1,0 +1,58 @@
+"""`GET /v1/me`: who the caller is, the limits that apply to it, and its usage."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import case, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from jobgate.api.deps import CurrentPrincipal, StateDep
+from jobgate.api.schemas import Limits, Me, Usage, problem_responses
+from jobgate.config import Settings
+from jobgate.store.tables import jobs
+
+ACTIVE_STATUSES = ("queued", "running")
+router = APIRouter(prefix="/v1/me", tags=["identity"])
+
+
+def limits_of(settings: Settings) -> Limits:
+    """The limits every caller gets (per-user limits are settings-wide for now)."""
+    return Limits(
+        max_jobs_per_request=settings.max_jobs_per_request,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_upload_parts=settings.max_upload_parts,
+        job_budget_usd=settings.job_budget_usd,
+        list_max_limit=settings.list_max_limit,
+        sse_max_per_job=settings.sse_max_per_job,
+        # Read defensively: these settings arrive with the limits piece.
+        max_active_jobs_per_user=getattr(settings, "max_active_jobs_per_user", None),
+        rate_limit_submit=getattr(settings, "rate_limit_submit", None) or None,
+    )
+
+
+async def usage_of(conn: AsyncConnection, owner: str) -> Usage:
+    """The owner's active jobs, all its jobs, and what they cost so far."""
+    active = func.sum(case((jobs.c.status.in_(ACTIVE_STATUSES), 1), else_=0))
+    row = (
+        await conn.execute(
+            select(
+                func.count().label("total"),
+                func.coalesce(active, 0).label("active"),
+                func.coalesce(func.sum(jobs.c.actual_usd), 0.0).label("spent"),
+            ).where(jobs.c.owner == owner)
+        )
+    ).one()
+    return Usage(active_jobs=int(row.active), jobs_total=int(row.total), spent_usd=float(row.spent))
+
+
+@router.get("", response_model=Me, responses=problem_responses(401))
+async def me(state: StateDep, principal: CurrentPrincipal) -> Me:
+    """The caller's id and roles, its limits and its usage."""
+    async with state.db.read() as conn:
+        usage = await usage_of(conn, principal.id)
+    return Me(
+        id=principal.id,
+        roles=sorted(principal.roles),
+        limits=limits_of(state.settings),
+        usage=usage,
+    )

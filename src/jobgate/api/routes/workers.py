@@ -1,0 +1,46 @@
+"""`GET /v1/workers` (admin): the worker processes seen recently."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from jobgate.api.deps import CurrentPrincipal, StateDep
+from jobgate.api.schemas import WorkerList, WorkerView, problem_responses
+from jobgate.ids import now, rfc3339
+from jobgate.store.tables import workers
+
+router = APIRouter(prefix="/v1/workers", tags=["admin"])
+
+
+def worker_view(row: Any) -> WorkerView:
+    """A `workers` row as the API shows it."""
+    return WorkerView(
+        id=row["id"],
+        host=row["host"],
+        pid=row["pid"],
+        queues=list(row["queues"]),
+        pipelines=list(row["pipelines"]),
+        concurrency=row["concurrency"],
+        running=row["running"],
+        started_at=rfc3339(row["started_at"]) or "",
+        last_seen_at=rfc3339(row["last_seen_at"]) or "",
+    )
+
+
+@router.get("", response_model=WorkerList, responses=problem_responses(401, 403))
+async def list_workers(state: StateDep, principal: CurrentPrincipal) -> WorkerList:
+    """Workers whose last heartbeat is within `JOBGATE_WORKER_LOST_AFTER_S`."""
+    principal.require_admin()
+    seen_after = now() - state.settings.worker_lost_after_s
+    async with state.db.read() as conn:
+        rows = (
+            await conn.execute(
+                select(workers)
+                .where(workers.c.last_seen_at >= seen_after)
+                .order_by(workers.c.started_at, workers.c.id)
+            )
+        ).mappings()
+        return WorkerList(workers=[worker_view(row) for row in rows])

@@ -1,0 +1,249 @@
+"""Shared API models: the problem document, and the bodies of the identity, admin,
+health and pipeline routes.
+
+Request bodies forbid unknown fields (`extra="forbid"`). Response models exist so
+`/openapi.json` documents every answer; routes build them from store rows.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["admin", "user", "viewer"]
+
+# -- problems (RFC 9457) ---------------------------------------------------------------
+
+
+class ProblemItem(BaseModel):
+    """One invalid part of a request."""
+
+    loc: list[str | int]
+    msg: str
+    type: str | None = None
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document: every 4xx/5xx answer (`application/problem+json`)."""
+
+    type: str = Field(examples=["https://jobgate.dev/problems/not-found"])
+    title: str
+    status: int
+    detail: str
+    instance: str
+    request_id: str | None
+    errors: list[ProblemItem] | None = None
+
+
+_PROBLEM_DESCRIPTIONS = {
+    400: "Malformed request",
+    401: "Missing or invalid credentials (`WWW-Authenticate: Bearer`)",
+    403: "The caller's roles do not allow this",
+    404: "No such resource (or another owner's)",
+    409: "Conflict",
+    413: "Too large",
+    415: "Unsupported file type",
+    422: "Validation error",
+    429: "Too many requests",
+    503: "A backend is unavailable",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting problem answers with these statuses."""
+    return {
+        status: {
+            "model": Problem,
+            "description": _PROBLEM_DESCRIPTIONS.get(status, "Error"),
+            "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        }
+        for status in statuses
+    }
+
+
+# -- health ----------------------------------------------------------------------------
+
+
+class Liveness(BaseModel):
+    """`GET /healthz`: the process runs."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Check(BaseModel):
+    """The outcome of one readiness check."""
+
+    ok: bool
+    latency_ms: float
+    error: str | None = Field(None, description="present when the check failed")
+
+
+class Readiness(BaseModel):
+    """`GET /readyz`: whether every backend answers."""
+
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, Check]
+
+
+class QueueInfo(BaseModel):
+    """Stage tasks waiting to be claimed."""
+
+    depth: dict[str, int]
+
+
+class WorkersInfo(BaseModel):
+    """Workers seen recently."""
+
+    live: int
+
+
+class Health(Readiness):
+    """`GET /v1/health`: readiness with queue depth and live workers."""
+
+    queue: QueueInfo
+    workers: WorkersInfo
+
+
+# -- pipelines -------------------------------------------------------------------------
+
+
+class FileRuleView(BaseModel):
+    """The files a pipeline takes."""
+
+    types: list[str]
+    max_bytes: int | None
+    min_count: int
+    max_count: int | None
+
+
+class StageSpec(BaseModel):
+    """One stage of a pipeline."""
+
+    name: str
+    after: list[str]
+    map: bool
+    queue: str
+    timeout_s: float | None
+    retries: int
+
+
+class PipelineView(BaseModel):
+    """A pipeline: its params schema, files and stages."""
+
+    name: str
+    version: str
+    description: str
+    params_schema: dict[str, Any]
+    files: FileRuleView | None
+    stages: list[StageSpec]
+
+
+class PipelineList(BaseModel):
+    """`GET /v1/pipelines`."""
+
+    pipelines: list[PipelineView]
+
+
+# -- identity --------------------------------------------------------------------------
+
+
+class Limits(BaseModel):
+    """The limits that apply to the caller."""
+
+    max_jobs_per_request: int
+    max_upload_bytes: int
+    max_upload_parts: int
+    job_budget_usd: float
+    list_max_limit: int
+    sse_max_per_job: int
+    max_active_jobs_per_user: int | None = None
+    rate_limit_submit: str | None = None
+
+
+class Usage(BaseModel):
+    """What the caller has used."""
+
+    active_jobs: int
+    jobs_total: int
+    spent_usd: float
+
+
+class Me(BaseModel):
+    """`GET /v1/me`: who the caller is, its limits and its usage."""
+
+    id: str
+    roles: list[str]
+    limits: Limits
+    usage: Usage
+
+
+# -- workers ---------------------------------------------------------------------------
+
+
+class WorkerView(BaseModel):
+    """A live worker process."""
+
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    pipelines: list[str]
+    concurrency: int
+    running: int
+    started_at: str
+    last_seen_at: str
+
+
+class WorkerList(BaseModel):
+    """`GET /v1/workers`."""
+
+    workers: list[WorkerView]
+
+
+# -- API keys --------------------------------------------------------------------------
+
+
+class ApiKeyCreate(BaseModel):
+    """`POST /v1/api-keys`: owner and roles default to the caller's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=255)
+    owner: str | None = Field(None, min_length=1, max_length=255)
+    roles: list[Role] | None = Field(None, min_length=1)
+    expires_at: datetime | None = Field(None, description="RFC 3339; naive times are UTC")
+
+
+class ApiKeyView(BaseModel):
+    """An API key, without the key itself."""
+
+    id: str
+    prefix: str = Field(description="the key's first characters, to recognise it")
+    name: str | None
+    owner: str
+    roles: list[str]
+    created_at: str
+    expires_at: str | None
+    last_used_at: str | None
+
+
+class ApiKeyCreated(BaseModel):
+    """A new API key; `key` is shown this once and never again."""
+
+    id: str
+    key: str
+    name: str | None
+    owner: str
+    roles: list[str]
+    created_at: str
+    expires_at: str | None
+
+
+class ApiKeyList(BaseModel):
+    """`GET /v1/api-keys`."""
+
+    api_keys: list[ApiKeyView]

@@ -1,0 +1,479 @@
+"""Submissions: from a request body to validated `NewJob`s, then one transaction.
+
+The checks run in API.md's order (after authentication and role): the body's form
+(400), its content (413, 415, 422), then the budget (422 `budget-exceeded`). A
+refused submission leaves nothing: files it streamed in are deleted by the caller
+(`Form.discard`), and rows are written only in `commit`'s single transaction.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import IntegrityError
+from starlette.requests import Request
+
+from jobgate.api.models import JobSubmit
+from jobgate.api.state import AppState
+from jobgate.api.uploads import Form, UploadedFile, body_kind, parse_form, read_json
+from jobgate.auth import Principal
+from jobgate.errors import (
+    BudgetExceeded,
+    FileTooLarge,
+    IdempotencyConflict,
+    NotFound,
+    RequestError,
+    UnknownPipeline,
+    UnsupportedFileType,
+    ValidationFailed,
+)
+from jobgate.ids import now, uuid7
+from jobgate.pipelines import Pipeline, Registry
+from jobgate.pipelines.files import sanitize_filename
+from jobgate.store.repositories import blobs as blob_repo
+from jobgate.store.repositories import idempotency
+from jobgate.store.repositories import jobs as job_repo
+from jobgate.store.repositories.jobs import JobSnapshot, NewJob
+
+M = TypeVar("M", bound=BaseModel)
+
+FORM_FIELDS = (
+    "pipeline",
+    "version",
+    "params",
+    "priority",
+    "budget_usd",
+    "correlation_id",
+    "webhook",
+)
+"""The text parts a multipart submit may have, besides its `files` parts."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def validation_failed(exc: ValidationError, prefix: Sequence[str | int] = ()) -> ValidationFailed:
+    """A pydantic error as a 422, without echoing any input back."""
+    return ValidationFailed(
+        "the request is invalid",
+        errors=[
+            {"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]}
+            for err in exc.errors(include_input=False, include_url=False, include_context=False)
+        ],
+    )
+
+
+def parse_model(model: type[M], raw: Any, prefix: Sequence[str | int] = ()) -> M:
+    """Validate `raw` as `model`, or raise `ValidationFailed` with `errors[].loc`."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_failed(exc, prefix) from None
+
+
+def prefixed(exc: RequestError, prefix: Sequence[str | int]) -> RequestError:
+    """The same error, with every `errors[].loc` starting with `prefix`."""
+    errors = exc.errors or [{"loc": [], "msg": exc.message}]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in prefix).lstrip(".")
+    return type(exc)(
+        f"{where}: {exc.message}",
+        errors=[{**err, "loc": [*prefix, *err.get("loc", [])]} for err in errors],
+    )
+
+
+def combined(failures: Sequence[RequestError]) -> RequestError:
+    """One error for several: the first one's kind, every one's `errors`."""
+    first = failures[0]
+    errors = [err for failure in failures for err in failure.errors or []]
+    return type(first)(first.message, errors=errors)
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    """The `Idempotency-Key` header, if sane.
+
+    Raises:
+        ValidationFailed: longer than 255 characters, or empty.
+    """
+    if key is None:
+        return None
+    if not key.strip() or len(key) > idempotency.MAX_KEY_LENGTH:
+        raise ValidationFailed(
+            "Idempotency-Key must be 1 to 255 characters",
+            errors=[
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": "String should have 1 to 255 characters",
+                }
+            ],
+        )
+    return key
+
+
+def correlation_header(request: Request) -> str | None:
+    """The `X-Correlation-ID` header, stripped of control characters and capped."""
+    value = request.headers.get("x-correlation-id")
+    if value is None:
+        return None
+    return _CONTROL.sub("", value).strip()[:255] or None
+
+
+# -- reading a submission --------------------------------------------------------------
+
+
+@dataclass
+class Submission:
+    """A submit body that has the right form (but is not validated against a pipeline)."""
+
+    body: JobSubmit
+    fingerprint: Any
+    form: Form | None = None
+    uploads: list[UploadedFile] = field(default_factory=list)
+
+    async def discard(self, state: AppState) -> None:
+        """Delete the blobs this request created."""
+        if self.form is not None:
+            await self.form.discard(state.blobs)
+
+
+def file_cap(registry: Registry) -> Callable[[Mapping[str, str]], int | None]:
+    """The per-file cap once the form's `pipeline` (and `version`) are known."""
+
+    def cap(fields: Mapping[str, str]) -> int | None:
+        name = fields.get("pipeline")
+        if name is None:
+            return None
+        try:
+            rule = registry.get(name, fields.get("version") or None).files
+        except UnknownPipeline:
+            return None
+        return rule.max_bytes if rule is not None else None
+
+    return cap
+
+
+async def read_submission(request: Request, state: AppState) -> Submission:
+    """Read `POST /v1/jobs`: a JSON body, or a multipart form whose files are stored.
+
+    Raises:
+        MalformedRequest, FileTooLarge, ValidationFailed, HTTPException(415).
+    """
+    settings = state.settings
+    if body_kind(request) == "json":
+        raw = await read_json(request, max_bytes=settings.max_upload_bytes)
+        body = parse_model(JobSubmit, raw)
+        return Submission(body=body, fingerprint=body.model_dump(mode="json"))
+    form = await parse_form(
+        request,
+        state.blobs,
+        max_bytes=settings.max_upload_bytes,
+        max_parts=settings.max_upload_parts,
+        text_fields=FORM_FIELDS,
+        file_cap=file_cap(state.registry),
+    )
+    try:
+        body = parse_model(JobSubmit, _form_values(form))
+    except BaseException:
+        await form.discard(state.blobs)
+        raise
+    fingerprint = {
+        "fields": form.fields,
+        "files": [[f.field, f.name, f.sha256] for f in form.files],
+    }
+    return Submission(body=body, fingerprint=fingerprint, form=form, uploads=list(form.files))
+
+
+def _form_values(form: Form) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, text in form.fields.items():
+        if name in ("params", "webhook"):
+            try:
+                values[name] = json.loads(text) if text.strip() else None
+            except (ValueError, RecursionError):
+                raise ValidationFailed(
+                    f"{name} is not valid JSON",
+                    errors=[{"loc": [name], "msg": "Invalid JSON", "type": "json_invalid"}],
+                ) from None
+        elif name in ("version", "budget_usd", "correlation_id") and not text.strip():
+            values[name] = None
+        else:
+            values[name] = text
+    if "pipeline" not in values:
+        raise ValidationFailed(
+            "the form has no pipeline field",
+            errors=[{"loc": ["pipeline"], "msg": "Field required", "type": "missing"}],
+        )
+    return values
+
+
+# -- validating against the pipeline ---------------------------------------------------
+
+
+def _pipeline(registry: Registry, body: JobSubmit) -> Pipeline:
+    try:
+        return registry.get(body.pipeline, body.version)
+    except UnknownPipeline as exc:
+        loc = "pipeline" if body.pipeline not in registry else "version"
+        raise UnknownPipeline(exc.message, errors=[{"loc": [loc], "msg": exc.message}]) from None
+
+
+def _check_webhook(state: AppState, body: JobSubmit) -> dict[str, Any] | None:
+    if body.webhook is None:
+        return None
+    host = (body.webhook.url.host or "").strip("[]").lower()
+    allow_private = bool(getattr(state.settings, "webhook_allow_private", False))
+    if not allow_private and _is_private_host(host):
+        raise ValidationFailed(
+            "webhook URLs may not target loopback, private or link-local addresses",
+            errors=[{"loc": ["webhook", "url"], "msg": "Private or local address"}],
+        )
+    return {"url": str(body.webhook.url), "events": list(dict.fromkeys(body.webhook.events))}
+
+
+def _is_private_host(host: str) -> bool:
+    if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: resolved and checked at delivery
+    return not address.is_global or address.is_multicast
+
+
+async def _files(
+    state: AppState, principal: Principal, body: JobSubmit, uploads: Sequence[UploadedFile]
+) -> list[dict[str, Any]]:
+    """The job's files: streamed uploads, then the blobs named in `files`."""
+    files = [
+        {"name": f.name, "sha256": f.sha256, "size": f.size, "content_type": f.content_type}
+        for f in uploads
+    ]
+    if not body.files:
+        return files
+    refs = [(r, None) if isinstance(r, str) else (r.sha256, r.name) for r in body.files]
+    shas = [sha for sha, _ in refs]
+    async with state.db.read() as conn:
+        allowed = await blob_repo.usable(conn, shas, owner=principal.owner_filter())
+        rows = await blob_repo.find(conn, [s for s in shas if s in allowed])
+    for index, (sha, name) in enumerate(refs):
+        row = rows.get(sha)
+        if row is None:
+            raise NotFound(
+                f"no file {sha}",
+                errors=[{"loc": ["files", index], "msg": "No such file"}],
+            )
+        files.append(
+            {
+                "name": sanitize_filename(name) if name else sha,
+                "sha256": sha,
+                "size": row.size,
+                "content_type": row.content_type,
+            }
+        )
+    return files
+
+
+def check_files(pipeline: Pipeline, files: Sequence[Mapping[str, Any]]) -> None:
+    """Apply the pipeline's `FileRule`: count (422), each type (415), each size (413)."""
+    rule = pipeline.files
+    if rule is None:
+        if files:
+            raise ValidationFailed(
+                f"pipeline {pipeline.name!r} takes no files",
+                errors=[{"loc": ["files"], "msg": "This pipeline takes no files"}],
+            )
+        return
+    if not rule.min_count <= len(files) <= rule.max_count:
+        raise ValidationFailed(
+            f"pipeline {pipeline.name!r} takes {rule.min_count} to {rule.max_count} files, "
+            f"not {len(files)}",
+            errors=[
+                {
+                    "loc": ["files"],
+                    "msg": f"Between {rule.min_count} and {rule.max_count} files are needed",
+                }
+            ],
+        )
+    for index, item in enumerate(files):
+        if not rule.accepts(item["content_type"]):
+            raise UnsupportedFileType(
+                f"{item['name']}: {item['content_type']} is not accepted; "
+                f"pipeline {pipeline.name!r} takes {', '.join(rule.types)}",
+                errors=[{"loc": ["files", index], "msg": f"Type {item['content_type']}"}],
+            )
+    for index, item in enumerate(files):
+        if item["size"] > rule.max_bytes:
+            raise FileTooLarge(
+                f"{item['name']} is larger than the limit of {rule.max_bytes} bytes",
+                errors=[{"loc": ["files", index], "msg": f"Larger than {rule.max_bytes} bytes"}],
+            )
+
+
+async def prepare(
+    state: AppState,
+    principal: Principal,
+    body: JobSubmit,
+    *,
+    uploads: Sequence[UploadedFile] = (),
+    correlation_id: str | None = None,
+) -> NewJob:
+    """Validate one submission's content (not its budget) into a `NewJob`.
+
+    Raises:
+        UnknownPipeline, ValidationFailed, NotFound (a file the caller may not use),
+        UnsupportedFileType, FileTooLarge.
+    """
+    settings = state.settings
+    pipeline = _pipeline(state.registry, body)
+    params = pipeline.validate_params(body.params)
+    if body.budget_usd is not None and body.budget_usd > settings.job_budget_usd:
+        raise ValidationFailed(
+            f"budget_usd may be at most {settings.job_budget_usd}",
+            errors=[
+                {
+                    "loc": ["budget_usd"],
+                    "msg": f"Input should be at most {settings.job_budget_usd}",
+                }
+            ],
+        )
+    webhook = _check_webhook(state, body)
+    files = await _files(state, principal, body, uploads)
+    check_files(pipeline, files)
+    return NewJob(
+        id=uuid7(),
+        pipeline=pipeline,
+        owner=principal.id,
+        params=params,
+        files=files,
+        priority=body.priority,
+        budget_usd=settings.job_budget_usd if body.budget_usd is None else body.budget_usd,
+        estimated_usd=pipeline.estimate(params, files),
+        correlation_id=body.correlation_id or correlation_id,
+        webhook=webhook,
+    )
+
+
+def check_budget(job: NewJob) -> None:
+    """Raise `BudgetExceeded` when the pre-flight estimate is over the job's budget."""
+    if job.estimated_usd > job.budget_usd:
+        raise BudgetExceeded(
+            f"the estimated cost {job.estimated_usd:.4f} USD is over the budget of "
+            f"{job.budget_usd:.4f} USD",
+            errors=[{"loc": ["budget_usd"], "msg": "Estimated cost over budget"}],
+        )
+
+
+async def prepare_many(
+    state: AppState,
+    principal: Principal,
+    bodies: Sequence[JobSubmit],
+    *,
+    correlation_id: str | None = None,
+) -> list[NewJob]:
+    """`prepare` and `check_budget` every item; errors are located at `["jobs", i, ...]`.
+
+    Raises:
+        The first failing item's kind of error, with every failing item's `errors`.
+    """
+    new_jobs: list[NewJob] = []
+    failures: list[RequestError] = []
+    for index, body in enumerate(bodies):
+        try:
+            new_jobs.append(await prepare(state, principal, body, correlation_id=correlation_id))
+        except RequestError as exc:
+            failures.append(prefixed(exc, ["jobs", index]))
+    if failures:
+        raise combined(failures)
+    for index, job in enumerate(new_jobs):
+        try:
+            check_budget(job)
+        except RequestError as exc:
+            failures.append(prefixed(exc, ["jobs", index]))
+    if failures:
+        raise combined(failures)
+    return new_jobs
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+async def commit(
+    state: AppState,
+    principal: Principal,
+    new_jobs: Sequence[NewJob],
+    *,
+    uploads: Sequence[UploadedFile] = (),
+    key: str | None = None,
+    request_hash: str = "",
+) -> tuple[list[JobSnapshot], bool]:
+    """Write the jobs (and their key) in one transaction, or replay the key's jobs.
+
+    Returns:
+        The jobs, and whether they are a replay of an earlier request with this key.
+
+    Raises:
+        IdempotencyConflict: the key was used with a different request.
+    """
+    settings = state.settings
+    for attempt in range(2):
+        at = now()
+        try:
+            async with state.db.write() as conn:
+                if key is not None:
+                    found = await idempotency.lookup(
+                        conn, owner=principal.id, key=key, at=at, ttl_s=settings.idempotency_ttl_s
+                    )
+                    if found is not None:
+                        if found.request_hash != request_hash:
+                            raise IdempotencyConflict(
+                                "this Idempotency-Key was used with a different request"
+                            )
+                        return await job_repo.load(conn, found.job_ids), True
+                await blob_repo.add(
+                    conn,
+                    (
+                        blob_repo.BlobRow(sha256=f.sha256, size=f.size, content_type=f.content_type)
+                        for f in uploads
+                    ),
+                    at=at,
+                )
+                await job_repo.create(conn, new_jobs, at=at)
+                for job in new_jobs:
+                    await blob_repo.grant(
+                        conn, (f["sha256"] for f in job.files), owner=job.owner, at=at
+                    )
+                ids = [job.id for job in new_jobs]
+                if key is not None:
+                    await idempotency.remember(
+                        conn,
+                        owner=principal.id,
+                        key=key,
+                        request_hash=request_hash,
+                        job_ids=ids,
+                        at=at,
+                        ttl_s=settings.idempotency_ttl_s,
+                    )
+                snapshots = await job_repo.load(conn, ids)
+        except IntegrityError:
+            # A concurrent request with the same key committed first: replay it.
+            if key is None or attempt:
+                raise
+            continue
+        state.wake()
+        return snapshots, False
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def read_json_body(request: Request, state: AppState) -> Any:
+    """A JSON-only route's body (415 for another content type)."""
+    if body_kind(request) != "json":
+        raise HTTPException(415, "send application/json")
+    return await read_json(request, max_bytes=state.settings.max_upload_bytes)

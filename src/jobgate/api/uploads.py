@@ -1,0 +1,396 @@
+"""Request bodies read as streams: JSON with a size cap, and multipart straight to blobs.
+
+Nothing here reads a whole body into memory or lets Starlette spool it to temporary
+files. Multipart bodies are parsed with `python_multipart`'s streaming parser as they
+arrive; each file part flows into `BlobStore.put_stream`, which hashes it while
+writing. Limits are enforced on the bytes actually received, never on what
+`Content-Length` claims (a larger claim is refused before reading anything):
+
+- the whole request: `JOBGATE_MAX_UPLOAD_BYTES` (413 `file-too-large`);
+- the number of parts: `JOBGATE_MAX_UPLOAD_PARTS` (400 `malformed-request`);
+- each text field: `MAX_FIELD_BYTES` (413);
+- each file: a caller-supplied cap, usually the pipeline's `FileRule.max_bytes` (413).
+
+A refused request removes every blob it created (`Form.discard`), so it leaves no file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import unquote
+
+from fastapi import HTTPException
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from jobgate.blobs import BlobStore, StoredBlob, discard
+from jobgate.errors import FileTooLarge, MalformedRequest, ValidationFailed
+from jobgate.pipelines.files import sanitize_filename, sniff
+
+MAX_FIELD_BYTES = 64_000
+"""The largest non-file multipart field (`params` included)."""
+
+MAX_PART_HEADER_BYTES = 8_192
+MAX_PART_HEADERS = 16
+
+_FILENAME_STAR = re.compile(r"filename\*\s*=\s*([^;]+)", re.IGNORECASE)
+
+BodyKind = Literal["json", "multipart"]
+
+
+def body_kind(request: Request) -> BodyKind:
+    """Whether the request carries JSON (also: no Content-Type) or multipart form data.
+
+    Raises:
+        HTTPException: 415 for any other content type.
+    """
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type == "multipart/form-data":
+        return "multipart"
+    if media_type in ("", "application/json") or media_type.endswith("+json"):
+        return "json"
+    raise HTTPException(415, "send application/json or multipart/form-data")
+
+
+def check_content_length(request: Request, max_bytes: int) -> None:
+    """Refuse a request whose declared length is already over `max_bytes`.
+
+    Raises:
+        FileTooLarge: the declared length is too large.
+        MalformedRequest: the header is not a non-negative integer.
+    """
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    try:
+        length = int(declared)
+    except ValueError:
+        raise MalformedRequest("Content-Length is not a number") from None
+    if length < 0:
+        raise MalformedRequest("Content-Length is negative")
+    if length > max_bytes:
+        raise FileTooLarge(f"the request is larger than the limit of {max_bytes} bytes")
+
+
+async def _capped(request: Request, max_bytes: int) -> AsyncGenerator[bytes, None]:
+    """The body's chunks; raises `FileTooLarge` as soon as more than `max_bytes` arrived."""
+    check_content_length(request, max_bytes)
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise FileTooLarge(f"the request is larger than the limit of {max_bytes} bytes")
+        if chunk:
+            yield chunk
+
+
+async def read_json(request: Request, *, max_bytes: int) -> Any:
+    """The request body parsed as JSON, read with a size cap.
+
+    Raises:
+        MalformedRequest: the body is empty, not UTF-8, or not JSON (or nested too deeply).
+        FileTooLarge: the body is larger than `max_bytes`.
+    """
+    buffer = bytearray()
+    async with aclosing(_capped(request, max_bytes)) as chunks:
+        async for chunk in chunks:
+            buffer += chunk
+    if not buffer.strip():
+        raise MalformedRequest("the request body is empty")
+    try:
+        return json.loads(buffer.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise MalformedRequest("the request body is not valid JSON") from None
+
+
+# -- multipart -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """A file part, stored as a blob.
+
+    Attributes:
+        field: the part's field name.
+        name: the sanitised file name.
+        blob: the stored blob (hash, size, first bytes, whether this request created it).
+        content_type: detected from the bytes (and the name, for text), never from the
+            part's own Content-Type header.
+    """
+
+    field: str
+    name: str
+    blob: StoredBlob
+    content_type: str
+
+    @property
+    def sha256(self) -> str:
+        return self.blob.sha256
+
+    @property
+    def size(self) -> int:
+        return self.blob.size
+
+
+@dataclass
+class Form:
+    """A parsed multipart body: its text fields and its stored files, in order."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    files: list[UploadedFile] = field(default_factory=list)
+
+    async def discard(self, store: BlobStore) -> None:
+        """Delete the blobs this request created (not those that were already stored)."""
+        await discard(store, *(f.blob for f in self.files))
+
+
+FileCap = Callable[[Mapping[str, str]], int | None]
+"""Given the text fields seen so far, the largest file allowed now (None: no own cap)."""
+
+
+@dataclass
+class _Event:
+    kind: Literal["part", "data", "end", "done"]
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    data: bytes = b""
+
+
+class _PartReader:
+    """Async iterator over the data of the current part, pulling from the event stream."""
+
+    def __init__(self, events: AsyncIterator[_Event]) -> None:
+        self._events = events
+        self._ended = False
+
+    def __aiter__(self) -> _PartReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._ended:
+            try:
+                event = await self._events.__anext__()
+            except StopAsyncIteration:
+                raise MalformedRequest("the multipart body ends inside a part") from None
+            if event.kind == "data":
+                if event.data:
+                    return event.data
+            elif event.kind == "end":
+                self._ended = True
+            else:
+                raise MalformedRequest("the multipart body is malformed")
+        raise StopAsyncIteration
+
+
+async def _events(
+    request: Request, boundary: bytes, max_bytes: int
+) -> AsyncGenerator[_Event, None]:
+    """Parse the body as it arrives into part/data/end events."""
+    pending: list[_Event] = []
+    header_name = bytearray()
+    header_value = bytearray()
+    headers: dict[bytes, bytes] = {}
+    finished = False
+
+    def on_part_begin() -> None:
+        headers.clear()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_name.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        headers[bytes(header_name).strip().lower()] = bytes(header_value).strip()
+        header_name.clear()
+        header_value.clear()
+
+    def on_headers_finished() -> None:
+        pending.append(_Event("part", headers=dict(headers)))
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        pending.append(_Event("data", data=data[start:end]))
+
+    def on_part_end() -> None:
+        pending.append(_Event("end"))
+
+    def on_end() -> None:
+        nonlocal finished
+        finished = True
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_end": on_end,
+        },
+        max_header_count=MAX_PART_HEADERS,
+        max_header_size=MAX_PART_HEADER_BYTES,
+    )
+    async with aclosing(_capped(request, max_bytes)) as chunks:
+        async for chunk in chunks:
+            try:
+                parser.write(chunk)
+            except MultipartParseError:
+                raise MalformedRequest("the multipart body is malformed") from None
+            ready, pending[:] = list(pending), []
+            for event in ready:
+                yield event
+            if finished:
+                break
+    try:
+        parser.finalize()
+    except MultipartParseError:
+        raise MalformedRequest("the multipart body is malformed") from None
+    for event in pending:
+        yield event
+    if not finished:
+        raise MalformedRequest("the multipart body is incomplete")
+    yield _Event("done")
+
+
+def _disposition(headers: Mapping[bytes, bytes]) -> tuple[str, str | None]:
+    """The part's field name and, for a file, its raw file name."""
+    raw = headers.get(b"content-disposition")
+    if raw is None:
+        raise MalformedRequest("a multipart part has no Content-Disposition")
+    kind, options = parse_options_header(raw)
+    if kind.lower() != b"form-data" or b"name" not in options:
+        raise MalformedRequest("a multipart part is not form-data with a name")
+    name = options[b"name"].decode("utf-8", "replace")
+    filename: str | None = None
+    if b"filename" in options:
+        filename = options[b"filename"].decode("utf-8", "replace")
+    else:
+        # RFC 5987 `filename*=UTF-8''...`, which python_multipart does not decode.
+        match = _FILENAME_STAR.search(raw.decode("latin-1"))
+        if match:
+            _charset, _, encoded = match.group(1).strip().strip('"').rpartition("'")
+            filename = unquote(encoded, errors="replace")
+    return name, filename
+
+
+async def parse_form(
+    request: Request,
+    store: BlobStore,
+    *,
+    max_bytes: int,
+    max_parts: int,
+    text_fields: Collection[str],
+    file_fields: Collection[str] = ("files",),
+    file_cap: FileCap | None = None,
+) -> Form:
+    """Stream a multipart body: text fields into memory, files into `store`.
+
+    Args:
+        request: a `multipart/form-data` request.
+        store: where file parts go.
+        max_bytes: the most bytes the whole body may have.
+        max_parts: the most parts it may have.
+        text_fields: the names of the text fields accepted (each at most once).
+        file_fields: the names of the file fields accepted (any number of times).
+        file_cap: the per-file cap, asked when each file part starts.
+
+    Returns:
+        The fields and the stored files. On any error the blobs this request created
+        are deleted before the error propagates.
+
+    Raises:
+        MalformedRequest: no boundary, malformed or empty body, too many parts.
+        FileTooLarge: the body, a field or a file is over its limit.
+        ValidationFailed: a field that is not accepted, repeated, or not UTF-8.
+    """
+    _, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise MalformedRequest("multipart/form-data without a boundary")
+    form = Form()
+    try:
+        await _read_parts(
+            request, boundary, form, store, max_bytes, max_parts, text_fields, file_fields, file_cap
+        )
+    except BaseException:
+        await form.discard(store)
+        raise
+    if not form.fields and not form.files:
+        raise MalformedRequest("the multipart body has no parts")
+    return form
+
+
+async def _read_parts(
+    request: Request,
+    boundary: bytes,
+    form: Form,
+    store: BlobStore,
+    max_bytes: int,
+    max_parts: int,
+    text_fields: Collection[str],
+    file_fields: Collection[str],
+    file_cap: FileCap | None,
+) -> None:
+    parts = 0
+    async with aclosing(_events(request, boundary, max_bytes)) as events:
+        async for event in events:
+            if event.kind == "done":
+                return
+            if event.kind != "part":
+                raise MalformedRequest("the multipart body is malformed")
+            parts += 1
+            if parts > max_parts:
+                raise MalformedRequest(f"the multipart body has more than {max_parts} parts")
+            name, filename = _disposition(event.headers)
+            reader = _PartReader(events)
+            if filename is None:
+                form.fields[name] = await _read_field(name, reader, form, text_fields)
+                continue
+            if name not in file_fields:
+                raise ValidationFailed(
+                    f"unexpected file field {name[:64]!r}",
+                    errors=[{"loc": [name[:64]], "msg": "Unexpected file field"}],
+                )
+            cap = file_cap(form.fields) if file_cap is not None else None
+            blob = await store.put_stream(reader, max_bytes=cap)
+            safe_name = sanitize_filename(filename)
+            form.files.append(
+                UploadedFile(
+                    field=name, name=safe_name, blob=blob, content_type=sniff(blob.head, safe_name)
+                )
+            )
+    raise MalformedRequest("the multipart body is incomplete")
+
+
+async def _read_field(name: str, reader: _PartReader, form: Form, accepted: Collection[str]) -> str:
+    if name not in accepted:
+        raise ValidationFailed(
+            f"unexpected field {name[:64]!r}",
+            errors=[{"loc": [name[:64]], "msg": "Extra inputs are not permitted"}],
+        )
+    if name in form.fields:
+        raise ValidationFailed(
+            f"field {name!r} is repeated",
+            errors=[{"loc": [name], "msg": "The field may appear only once"}],
+        )
+    value = bytearray()
+    async for chunk in reader:
+        value += chunk
+        if len(value) > MAX_FIELD_BYTES:
+            raise FileTooLarge(f"field {name!r} is larger than {MAX_FIELD_BYTES} bytes")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationFailed(
+            f"field {name!r} is not UTF-8 text",
+            errors=[{"loc": [name], "msg": "Value is not valid UTF-8"}],
+        ) from None

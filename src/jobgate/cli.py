@@ -1,0 +1,521 @@
+"""The `jobgate` command: run the API and workers, manage the database and API keys,
+and talk to a running server (submit, list, read and cancel jobs).
+
+`serve`, `worker`, `db` and `keys` work on this machine's settings (`JOBGATE_*`);
+`submit` and `jobs` are HTTP clients of a server (`--url`, `--key`). Output meant for
+people goes through rich; `--json` prints the server's JSON unchanged for scripts.
+Only `serve` and `worker` configure logging (stdout); everything else keeps stdout for
+its answer, so `KEY=$(jobgate keys create ...)` captures just the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mimetypes
+import os
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import quote
+
+import httpx
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from jobgate import __version__
+from jobgate.auth import api_keys
+from jobgate.config import Settings
+from jobgate.errors import JobgateError, Unauthenticated
+from jobgate.ids import now, rfc3339
+from jobgate.store import Database
+from jobgate.store.migrate import upgrade
+
+T = TypeVar("T")
+ADMIN_KEY_FILE = "admin-key"
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+app = typer.Typer(
+    name="jobgate",
+    help="API gateway and orchestration for long-running ML jobs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_app = typer.Typer(help="The database: migrations.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys, straight in the database.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Jobs on a running server (HTTP).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
+
+out = Console(highlight=False)
+
+
+def _table(*columns: str) -> Table:
+    # Ids are what people copy: fold long cells instead of cutting them with an ellipsis.
+    table = Table()
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _when(stamp: str | None) -> str:
+    """An RFC 3339 time, shortened for a table: `2025-01-31 12:34`."""
+    return stamp[:16].replace("T", " ") if stamp else ""
+
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="JOBGATE_URL", help="The server's base URL.")]
+KeyOpt = Annotated[
+    str | None, typer.Option("--key", envvar="JOBGATE_API_KEY", help="An API key (or a JWT).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print raw JSON.")]
+
+
+def main() -> None:
+    """The console entry point `jobgate`."""
+    app()
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        _fail(f"invalid settings: {exc}", 2)
+
+
+async def _with_db(settings: Settings, use: Callable[[Database], Awaitable[T]]) -> T:
+    """Run `use(db)` on the configured database (an embedded SQLite is migrated first)."""
+    if settings.is_sqlite:
+        await upgrade(settings.database_url)
+    db = Database(settings.database_url)
+    try:
+        return await use(db)
+    finally:
+        await db.aclose()
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit
+
+
+# -- serve and worker ------------------------------------------------------------------
+
+
+def _read_secret(path: Path) -> str:
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret + "\n")
+    os.chmod(path, 0o600)  # O_CREAT's mode does not apply to a file that existed
+
+
+async def ensure_admin_key(settings: Settings) -> str:
+    """The embedded server's admin key from `<data_dir>/admin-key`, made if missing.
+
+    A saved key that no longer works (a wiped or revoked database) is replaced.
+    """
+    path = settings.data_dir / ADMIN_KEY_FILE
+
+    async def ensure(db: Database) -> str:
+        saved = await asyncio.to_thread(_read_secret, path)
+        if saved:
+            try:
+                await api_keys.verify(db, saved)
+                return saved
+            except Unauthenticated:
+                pass
+        async with db.write() as conn:
+            _, key = await api_keys.create_key(
+                conn, owner="admin", roles=["admin"], name="admin (jobgate serve)", at=now()
+            )
+        await asyncio.to_thread(_write_secret, path, key)
+        return key
+
+    return await _with_db(settings, ensure)
+
+
+def _print_welcome(settings: Settings, key: str, host: str, port: int) -> None:
+    shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104 - display only
+    base = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+    curl = (
+        f'curl -s -X POST {base}/v1/jobs -H "Authorization: Bearer {key}" '
+        "-H 'Content-Type: application/json' "
+        """-d '{"pipeline":"steps","params":{"steps":5}}'"""
+    )
+    err.print(f"jobgate {__version__} on {base}  (docs: {base}/docs)", markup=False)
+    err.print(f"admin API key (saved in {settings.data_dir / ADMIN_KEY_FILE}): {key}", markup=False)
+    err.print("submit a job:", markup=False)
+    err.print(f"  {curl}", markup=False)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    worker_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--worker-concurrency",
+            min=0,
+            help="Run an in-process worker of this concurrency (0: the API alone).",
+        ),
+    ] = None,
+) -> None:
+    """Run the API (and, by default, an in-process worker)."""
+    import uvicorn
+
+    from jobgate.api.app import create_app
+    from jobgate.observability.logging import configure_logging
+
+    settings = _settings()
+    configure_logging(settings)
+    if settings.is_sqlite:
+        _print_welcome(settings, asyncio.run(ensure_admin_key(settings)), host, port)
+    application = create_app(settings, worker_concurrency=worker_concurrency)
+    # Our middleware writes the access log, and our logging config renders uvicorn's.
+    uvicorn.run(application, host=host, port=port, log_config=None, access_log=False)
+
+
+@app.command()
+def worker(
+    queues: Annotated[
+        str | None, typer.Option(help="Comma-separated queues (default: JOBGATE_WORKER_QUEUES).")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Stages run at once (default: settings).")
+    ] = None,
+    worker_id: Annotated[str | None, typer.Option("--id", help="This worker's name.")] = None,
+) -> None:
+    """Run a worker until SIGTERM or Ctrl-C, then drain it and exit 0."""
+    from jobgate.blobs import open_blob_store
+    from jobgate.observability.logging import configure_logging
+    from jobgate.pipelines import Registry
+    from jobgate.worker import Worker
+
+    settings = _settings()
+    configure_logging(settings)
+    queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+
+    async def run(db: Database) -> None:
+        blobs = open_blob_store(settings.blobs_url)
+        try:
+            await Worker(
+                settings=settings,
+                db=db,
+                blobs=blobs,
+                registry=Registry.from_paths(settings.pipeline_paths),
+                concurrency=concurrency or max(1, settings.worker_concurrency),
+                queues=queue_list,
+                worker_id=worker_id,
+            ).run()
+        finally:
+            await blobs.aclose()
+
+    asyncio.run(_with_db(settings, run))
+
+
+# -- db --------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database to the newest schema."""
+    settings = _settings()
+    try:
+        asyncio.run(upgrade(settings.database_url))
+    except Exception as exc:  # report it; the URL may hold a password, so not the URL
+        _fail(f"migration failed: {type(exc).__name__}: {exc}")
+    err.print("database schema is up to date", markup=False)
+
+
+# -- keys ------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(
+    owner: Annotated[str, typer.Option(help="The user id the key acts as.")],
+    role: Annotated[list[str], typer.Option(help="A role: admin, user or viewer (repeatable).")],
+    expires_in: Annotated[
+        float | None, typer.Option("--expires-in", min=0.0, help="Days until it expires.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="A label for people.")] = None,
+) -> None:
+    """Create an API key; the key alone is stdout's last line."""
+    settings = _settings()
+    at = now()
+    expires_at = at + expires_in * 86_400 if expires_in is not None else None
+
+    async def create(db: Database) -> tuple[dict[str, Any], str]:
+        async with db.write() as conn:
+            return await api_keys.create_key(
+                conn, owner=owner, roles=role, name=name, expires_at=expires_at, at=at
+            )
+
+    try:
+        row, key = asyncio.run(_with_db(settings, create))
+    except JobgateError as exc:
+        _fail(exc.message, 2)
+    expiry = rfc3339(row["expires_at"]) or "never"
+    err.print(
+        f"created key {row['id']} for {row['owner']} "
+        f"(roles: {', '.join(row['roles'])}; expires: {expiry})",
+        markup=False,
+    )
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    owner: Annotated[str | None, typer.Option(help="Only this owner's keys.")] = None,
+    include_revoked: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List API keys (never the keys themselves)."""
+    settings = _settings()
+
+    async def fetch(db: Database) -> list[dict[str, Any]]:
+        async with db.read() as conn:
+            return await api_keys.list_keys(conn, owner, include_revoked=include_revoked)
+
+    rows = asyncio.run(_with_db(settings, fetch))
+    views = [
+        {
+            **row,
+            **{k: rfc3339(row[k]) for k in ("created_at", "expires_at", "revoked_at")},
+            "last_used_at": rfc3339(row["last_used_at"]),
+        }
+        for row in rows
+    ]
+    if as_json:
+        typer.echo(json.dumps({"api_keys": views}, indent=2))
+        return
+    table = _table("id", "owner", "roles", "name", "created", "expires", "last used")
+    if include_revoked:
+        table.add_column("revoked")
+    for view in views:
+        cells = [
+            view["id"],
+            view["owner"],
+            ",".join(view["roles"]),
+            view["name"] or "",
+            _when(view["created_at"]),
+            _when(view["expires_at"]) or "never",
+            _when(view["last_used_at"]),
+        ]
+        table.add_row(*cells, *([_when(view["revoked_at"])] if include_revoked else []))
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")]) -> None:
+    """Revoke an API key."""
+    settings = _settings()
+
+    async def revoke(db: Database) -> None:
+        async with db.write() as conn:
+            await api_keys.revoke(conn, key_id, None, at=now())
+
+    try:
+        asyncio.run(_with_db(settings, revoke))
+    except JobgateError as exc:
+        _fail(exc.message)
+    err.print(f"revoked {key_id}", markup=False)
+
+
+# -- HTTP: submit and jobs -------------------------------------------------------------
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """`k=v` as a pair; `v` is JSON when it parses as JSON, else the string itself."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise typer.BadParameter(f"{text!r} is not NAME=VALUE", param_hint="--param")
+    try:
+        return name, json.loads(raw)
+    except ValueError:
+        return name, raw
+
+
+def _call(url: str, key: str | None, method: str, path: str, **kwargs: Any) -> Any:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=60.0) as client:
+            response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach {url}: {exc}")
+    if response.is_error:
+        try:
+            problem = response.json()
+            detail = f"{problem.get('title', 'error')}: {problem.get('detail', '')}"
+            for item in problem.get("errors") or []:
+                detail += f"\n  {'.'.join(map(str, item.get('loc', [])))}: {item.get('msg')}"
+        except (ValueError, AttributeError):
+            detail = response.text[:500]
+        _fail(f"HTTP {response.status_code} {detail}")
+    return response.json() if response.content else None
+
+
+def _job_table(jobs: list[dict[str, Any]]) -> Table:
+    table = _table("id", "pipeline", "owner", "status", "progress", "stage", "created")
+    for job in jobs:
+        status = job["status"] + (" (cancelling)" if job.get("cancel_requested") else "")
+        table.add_row(
+            job["id"],
+            job["pipeline"],
+            job.get("owner", ""),
+            status,
+            f"{100 * float(job.get('progress') or 0):.0f}%",
+            job.get("stage") or "",
+            _when(job.get("created_at")),
+        )
+    return table
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    out.print(_job_table([job]))
+    stages = _table("stage", "status", "attempt", "progress", "error")
+    for stage in job.get("stages", []):
+        error = stage.get("error") or {}
+        stages.add_row(
+            stage["name"],
+            stage["status"],
+            str(stage.get("attempt", "")),
+            f"{100 * float(stage.get('progress') or 0):.0f}%",
+            error.get("message", "") if isinstance(error, dict) else str(error),
+        )
+    out.print(stages)
+    for name in ("result", "error"):
+        if job.get(name) is not None:
+            out.print(f"{name}: {json.dumps(job[name])}", markup=False, soft_wrap=True)
+
+
+def _emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        human(data)
+
+
+@app.command()
+def submit(
+    pipeline: Annotated[str, typer.Argument(help="The pipeline's name.")],
+    param: Annotated[
+        list[str] | None, typer.Option(help="NAME=VALUE (VALUE as JSON if it parses).")
+    ] = None,
+    params_json: Annotated[
+        str | None, typer.Option("--params-json", help="All params as a JSON object.")
+    ] = None,
+    file: Annotated[
+        list[Path] | None,
+        typer.Option(exists=True, dir_okay=False, readable=True, help="A file (repeatable)."),
+    ] = None,
+    priority: Annotated[int | None, typer.Option(min=-100, max=100)] = None,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a job to a running server."""
+    params: dict[str, Any] = {}
+    if params_json is not None:
+        try:
+            loaded = json.loads(params_json)
+        except ValueError as exc:
+            raise typer.BadParameter(f"not JSON: {exc}", param_hint="--params-json") from exc
+        if not isinstance(loaded, dict):
+            raise typer.BadParameter("must be a JSON object", param_hint="--params-json")
+        params.update(loaded)
+    params.update(parse_param(p) for p in param or [])
+    if file:
+        form = {"pipeline": pipeline, "params": json.dumps(params)}
+        if priority is not None:
+            form["priority"] = str(priority)
+        with ExitStack() as stack:
+            parts = [
+                (
+                    "files",
+                    (
+                        path.name,
+                        stack.enter_context(path.open("rb")),
+                        mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+                    ),
+                )
+                for path in file
+            ]
+            job = _call(url, key, "POST", "/v1/jobs", data=form, files=parts)
+    else:
+        body: dict[str, Any] = {"pipeline": pipeline, "params": params}
+        if priority is not None:
+            body["priority"] = priority
+        job = _call(url, key, "POST", "/v1/jobs", json=body)
+    _emit(job, as_json, _print_job)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[list[str] | None, typer.Option(help="Only this status (repeatable).")] = None,
+    pipeline: Annotated[str | None, typer.Option(help="Only this pipeline.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Only this owner's (admins).")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 10,
+    offset: Annotated[int, typer.Option(min=0)] = 0,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List jobs, newest first."""
+    query: list[tuple[str, str | int]] = [("limit", limit), ("offset", offset)]
+    query += [("status", s) for s in status or []]
+    if pipeline:
+        query.append(("pipeline", pipeline))
+    if owner:
+        query.append(("owner", owner))
+    page = _call(url, key, "GET", "/v1/jobs", params=query)
+
+    def human(data: dict[str, Any]) -> None:
+        out.print(_job_table(data["jobs"]))
+        shown = len(data["jobs"])
+        out.print(f"{shown} of {data['total']} (offset {data['offset']})", markup=False)
+
+    _emit(page, as_json, human)
+
+
+@jobs_app.command("get")
+def jobs_get(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one job with its stages."""
+    _emit(_call(url, key, "GET", f"/v1/jobs/{quote(job_id, safe='')}"), as_json, _print_job)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a job (a running one stops at its next check)."""
+    job = _call(url, key, "POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
+    _emit(job, as_json, _print_job)

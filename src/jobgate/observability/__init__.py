@@ -1,0 +1,1 @@
+"""Observability: structured logs (`logging`) and Prometheus metrics (`metrics`)."""

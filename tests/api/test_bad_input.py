@@ -1,0 +1,540 @@
+"""Every refusal of API.md's error list: its status, its slug, and that nothing was left.
+
+After each refused request, no row was added to jobs, stages, tasks, events, blobs,
+blob_grants or idempotency_keys, and no file (not even a temporary one) is in the
+blob directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from tests.api.conftest import AppFactory
+from tests.api.helpers import PNG, TEXT, CountingBody, Guard, blob_root, client_for, multipart
+
+Problem = Any
+
+
+@pytest.fixture
+async def guard(app: FastAPI, client: httpx.AsyncClient) -> Guard:
+    """A snapshot of the store, taken once the admin client exists."""
+    return await Guard(app).start()
+
+
+@pytest.fixture
+async def small_app(app_factory: AppFactory) -> FastAPI:
+    """An app with tiny limits: 100 kB per request, 3 jobs per request, 5 parts."""
+    return await app_factory(max_upload_bytes=100_000, max_jobs_per_request=3, max_upload_parts=5)
+
+
+@pytest.fixture
+async def small_client(small_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with await client_for(small_app, "user-1") as user:
+        yield user
+
+
+# -- the body's form: 400 --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        pytest.param(b'{"pipeline": "noop",', "application/json", id="truncated-json"),
+        pytest.param(b"not json at all", "application/json", id="not-json"),
+        pytest.param(b"", "application/json", id="empty-body"),
+        pytest.param(b"   \n", "application/json", id="blank-body"),
+        pytest.param(b"\xff\xfe{}", "application/json", id="not-utf8"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, "application/json", id="deep-nesting"),
+        pytest.param(b"--B--\r\n", "multipart/form-data; boundary=B", id="empty-multipart"),
+        pytest.param(b"", "multipart/form-data; boundary=B", id="empty-multipart-body"),
+        pytest.param(b"--B\r\nxx", "multipart/form-data; boundary=B", id="broken-multipart"),
+        pytest.param(b"--B--\r\n", "multipart/form-data", id="no-boundary"),
+    ],
+)
+async def test_malformed_bodies_are_400(
+    client: httpx.AsyncClient,
+    guard: Guard,
+    expect_problem: Problem,
+    content: bytes,
+    content_type: str,
+) -> None:
+    """Unparseable JSON, an empty body and an empty multipart body are 400."""
+    response = await client.post(
+        "/v1/jobs", content=content, headers={"Content-Type": content_type}
+    )
+    expect_problem(response, 400, "malformed-request")
+    await guard.check()
+
+
+async def test_malformed_batch_and_status_bodies_are_400(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """The batch and status routes refuse unparseable JSON the same way."""
+    for path in ("/v1/jobs/batch", "/v1/jobs/status"):
+        response = await client.post(
+            path, content=b"{", headers={"Content-Type": "application/json"}
+        )
+        expect_problem(response, 400, "malformed-request")
+        response = await client.post(path, content=b"")
+        expect_problem(response, 400, "malformed-request")
+    await guard.check()
+
+
+async def test_too_many_parts_is_400(
+    small_app: FastAPI, small_client: httpx.AsyncClient, expect_problem: Problem
+) -> None:
+    """More multipart parts than `JOBGATE_MAX_UPLOAD_PARTS` is refused while parsing."""
+    guard = await Guard(small_app).start()
+    files = [(f"f{i}.txt", f"file {i}\n".encode()) for i in range(8)]
+    body, headers = multipart({"pipeline": "text-stats"}, files)
+    response = await small_client.post("/v1/jobs", content=body, headers=headers)
+    expect_problem(response, 400, "malformed-request")
+    await guard.check()
+
+
+async def test_unsupported_media_type_is_415(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """A body that is neither JSON nor multipart is 415."""
+    response = await client.post(
+        "/v1/jobs", content=b"pipeline=noop", headers={"Content-Type": "text/plain"}
+    )
+    expect_problem(response, 415, "unsupported-media-type")
+    await guard.check()
+
+
+# -- the content: 422 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        pytest.param({}, ["pipeline"], id="missing-pipeline"),
+        pytest.param({"pipeline": 5}, ["pipeline"], id="pipeline-not-a-string"),
+        pytest.param(
+            {"pipeline": "steps", "params": {"steps": 0}}, ["params", "steps"], id="param"
+        ),
+        pytest.param({"pipeline": "steps", "params": {"nope": 1}}, ["params", "nope"], id="extra"),
+        pytest.param({"pipeline": "noop", "params": [1]}, ["params"], id="params-not-object"),
+        pytest.param({"pipeline": "noop", "priority": 101}, ["priority"], id="priority-high"),
+        pytest.param({"pipeline": "noop", "priority": -101}, ["priority"], id="priority-low"),
+        pytest.param({"pipeline": "noop", "priority": "high"}, ["priority"], id="priority-text"),
+        pytest.param({"pipeline": "noop", "budget_usd": -1}, ["budget_usd"], id="budget-negative"),
+        pytest.param({"pipeline": "noop", "files": ["../etc"]}, ["files", 0], id="bad-sha"),
+        pytest.param(
+            {"pipeline": "noop", "webhook": {"url": "not a url"}}, ["webhook", "url"], id="webhook"
+        ),
+        pytest.param(
+            {"pipeline": "noop", "webhook": {"url": "http://127.0.0.1:9/x"}},
+            ["webhook", "url"],
+            id="webhook-loopback",
+        ),
+        pytest.param(
+            {"pipeline": "noop", "webhook": {"url": "http://169.254.169.254/"}},
+            ["webhook", "url"],
+            id="webhook-link-local",
+        ),
+        pytest.param(
+            {"pipeline": "noop", "webhook": {"url": "https://x.io", "events": ["boom"]}},
+            ["webhook", "events", 0],
+            id="webhook-event",
+        ),
+        pytest.param([1, 2], [], id="not-an-object"),
+    ],
+)
+async def test_schema_violations_are_422_with_loc(
+    client: httpx.AsyncClient,
+    guard: Guard,
+    expect_problem: Problem,
+    body: Any,
+    loc: list[Any],
+) -> None:
+    """A body that does not match the schema is 422 `validation-error` with `errors[].loc`."""
+    problem = expect_problem(await client.post("/v1/jobs", json=body), 422, "validation-error")
+    assert problem["errors"][0]["loc"][: len(loc)] == loc
+    assert all("input" not in e for e in problem["errors"])
+    await guard.check()
+
+
+@pytest.mark.parametrize("field", ["owner", "status", "cost", "id", "actual_usd", "worker_id"])
+async def test_mass_assignment_is_422(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem, field: str
+) -> None:
+    """Fields a client may not set (`owner`, `status`, `cost`, ...) are refused."""
+    body = {"pipeline": "noop", field: "SECRET-VALUE-123"}
+    response = await client.post("/v1/jobs", json=body)
+    problem = expect_problem(response, 422, "validation-error")
+    assert [field] in [e["loc"] for e in problem["errors"]]
+    assert "SECRET-VALUE-123" not in response.text
+    await guard.check()
+
+
+async def test_mass_assignment_in_multipart_is_422(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """An unknown multipart field (`owner`) is refused, and the files already read go."""
+    body, headers = multipart({"pipeline": "text-stats"}, [("a.txt", TEXT)])
+    body = body.replace(
+        b"--jobgate-test-boundary--",
+        b'--jobgate-test-boundary\r\nContent-Disposition: form-data; name="owner"\r\n\r\n'
+        b"someone-else\r\n--jobgate-test-boundary--",
+    )
+    response = await client.post("/v1/jobs", content=body, headers=headers)
+    problem = expect_problem(response, 422, "validation-error")
+    assert problem["errors"][0]["loc"] == ["owner"]
+    await guard.check()
+
+
+async def test_bad_multipart_field_values_are_422(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """`params` that is not JSON, or a missing `pipeline`, in a form is 422."""
+    cases = [
+        ({"pipeline": "text-stats", "params": "{nope"}, ["params"]),
+        ({"params": "{}"}, ["pipeline"]),
+        ({"pipeline": "text-stats", "priority": "999"}, ["priority"]),
+    ]
+    for fields, loc in cases:
+        body, headers = multipart(fields, [("a.txt", TEXT)])
+        response = await client.post("/v1/jobs", content=body, headers=headers)
+        problem = expect_problem(response, 422, "validation-error")
+        assert problem["errors"][0]["loc"] == loc
+    await guard.check()
+
+
+async def test_unknown_pipeline_and_version_are_422(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """An unknown pipeline, or an unknown version of a known one, is `unknown-pipeline`."""
+    problem = expect_problem(
+        await client.post("/v1/jobs", json={"pipeline": "nope"}), 422, "unknown-pipeline"
+    )
+    assert problem["errors"][0]["loc"] == ["pipeline"]
+    problem = expect_problem(
+        await client.post("/v1/jobs", json={"pipeline": "noop", "version": "9"}),
+        422,
+        "unknown-pipeline",
+    )
+    assert problem["errors"][0]["loc"] == ["version"]
+    body, headers = multipart({"pipeline": "nope"}, [("a.txt", TEXT)])
+    expect_problem(
+        await client.post("/v1/jobs", content=body, headers=headers), 422, "unknown-pipeline"
+    )
+    await guard.check()
+
+
+async def test_too_many_or_too_few_files_are_422(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """The pipeline's file count (text-stats: 1 to 20; noop: none) is enforced."""
+    expect_problem(
+        await client.post("/v1/jobs", json={"pipeline": "text-stats"}), 422, "validation-error"
+    )
+    files = [(f"f{i}.txt", f"file number {i}\n".encode()) for i in range(21)]
+    body, headers = multipart({"pipeline": "text-stats"}, files)
+    problem = expect_problem(
+        await client.post("/v1/jobs", content=body, headers=headers), 422, "validation-error"
+    )
+    assert problem["errors"][0]["loc"] == ["files"]
+    body, headers = multipart({"pipeline": "noop"}, [("a.txt", TEXT)])
+    expect_problem(
+        await client.post("/v1/jobs", content=body, headers=headers), 422, "validation-error"
+    )
+    await guard.check()
+
+
+async def test_idempotency_key_too_long_is_422(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """An `Idempotency-Key` over 255 characters is 422 `validation-error`."""
+    response = await client.post(
+        "/v1/jobs", json={"pipeline": "noop"}, headers={"Idempotency-Key": "k" * 256}
+    )
+    problem = expect_problem(response, 422, "validation-error")
+    assert problem["errors"][0]["loc"] == ["header", "Idempotency-Key"]
+    await guard.check()
+
+
+async def test_idempotency_conflict_is_409(
+    app: FastAPI, client: httpx.AsyncClient, expect_problem: Problem
+) -> None:
+    """The same key with a different body is 409 `idempotency-conflict`."""
+    headers = {"Idempotency-Key": "k-1"}
+    assert (await client.post("/v1/jobs", json={"pipeline": "noop"}, headers=headers)).is_success
+    guard = await Guard(app).start()
+    response = await client.post(
+        "/v1/jobs", json={"pipeline": "noop", "params": {"x": 1}}, headers=headers
+    )
+    expect_problem(response, 409, "idempotency-conflict")
+    body, form_headers = multipart({"pipeline": "text-stats"}, [("new.txt", b"brand new\n")])
+    response = await client.post("/v1/jobs", content=body, headers={**form_headers, **headers})
+    expect_problem(response, 409, "idempotency-conflict")
+    await guard.check()
+
+
+# -- files: 413, 415 -------------------------------------------------------------------
+
+
+async def test_file_type_comes_from_the_bytes(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """PNG bytes named `.txt` (declared text/plain) are 415 for a text pipeline."""
+    body, headers = multipart({"pipeline": "text-stats"}, [("a.txt", TEXT), ("pic.txt", PNG)])
+    response = await client.post("/v1/jobs", content=body, headers=headers)
+    problem = expect_problem(response, 415, "unsupported-file-type")
+    assert problem["errors"][0]["loc"] == ["files", 1]
+    await guard.check()
+
+
+async def test_uploaded_blob_of_the_wrong_type_is_415(
+    client: httpx.AsyncClient, app: FastAPI, expect_problem: Problem
+) -> None:
+    """A blob uploaded earlier is checked against the rule when a job names it."""
+    upload = await client.post("/v1/files", files=[("files", ("pic.txt", PNG, "text/plain"))])
+    assert upload.json()["files"][0]["content_type"] == "image/png"
+    guard = await Guard(app).start()
+    sha = upload.json()["files"][0]["sha256"]
+    response = await client.post("/v1/jobs", json={"pipeline": "text-stats", "files": [sha]})
+    expect_problem(response, 415, "unsupported-file-type")
+    await guard.check()
+
+
+async def test_oversize_file_is_413(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """A file over the pipeline's `max_bytes` (text-stats: 1 MB) is 413, cut off early."""
+    big = b"word " * 220_000
+    body, headers = multipart({"pipeline": "text-stats"}, [("a.txt", TEXT), ("big.txt", big)])
+    response = await client.post("/v1/jobs", content=body, headers=headers)
+    expect_problem(response, 413, "file-too-large")
+    await guard.check()
+
+
+async def test_oversize_file_before_pipeline_field_is_413(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """When `pipeline` comes after the files, the size is checked once it is known."""
+    big = b"word " * 220_000
+    body = (
+        b'--B\r\nContent-Disposition: form-data; name="files"; filename="big.txt"\r\n\r\n'
+        + big
+        + b'\r\n--B\r\nContent-Disposition: form-data; name="pipeline"\r\n\r\ntext-stats\r\n'
+        b"--B--\r\n"
+    )
+    response = await client.post(
+        "/v1/jobs", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"}
+    )
+    expect_problem(response, 413, "file-too-large")
+    await guard.check()
+
+
+async def test_oversize_request_is_413(
+    small_app: FastAPI, small_client: httpx.AsyncClient, expect_problem: Problem
+) -> None:
+    """A body over `JOBGATE_MAX_UPLOAD_BYTES` is 413, for jobs, files and JSON alike."""
+    guard = await Guard(small_app).start()
+    files = [("a.txt", TEXT), ("b.txt", b"b" * 60_000), ("c.txt", b"c" * 60_000)]
+    body, headers = multipart({"pipeline": "text-stats"}, files)
+    response = await small_client.post("/v1/jobs", content=body, headers=headers)
+    expect_problem(response, 413, "file-too-large")
+    response = await small_client.post("/v1/files", content=body, headers=headers)
+    expect_problem(response, 413, "file-too-large")
+    response = await small_client.post(
+        "/v1/jobs", json={"pipeline": "noop", "params": {"pad": "x" * 120_000}}
+    )
+    expect_problem(response, 413, "file-too-large")
+    await guard.check()
+
+
+async def test_oversize_text_field_is_413(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """A non-file multipart field over 64 kB is refused while streaming."""
+    body, headers = multipart({"pipeline": "text-stats", "params": "x" * 70_000})
+    response = await client.post("/v1/jobs", content=body, headers=headers)
+    expect_problem(response, 413, "file-too-large")
+    await guard.check()
+
+
+async def test_huge_upload_is_cut_off_without_reading_it(
+    app_factory: AppFactory, expect_problem: Problem
+) -> None:
+    """A 200 MB stream with a 1 MB limit is refused after about 1 MB has been read."""
+    app = await app_factory(max_upload_bytes=1_000_000)
+    guard = await Guard(app).start()
+    body = CountingBody(200_000_000, chunk=64 * 1024)
+    async with await client_for(app) as user:
+        response = await user.post("/v1/jobs", content=body, headers=body.headers)
+        expect_problem(response, 413, "file-too-large")
+        assert body.sent < 2_000_000
+        files_body = CountingBody(200_000_000, chunk=64 * 1024, pipeline=False)
+        response = await user.post("/v1/files", content=files_body, headers=files_body.headers)
+        expect_problem(response, 413, "file-too-large")
+        assert files_body.sent < 2_000_000
+    await guard.check()
+
+
+async def test_declared_length_over_the_limit_is_refused_before_reading(
+    app_factory: AppFactory, expect_problem: Problem
+) -> None:
+    """A `Content-Length` above the limit is 413 before any byte is read."""
+    app = await app_factory(max_upload_bytes=1_000_000)
+    body = CountingBody(200_000_000, chunk=64 * 1024)
+    headers = {**body.headers, "Content-Length": "200000000"}
+    async with await client_for(app) as user:
+        response = await user.post("/v1/jobs", content=body, headers=headers)
+    expect_problem(response, 413, "file-too-large")
+    assert body.sent < 100_000
+
+
+async def test_filenames_are_sanitised(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """Path traversal and control characters never reach a stored name or a path."""
+    root = blob_root(app)
+    names = ["../../etc/passwd", "..\\..\\win.ini", "a\x00b.txt", "evil\u202etxt.exe", ".."]
+    body, headers = multipart({"pipeline": "text-stats"}, [(n, TEXT) for n in names])
+    response = await client.post("/v1/jobs", content=body, headers=headers)
+    assert response.status_code == 202, response.text
+    stored = [f["name"] for f in response.json()["files"]]
+    assert stored[0] == "passwd"
+    assert stored[1] == "win.ini"
+    assert "\x00" not in stored[2]
+    assert "\u202e" not in stored[3]
+    assert all("/" not in n and "\\" not in n and not n.startswith(".") for n in stored)
+    for path in root.parent.rglob("*"):
+        assert path.is_relative_to(root) or not path.is_relative_to(root.parent / "etc")
+    assert not (root.parent.parent / "etc").exists()
+
+
+# -- access ----------------------------------------------------------------------------
+
+
+async def test_other_owners_and_unknown_blobs_are_404(
+    app: FastAPI, make_client: Any, expect_problem: Problem
+) -> None:
+    """A blob the caller may not use is 404, exactly like an unknown one."""
+    owner = await make_client("user-1")
+    other = await make_client("user-2")
+    upload = await owner.post("/v1/files", files=[("files", ("a.txt", TEXT))])
+    sha = upload.json()["files"][0]["sha256"]
+    guard = await Guard(app).start()
+    foreign = await other.post("/v1/jobs", json={"pipeline": "text-stats", "files": [sha]})
+    unknown = await other.post(
+        "/v1/jobs",
+        json={"pipeline": "text-stats", "files": [hashlib.sha256(b"never").hexdigest()]},
+    )
+    a = expect_problem(foreign, 404, "not-found")
+    b = expect_problem(unknown, 404, "not-found")
+    assert a["errors"][0]["loc"] == b["errors"][0]["loc"] == ["files", 0]
+    assert a["title"] == b["title"]
+    await guard.check()
+
+
+# -- many jobs, budget -----------------------------------------------------------------
+
+
+async def test_too_many_jobs_in_a_batch_or_status_is_422(
+    small_app: FastAPI, small_client: httpx.AsyncClient, expect_problem: Problem
+) -> None:
+    """More than `JOBGATE_MAX_JOBS_PER_REQUEST` items is 422 `too-many-jobs`."""
+    guard = await Guard(small_app).start()
+    batch = {"jobs": [{"pipeline": "noop"}] * 4}
+    expect_problem(await small_client.post("/v1/jobs/batch", json=batch), 422, "too-many-jobs")
+    status = {"ids": ["a", "b", "c", "d"]}
+    expect_problem(await small_client.post("/v1/jobs/status", json=status), 422, "too-many-jobs")
+    await guard.check()
+
+
+async def test_batch_is_all_or_nothing_with_located_errors(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """One invalid item refuses the batch; `errors[].loc` starts `["jobs", i, ...]`."""
+    batch = {
+        "jobs": [
+            {"pipeline": "noop"},
+            {"pipeline": "steps", "params": {"steps": 0}},
+            {"pipeline": "noop", "owner": "x"},
+        ]
+    }
+    problem = expect_problem(
+        await client.post("/v1/jobs/batch", json=batch), 422, "validation-error"
+    )
+    locs = [e["loc"] for e in problem["errors"]]
+    assert ["jobs", 2, "owner"] in locs
+    batch["jobs"].pop()
+    problem = expect_problem(
+        await client.post("/v1/jobs/batch", json=batch), 422, "validation-error"
+    )
+    assert [e["loc"] for e in problem["errors"]] == [["jobs", 1, "params", "steps"]]
+    unknown = {"jobs": [{"pipeline": "noop"}, {"pipeline": "nope"}]}
+    problem = expect_problem(
+        await client.post("/v1/jobs/batch", json=unknown), 422, "unknown-pipeline"
+    )
+    assert problem["errors"][0]["loc"] == ["jobs", 1, "pipeline"]
+    expect_problem(await client.post("/v1/jobs/batch", json={"jobs": []}), 422, "validation-error")
+    await guard.check()
+
+
+async def test_estimate_over_budget_is_422_budget_exceeded(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """A pre-flight estimate over the job's budget is `budget-exceeded` (single and batch)."""
+    body = {"pipeline": "steps", "params": {"steps": 10, "cost_per_step": 1.0}, "budget_usd": 5}
+    expect_problem(await client.post("/v1/jobs", json=body), 422, "budget-exceeded")
+    over_default = {"pipeline": "steps", "params": {"steps": 10000, "cost_per_step": 1.0}}
+    expect_problem(await client.post("/v1/jobs", json=over_default), 422, "budget-exceeded")
+    batch = {"jobs": [{"pipeline": "noop"}, body]}
+    problem = expect_problem(
+        await client.post("/v1/jobs/batch", json=batch), 422, "budget-exceeded"
+    )
+    assert problem["errors"][0]["loc"][:2] == ["jobs", 1]
+    await guard.check()
+
+
+async def test_budget_above_the_maximum_is_a_validation_error(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """`budget_usd` above `JOBGATE_JOB_BUDGET_USD` is 422 `validation-error`."""
+    response = await client.post("/v1/jobs", json={"pipeline": "noop", "budget_usd": 2000.01})
+    problem = expect_problem(response, 422, "validation-error")
+    assert problem["errors"][0]["loc"] == ["budget_usd"]
+    await guard.check()
+
+
+async def test_content_errors_come_before_the_budget(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem
+) -> None:
+    """An over-budget job with an invalid field is 422 `validation-error` first."""
+    body = {
+        "pipeline": "steps",
+        "params": {"steps": 10, "cost_per_step": 1.0},
+        "budget_usd": 5,
+        "priority": 500,
+    }
+    expect_problem(await client.post("/v1/jobs", json=body), 422, "validation-error")
+    await guard.check()
+
+
+# -- list and query parameters ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"status": "done"},
+        {"created_after": "yesterday"},
+        {"created_before": "2026-13-45T00:00:00Z"},
+        {"limit": 0},
+        {"offset": -1},
+    ],
+)
+async def test_bad_list_parameters_are_422(
+    client: httpx.AsyncClient, expect_problem: Problem, params: dict[str, Any]
+) -> None:
+    """Unknown statuses, unparseable times and negative pages are 422."""
+    expect_problem(await client.get("/v1/jobs", params=params), 422, "validation-error")
