@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from jobgate.blobs.signing import sign_blob_url
 from jobgate.ids import now
-from jobgate.store.repositories import blobs as blob_repo
+from jobgate.store.repositories import artifacts as artifact_repo
 from tests.api.conftest import AppFactory
 from tests.api.helpers import client_for, state_of
 
@@ -31,12 +31,14 @@ async def _job_with_artifacts(app: FastAPI, client: httpx.AsyncClient) -> str:
             ("report.csv", OTHER, "text/csv", False),
         ):
             stored = await state.blobs.put_bytes(data)
-            await blob_repo.add_artifact(
+            await artifact_repo.put(
                 conn,
                 job_id=job_id,
-                name=name,
-                blob=blob_repo.BlobRow(sha256=stored.sha256, size=stored.size, content_type=ctype),
                 stage="run",
+                name=name,
+                sha256=stored.sha256,
+                size=stored.size,
+                content_type=ctype,
                 primary=primary,
                 at=now(),
             )

@@ -128,6 +128,7 @@ async def test_metrics_are_prometheus_text(
 ) -> None:
     """`/metrics` needs no key by default and labels requests by route template."""
     await client.get("/v1/pipelines/steps")
+    assert (await client.post("/v1/jobs", json={"pipeline": "noop"})).status_code == 202
     response = await anon.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -137,8 +138,10 @@ async def test_metrics_are_prometheus_text(
         in text
     )
     assert "jobgate_http_request_duration_seconds_bucket" in text
-    assert 'jobgate_jobs{status="queued"} 0.0' in text
-    assert "# TYPE jobgate_queue_depth gauge" in text
+    assert 'jobgate_jobs{pipeline="noop",status="queued"} 1.0' in text
+    assert 'jobgate_jobs{pipeline="noop",status="succeeded"} 0.0' in text
+    assert 'jobgate_queue_depth{queue="default"} 1.0' in text
+    assert 'jobgate_jobs_submitted_total{pipeline="noop"}' in text
     assert "/v1/pipelines/steps" not in text
 
 

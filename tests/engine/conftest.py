@@ -18,7 +18,8 @@ from jobgate.ids import now, uuid7
 from jobgate.pipelines import Registry
 from jobgate.pipelines.files import sniff
 from jobgate.store import Database
-from jobgate.store.repositories import artifacts, events, jobs
+from jobgate.store.repositories import blobs as blob_repo
+from jobgate.store.repositories import events, jobs
 from jobgate.worker import Worker
 from tests.engine import pipelines
 
@@ -50,8 +51,8 @@ class Engine:
         stored = await self.blobs.put_bytes(data)
         kind = sniff(stored.head, name)
         async with self.db.write() as conn:
-            await artifacts.ensure_blob(
-                conn, sha256=stored.sha256, size=stored.size, content_type=kind, at=now()
+            await blob_repo.add(
+                conn, [blob_repo.BlobRow(stored.sha256, stored.size, kind)], at=now()
             )
         return {"name": name, "sha256": stored.sha256, "size": stored.size, "content_type": kind}
 

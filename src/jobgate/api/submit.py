@@ -35,6 +35,7 @@ from jobgate.errors import (
     ValidationFailed,
 )
 from jobgate.ids import now, uuid7
+from jobgate.observability import metrics
 from jobgate.pipelines import Pipeline, Registry
 from jobgate.pipelines.files import sanitize_filename
 from jobgate.store.repositories import blobs as blob_repo
@@ -468,6 +469,8 @@ async def commit(
                 raise
             continue
         state.wake()
+        for job in new_jobs:
+            metrics.JOBS_SUBMITTED.labels(pipeline=job.pipeline.name).inc()
         return snapshots, False
     raise AssertionError("unreachable")  # pragma: no cover
 

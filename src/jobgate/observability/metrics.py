@@ -26,7 +26,6 @@ __all__ = [
     "HTTP_REQUESTS",
     "HTTP_REQUEST_DURATION",
     "JOBS",
-    "JOBS_FINISHED",
     "JOBS_SUBMITTED",
     "JOB_STATUSES",
     "QUEUE_DEPTH",
@@ -59,12 +58,6 @@ JOBS_SUBMITTED = Counter(
     ["pipeline"],
     registry=REGISTRY,
 )
-JOBS_FINISHED = Counter(
-    "jobgate_jobs_finished",
-    "Jobs that reached a terminal status, by pipeline and status.",
-    ["pipeline", "status"],
-    registry=REGISTRY,
-)
 STAGE_DURATION = Histogram(
     "jobgate_stage_duration_seconds",
     "Time a stage attempt ran, by pipeline, stage and outcome.",
@@ -80,8 +73,8 @@ QUEUE_DEPTH = Gauge(
 )
 JOBS = Gauge(
     "jobgate_jobs",
-    "Jobs in the store, by status (read from the store at scrape time).",
-    ["status"],
+    "Jobs in the store, by pipeline and status (read from the store at scrape time).",
+    ["pipeline", "status"],
     registry=REGISTRY,
 )
 
@@ -94,17 +87,21 @@ async def refresh(conn: AsyncConnection) -> None:
     """
     depth = await tasks.depth(conn)
     counts = {
-        status: int(n)
-        for status, n in await conn.execute(
-            select(jobs.c.status, func.count()).group_by(jobs.c.status)
+        (pipeline, status): int(n)
+        for pipeline, status, n in await conn.execute(
+            select(jobs.c.pipeline, jobs.c.status, func.count()).group_by(
+                jobs.c.pipeline, jobs.c.status
+            )
         )
     }
     # Drop queues that emptied out of the store, then set what is there now.
     QUEUE_DEPTH.clear()
     for queue, n in depth.items():
         QUEUE_DEPTH.labels(queue=queue).set(n)
-    for status in {*JOB_STATUSES, *counts}:
-        JOBS.labels(status=status).set(counts.get(status, 0))
+    JOBS.clear()
+    for pipeline in {p for p, _ in counts}:
+        for status in JOB_STATUSES:
+            JOBS.labels(pipeline=pipeline, status=status).set(counts.get((pipeline, status), 0))
 
 
 def render() -> bytes:

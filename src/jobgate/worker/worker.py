@@ -18,6 +18,7 @@ from jobgate.blobs.base import BlobStore
 from jobgate.config import Settings
 from jobgate.errors import BudgetExhausted, JobCancelled
 from jobgate.ids import now, uuid7
+from jobgate.observability import metrics
 from jobgate.pipelines import InputFile, Registry, StageContext
 from jobgate.store import Database
 from jobgate.store.repositories import tasks
@@ -437,10 +438,4 @@ class Worker:
 
 
 def _observe(pipeline: str, stage: str, outcome: str, seconds: float) -> None:
-    try:
-        from jobgate.observability import metrics
-    except ImportError:  # pragma: no cover - metrics are optional for embedders
-        return
-    histogram = getattr(metrics, "STAGE_DURATION", None)
-    if histogram is not None:
-        histogram.labels(pipeline=pipeline, stage=stage, outcome=outcome).observe(seconds)
+    metrics.STAGE_DURATION.labels(pipeline=pipeline, stage=stage, outcome=outcome).observe(seconds)

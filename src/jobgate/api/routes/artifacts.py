@@ -17,7 +17,7 @@ from jobgate.blobs.signing import sign_blob_url
 from jobgate.errors import NotFound
 from jobgate.ids import now
 from jobgate.pipelines.files import sanitize_filename
-from jobgate.store.repositories import blobs as blob_repo
+from jobgate.store.repositories import artifacts as artifact_repo
 from jobgate.store.repositories import jobs as job_repo
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["artifacts"])
@@ -73,7 +73,7 @@ async def get_artifact(
     """The artifact named `name`, as a URL that works without credentials until it expires."""
     async with state.db.read() as conn:
         await job_repo.get(conn, job_id, owner=principal.owner_filter())
-        row = await blob_repo.artifact(conn, job_id, name)
+        row = await artifact_repo.artifact(conn, job_id, name)
     if row is None:
         raise NotFound(f"job {job_id} has no artifact {name[:255]!r}")
     return download(state, row)
@@ -91,7 +91,7 @@ async def download_primary(
     """The job's primary artifact; 404 when it has none."""
     async with state.db.read() as conn:
         await job_repo.get(conn, job_id, owner=principal.owner_filter())
-        row = await blob_repo.primary_artifact(conn, job_id)
+        row = await artifact_repo.primary_artifact(conn, job_id)
     if row is None:
         raise NotFound(f"job {job_id} has no primary artifact")
     return download(state, row)

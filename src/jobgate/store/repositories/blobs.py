@@ -1,4 +1,4 @@
-"""Blob rows, who may use them, and the artifacts that point at them.
+"""Blob rows, and who may use them.
 
 A caller may use a blob by its hash when it uploaded it (a `blob_grants` row), when
 the blob is an input file of one of its jobs, or an artifact of one of them. Admins
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from sqlalchemy import Insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.store.tables import artifacts, blob_grants, blobs, jobs
@@ -116,61 +115,3 @@ async def _in_job_files(conn: AsyncConnection, sha256: str, owner: str) -> bool:
             "WHERE jobs.owner = :owner AND json_extract(f.value, '$.sha256') = :sha256 LIMIT 1"
         ).bindparams(owner=owner, sha256=sha256)
     return (await conn.execute(query)).first() is not None
-
-
-# -- artifacts ---------------------------------------------------------------------------
-
-
-async def add_artifact(
-    conn: AsyncConnection,
-    *,
-    job_id: str,
-    name: str,
-    blob: BlobRow,
-    stage: str,
-    primary: bool = False,
-    at: float,
-) -> None:
-    """Record an artifact of a job (and its blob row, if new)."""
-    await add(conn, [blob], at=at)
-    await conn.execute(
-        artifacts.insert().values(
-            job_id=job_id,
-            name=name,
-            sha256=blob.sha256,
-            size=blob.size,
-            content_type=blob.content_type,
-            is_primary=primary,
-            stage=stage,
-            created_at=at,
-        )
-    )
-
-
-async def artifacts_of(conn: AsyncConnection, job_id: str) -> list[RowMapping]:
-    """A job's artifacts, oldest first."""
-    rows = await conn.execute(
-        select(artifacts)
-        .where(artifacts.c.job_id == job_id)
-        .order_by(artifacts.c.created_at, artifacts.c.name)
-    )
-    return list(rows.mappings())
-
-
-async def artifact(conn: AsyncConnection, job_id: str, name: str) -> RowMapping | None:
-    """One artifact of a job by name, or None."""
-    row = await conn.execute(
-        select(artifacts).where(artifacts.c.job_id == job_id, artifacts.c.name == name)
-    )
-    return row.mappings().first()
-
-
-async def primary_artifact(conn: AsyncConnection, job_id: str) -> RowMapping | None:
-    """The job's primary artifact (the latest, should there be several), or None."""
-    row = await conn.execute(
-        select(artifacts)
-        .where(artifacts.c.job_id == job_id, artifacts.c.is_primary.is_(True))
-        .order_by(artifacts.c.created_at.desc())
-        .limit(1)
-    )
-    return row.mappings().first()
