@@ -8,7 +8,7 @@ import pytest
 
 from jobgate.errors import Conflict
 from jobgate.ids import now
-from jobgate.store.repositories import jobs, tasks
+from jobgate.store.repositories import jobs, outcomes, tasks
 from tests.engine.conftest import Engine
 
 
@@ -139,20 +139,20 @@ async def test_zombie_cannot_commit_after_its_lease_was_taken_over(engine: Engin
     [zombie] = await _claim(engine, worker="zombie")
     later = now() + engine.settings.lease_s + 1
     async with engine.db.write() as conn:
-        assert await tasks.sweep(conn, registry=engine.registry, at=later) == 1
+        assert await outcomes.sweep(conn, registry=engine.registry, at=later) == 1
     [fresh] = await _claim(engine, worker="fresh", at=later)
     assert fresh.attempt == 2
     assert fresh.lease_token != zombie.lease_token
     with pytest.raises(tasks.LeaseLost):
         async with engine.db.write() as conn:
-            await tasks.complete(
+            await outcomes.complete(
                 conn, zombie, {"zombie": True}, tasks.Report(), registry=engine.registry, at=later
             )
     with pytest.raises(tasks.LeaseLost):
         async with engine.db.write() as conn:
             await tasks.flush(conn, zombie, tasks.Report(progress=0.5), lease_s=1, at=later)
     async with engine.db.write() as conn:
-        await tasks.complete(
+        await outcomes.complete(
             conn, fresh, {"x": 1}, tasks.Report(), registry=engine.registry, at=later
         )
     snapshot = await engine.job(job_id)
@@ -170,7 +170,7 @@ async def test_task_delivered_too_often_fails_the_job_lost(engine: Engine) -> No
         assert len(await _claim(engine, at=at)) == 1
         at += engine.settings.lease_s + 1
         async with engine.db.write() as conn:
-            await tasks.sweep(conn, registry=engine.registry, at=at, max_deliveries=5)
+            await outcomes.sweep(conn, registry=engine.registry, at=at, max_deliveries=5)
     snapshot = await engine.job(job_id)
     assert snapshot.job["status"] == "failed"
     assert snapshot.job["error"]["type"] == "lost"

@@ -21,7 +21,7 @@ from jobgate.ids import now, uuid7
 from jobgate.observability import metrics
 from jobgate.pipelines import InputFile, Registry, StageContext
 from jobgate.store import Database
-from jobgate.store.repositories import tasks
+from jobgate.store.repositories import outcomes, tasks
 from jobgate.store.repositories import workers as worker_repo
 from jobgate.worker import executors
 from jobgate.worker.runtime import TaskRuntime
@@ -231,7 +231,7 @@ class Worker:
                 if now() - last_sweep >= self.settings.sweep_interval_s:
                     last_sweep = now()
                     async with self.db.write() as conn:
-                        swept = await tasks.sweep(conn, registry=self.registry, at=now())
+                        swept = await outcomes.sweep(conn, registry=self.registry, at=now())
                     if swept:
                         log.info("leases_swept", count=swept)
                         self.wake()
@@ -317,7 +317,9 @@ class Worker:
                 outcome = await self._interrupted(runtime)
             except JobCancelled:
                 outcome = "cancelled"
-                await self._write(runtime, lambda conn, r: tasks.stopped(conn, task, r, at=now()))
+                await self._write(
+                    runtime, lambda conn, r: outcomes.stopped(conn, task, r, at=now())
+                )
             except BudgetExhausted as exc:
                 outcome = "failed"
                 await self._fail(runtime, "budget_exceeded", exc.message, retryable=False)
@@ -333,7 +335,7 @@ class Worker:
             else:
                 await self._write(
                     runtime,
-                    lambda conn, r: tasks.complete(
+                    lambda conn, r: outcomes.complete(
                         conn,
                         task,
                         output,
@@ -357,7 +359,7 @@ class Worker:
         if runtime.handing_back:
             await self._write(runtime, lambda conn, r: tasks.release(conn, task, r, at=now()))
             return "released"
-        await self._write(runtime, lambda conn, r: tasks.stopped(conn, task, r, at=now()))
+        await self._stopped(runtime)
         return "cancelled"
 
     async def _fail(
@@ -367,7 +369,7 @@ class Worker:
         error = {"type": kind, "message": message[:2000]}
         await self._write(
             runtime,
-            lambda conn, r: tasks.fail(
+            lambda conn, r: outcomes.fail(
                 conn,
                 task,
                 error,

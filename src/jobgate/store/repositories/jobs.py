@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.errors import Conflict, NotFound
 from jobgate.pipelines import Pipeline, Registry
-from jobgate.store.repositories import events, tasks
+from jobgate.store.repositories import events, scheduling, tasks
 from jobgate.store.tables import artifacts, jobs, stages
 from jobgate.store.tables import events as event_table
 from jobgate.store.tables import tasks as task_table
@@ -126,7 +126,7 @@ async def create(conn: AsyncConnection, new_jobs: Sequence[NewJob], *, at: float
     for job in new_jobs:
         for stage in job.pipeline.stages.values():
             if not stage.after and stage.is_map and not job.files:
-                await tasks.finish_map_stage(conn, job.id, job.pipeline, stage.name, at=at)
+                await scheduling.finish_map_stage(conn, job.id, job.pipeline, stage.name, at=at)
 
 
 async def load(conn: AsyncConnection, ids: Sequence[str]) -> list[JobSnapshot]:
@@ -251,55 +251,8 @@ async def cancel(conn: AsyncConnection, job_id: str, *, owner: str | None, at: f
                 at=at,
             )
         return False
-    await finalize(conn, job_id, "cancelled", at=at)
+    await scheduling.finalize(conn, job_id, "cancelled", at=at)
     return True
-
-
-async def finalize(
-    conn: AsyncConnection,
-    job_id: str,
-    status: str,
-    *,
-    at: float,
-    result: Any = None,
-    error: dict[str, Any] | None = None,
-) -> None:
-    """Move a job to a terminal state, closing its unfinished stages, with its last event."""
-    stage_rows = (
-        await conn.execute(
-            select(stages.c.name, stages.c.status, stages.c.attempt)
-            .where(stages.c.job_id == job_id)
-            .order_by(stages.c.position)
-        )
-    ).all()
-    closing = "cancelled" if status == "cancelled" else "skipped"
-    updates: list[tuple[str, dict[str, Any]]] = []
-    for name, stage_status, attempt in stage_rows:
-        if stage_status in ("pending", "queued", "running"):
-            new = "cancelled" if stage_status != "pending" or status == "cancelled" else closing
-            await conn.execute(
-                update(stages)
-                .where(stages.c.job_id == job_id, stages.c.name == name)
-                .values(status=new, finished_at=at)
-            )
-            updates.append(("stage_update", {"stage": name, "status": new, "attempt": attempt}))
-    values: dict[str, Any] = {"status": status, "finished_at": at, "cancel_requested": False}
-    if status == "succeeded":
-        values.update(result=result, progress=1.0, error=None)
-    elif status == "failed":
-        values.update(error=error)
-    await conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
-    await conn.execute(
-        delete(task_table).where(task_table.c.job_id == job_id, task_table.c.lease_token.is_(None))
-    )
-    final: tuple[str, dict[str, Any]]
-    if status == "succeeded":
-        final = ("completed", {"result": result})
-    elif status == "failed":
-        final = ("error", {"error": error})
-    else:
-        final = ("cancelled", {})
-    await events.append(conn, job_id, [*updates, final], at=at)
 
 
 async def retry(
@@ -342,4 +295,4 @@ async def retry(
     for name in pipeline.topological_order():
         stage = pipeline.stages[name]
         if name not in done and all(dep in done for dep in stage.after):
-            await tasks.enqueue_stage(conn, job_id, pipeline, name, at=at)
+            await scheduling.enqueue_stage(conn, job_id, pipeline, name, at=at)

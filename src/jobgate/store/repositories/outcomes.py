@@ -1,0 +1,334 @@
+"""Recording what a run of a stage task came to: success, failure, stop, or loss.
+
+Every function here first checks the caller still holds the task's lease
+(`tasks.hold`), so a worker whose lease was taken over writes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from jobgate.pipelines import Pipeline, Registry
+from jobgate.store.repositories import events, scheduling, tasks
+from jobgate.store.repositories.tasks import DEFAULT_AGING_S, Claimed, Report
+from jobgate.store.tables import jobs, records, stages
+from jobgate.store.tables import tasks as task_table
+
+
+async def complete(
+    conn: AsyncConnection,
+    task: Claimed,
+    output: Any,
+    report: Report,
+    *,
+    registry: Registry,
+    at: float,
+    aging_s: float = DEFAULT_AGING_S,
+) -> None:
+    """Record a successful run and queue what it unblocks, or finish the job.
+
+    Raises:
+        LeaseLost: the lease is gone; nothing was written.
+    """
+    await tasks.hold(conn, task)
+    await tasks.apply_report(conn, task, report, at=at)
+    await conn.execute(delete(task_table).where(task_table.c.id == task.task_id))
+    pipeline = registry.get(task.pipeline)
+    if task.item_index is not None:
+        await _record_item(conn, task, pipeline, "succeeded", data=output, error=None, at=at)
+        return
+    await conn.execute(
+        update(stages)
+        .where(stages.c.job_id == task.job_id, stages.c.name == task.stage)
+        .values(status="succeeded", output=output, progress=1.0, finished_at=at, error=None)
+    )
+    await events.append(
+        conn,
+        task.job_id,
+        [("stage_update", {"stage": task.stage, "status": "succeeded", "attempt": task.attempt})],
+        at=at,
+    )
+    await scheduling.advance(conn, task.job_id, pipeline, task.stage, at=at, aging_s=aging_s)
+
+
+async def _record_item(
+    conn: AsyncConnection,
+    task: Claimed,
+    pipeline: Pipeline,
+    status: str,
+    *,
+    data: Any,
+    error: dict[str, Any] | None,
+    at: float,
+    aging_s: float = DEFAULT_AGING_S,
+) -> None:
+    index = task.item_index
+    assert index is not None
+    await conn.execute(
+        delete(records).where(
+            records.c.job_id == task.job_id,
+            records.c.stage == task.stage,
+            records.c.item_index == index,
+        )
+    )
+    await conn.execute(
+        insert(records).values(
+            job_id=task.job_id,
+            stage=task.stage,
+            item_index=index,
+            key=task.item_key or str(index),
+            status=status,
+            data=data,
+            error=error,
+            attempt=task.attempt,
+            created_at=at,
+        )
+    )
+    column = stages.c.items_succeeded if status == "succeeded" else stages.c.items_failed
+    counted = (
+        await conn.execute(
+            update(stages)
+            .where(stages.c.job_id == task.job_id, stages.c.name == task.stage)
+            .values({column.name: column + 1})
+            .returning(stages.c.items_total, stages.c.items_succeeded, stages.c.items_failed)
+        )
+    ).one()
+    job_column = jobs.c.records_succeeded if status == "succeeded" else jobs.c.records_failed
+    await conn.execute(
+        update(jobs).where(jobs.c.id == task.job_id).values({job_column.name: job_column + 1})
+    )
+    done = counted.items_succeeded + counted.items_failed
+    progress = done / counted.items_total if counted.items_total else 1.0
+    await conn.execute(
+        update(stages)
+        .where(stages.c.job_id == task.job_id, stages.c.name == task.stage)
+        .values(progress=progress)
+    )
+    job_progress = await tasks.job_progress(conn, task.job_id, task.stage)
+    await events.append(
+        conn,
+        task.job_id,
+        [
+            (
+                "progress",
+                {
+                    "progress": job_progress,
+                    "stage": task.stage,
+                    "stage_progress": progress,
+                    "message": f"{task.item_key}: {status}",
+                },
+            )
+        ],
+        at=at,
+    )
+    if done >= counted.items_total:
+        await scheduling.finish_map_stage(
+            conn, task.job_id, pipeline, task.stage, at=at, aging_s=aging_s
+        )
+
+
+async def fail(
+    conn: AsyncConnection,
+    task: Claimed,
+    error: dict[str, Any],
+    report: Report,
+    *,
+    retryable: bool,
+    registry: Registry,
+    at: float,
+    backoff_cap_s: float = 300.0,
+    aging_s: float = DEFAULT_AGING_S,
+) -> float | None:
+    """Record a failed run: retry it later, fail its item, or fail the job.
+
+    Args:
+        error: `{"type", "message"}`; the stage name is added.
+        retryable: False for failures no retry can fix (budget exceeded).
+
+    Returns:
+        The retry delay in seconds, or None when no retry follows.
+
+    Raises:
+        LeaseLost: the lease is gone; nothing was written.
+    """
+    await tasks.hold(conn, task)
+    await tasks.apply_report(conn, task, report, at=at)
+    pipeline = registry.get(task.pipeline)
+    stage = pipeline.stages[task.stage]
+    error = {**error, "stage": task.stage}
+    job = await tasks.job_state(conn, task.job_id)
+    stopping = job.stopping
+    # Attempts count over the stage's whole life; retries allow that many more runs.
+    runs_allowed = stage.retries + 1
+    # `deliveries` counts the runs of this task row, which a manual retry creates anew.
+    runs_this_life = task.deliveries
+    if retryable and not stopping and runs_this_life < runs_allowed:
+        delay = tasks.backoff_delay(stage, runs_this_life, backoff_cap_s)
+        await conn.execute(
+            update(task_table)
+            .where(task_table.c.id == task.task_id)
+            .values(
+                lease_token=None, lease_expires_at=None, leased_by=None, available_at=at + delay
+            )
+        )
+        if task.item_index is None:
+            await conn.execute(
+                update(stages)
+                .where(stages.c.job_id == task.job_id, stages.c.name == task.stage)
+                .values(status="queued", error=error, progress=0.0)
+            )
+        await events.append(
+            conn,
+            task.job_id,
+            [
+                (
+                    "stage_update",
+                    {
+                        "stage": task.stage,
+                        "status": "queued",
+                        "attempt": task.attempt,
+                        "error": error,
+                        "retry_in_s": round(delay, 3),
+                    },
+                )
+            ],
+            at=at,
+        )
+        return delay
+    await conn.execute(delete(task_table).where(task_table.c.id == task.task_id))
+    if task.item_index is not None and retryable and not stopping:
+        await _record_item(
+            conn, task, pipeline, "failed", data=None, error=error, at=at, aging_s=aging_s
+        )
+        return None
+    await conn.execute(
+        update(stages)
+        .where(stages.c.job_id == task.job_id, stages.c.name == task.stage)
+        .values(status="failed" if not stopping else "cancelled", error=error, finished_at=at)
+    )
+    await events.append(
+        conn,
+        task.job_id,
+        [
+            (
+                "stage_update",
+                {"stage": task.stage, "status": "failed", "attempt": task.attempt, "error": error},
+            )
+        ],
+        at=at,
+    )
+    await _fail_job(conn, task.job_id, error, at=at)
+    return None
+
+
+async def _fail_job(
+    conn: AsyncConnection, job_id: str, error: dict[str, Any], *, at: float
+) -> None:
+    job = await tasks.job_state(conn, job_id)
+    if job.status not in ("queued", "running"):
+        return
+    if job.cancel_requested:
+        if not await tasks.has_tasks(conn, job_id):
+            await scheduling.finalize(conn, job_id, "cancelled", at=at)
+        return
+    await scheduling.finalize(conn, job_id, "failed", at=at, error=error)
+    # Sibling stages still running see the job finished at their next lease renewal.
+
+
+async def stopped(conn: AsyncConnection, task: Claimed, report: Report, *, at: float) -> None:
+    """Record that a run stopped because its job is cancelled (or already finished).
+
+    Raises:
+        LeaseLost: the lease is gone; nothing was written.
+    """
+    await tasks.hold(conn, task)
+    await tasks.apply_report(conn, task, report, at=at)
+    await conn.execute(delete(task_table).where(task_table.c.id == task.task_id))
+    job = (await conn.execute(select(jobs.c.status).where(jobs.c.id == task.job_id))).one()
+    if job.status in ("queued", "running") and not await tasks.has_tasks(conn, task.job_id):
+        await scheduling.finalize(conn, task.job_id, "cancelled", at=at)
+
+
+async def sweep(
+    conn: AsyncConnection,
+    *,
+    registry: Registry,
+    at: float,
+    max_deliveries: int = 5,
+    limit: int = 100,
+) -> int:
+    """Return tasks whose lease expired to the queue; fail those delivered too often.
+
+    Returns:
+        How many expired leases were handled.
+    """
+    expired = (
+        (
+            await conn.execute(
+                select(task_table)
+                .where(task_table.c.lease_expires_at < at)
+                .order_by(task_table.c.lease_expires_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        .mappings()
+        .all()
+    )
+    for row in expired:
+        task = Claimed(
+            task_id=row["id"],
+            lease_token=row["lease_token"],
+            lease_expires_at=row["lease_expires_at"],
+            job_id=row["job_id"],
+            owner=row["owner"],
+            pipeline=row["pipeline"],
+            stage=row["stage"],
+            item_index=row["item_index"],
+            attempt=row["attempt"],
+            deliveries=row["deliveries"],
+            params={},
+            files=[],
+            budget_usd=0.0,
+            actual_usd=0.0,
+            cancel_requested=False,
+        )
+        job = await tasks.job_state(conn, row["job_id"])
+        if job.stopping:
+            await stopped(conn, task, Report(), at=at)
+        elif row["deliveries"] >= max_deliveries:
+            error = {
+                "type": "lost",
+                "message": f"the stage's worker was lost {row['deliveries']} times",
+            }
+            await fail(conn, task, error, Report(), retryable=False, registry=registry, at=at)
+        else:
+            await conn.execute(
+                update(task_table)
+                .where(task_table.c.id == row["id"])
+                .values(lease_token=None, lease_expires_at=None, leased_by=None, available_at=at)
+            )
+            await events.append(
+                conn,
+                row["job_id"],
+                [
+                    (
+                        "stage_update",
+                        {
+                            "stage": row["stage"],
+                            "status": "queued",
+                            "attempt": row["attempt"],
+                            "error": {
+                                "type": "lost",
+                                "message": "the worker running it was lost",
+                                "stage": row["stage"],
+                            },
+                        },
+                    )
+                ],
+                at=at,
+            )
+    return len(expired)

@@ -1,0 +1,273 @@
+"""Moving a job along its DAG: queueing stages that became ready, closing map stages,
+and finishing the job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from jobgate.pipelines import Pipeline, Stage
+from jobgate.store.repositories import events, tasks
+from jobgate.store.repositories.tasks import DEFAULT_AGING_S
+from jobgate.store.tables import jobs, records, stages
+from jobgate.store.tables import tasks as task_table
+
+
+async def enqueue_stage(
+    conn: AsyncConnection,
+    job_id: str,
+    pipeline: Pipeline,
+    name: str,
+    *,
+    at: float,
+    aging_s: float = DEFAULT_AGING_S,
+) -> None:
+    """Queue a stage whose dependencies all succeeded (a map stage: its missing items)."""
+    stage = pipeline.stages[name]
+    job = (
+        (
+            await conn.execute(
+                select(jobs.c.owner, jobs.c.priority, jobs.c.created_at, jobs.c.files).where(
+                    jobs.c.id == job_id
+                )
+            )
+        )
+        .mappings()
+        .one()
+    )
+    row = (
+        (await conn.execute(select(stages).where(stages.c.job_id == job_id, stages.c.name == name)))
+        .mappings()
+        .one()
+    )
+    indexes: list[int | None] = [None]
+    values: dict[str, Any] = {"status": "queued"}
+    if stage.is_map:
+        total = await _item_count(conn, job_id, stage, job["files"])
+        done = {
+            r[0]
+            for r in await conn.execute(
+                select(records.c.item_index).where(
+                    records.c.job_id == job_id,
+                    records.c.stage == name,
+                    records.c.status == "succeeded",
+                )
+            )
+        }
+        await conn.execute(
+            delete(records).where(
+                records.c.job_id == job_id, records.c.stage == name, records.c.status != "succeeded"
+            )
+        )
+        indexes = [i for i in range(total) if i not in done]
+        values.update(items_total=total, items_succeeded=len(done), items_failed=0)
+        await _recount_records(conn, job_id)
+    await conn.execute(
+        update(stages).where(stages.c.job_id == job_id, stages.c.name == name).values(**values)
+    )
+    await events.append(
+        conn,
+        job_id,
+        [("stage_update", {"stage": name, "status": "queued", "attempt": row["attempt"]})],
+        at=at,
+    )
+    if not indexes:
+        await finish_map_stage(conn, job_id, pipeline, name, at=at)
+        return
+    attempt = row["attempt"] if not stage.is_map else 0
+    await conn.execute(
+        insert(task_table),
+        [
+            tasks.task_row(
+                job_id,
+                job["owner"],
+                pipeline.name,
+                stage,
+                i,
+                job["priority"],
+                job["created_at"],
+                attempt=attempt,
+                at=at,
+                aging_s=aging_s,
+            )
+            for i in indexes
+        ],
+    )
+
+
+async def _item_count(conn: AsyncConnection, job_id: str, stage: Stage, files: list[Any]) -> int:
+    if stage.map_over == "files":
+        return len(files)
+    source = await tasks.outputs(conn, job_id, [stage.map_over or ""])
+    value = source.get(stage.map_over or "")
+    return len(value) if isinstance(value, list) else 0
+
+
+async def _recount_records(conn: AsyncConnection, job_id: str) -> None:
+    counts: dict[str, int] = dict(
+        (
+            await conn.execute(
+                select(records.c.status, func.count())
+                .where(records.c.job_id == job_id)
+                .group_by(records.c.status)
+            )
+        ).all()
+    )
+    expected = (
+        await conn.execute(
+            select(func.coalesce(func.sum(stages.c.items_total), 0)).where(
+                stages.c.job_id == job_id, stages.c.is_map.is_(True)
+            )
+        )
+    ).scalar_one()
+    await conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id)
+        .values(
+            records_expected=int(expected),
+            records_succeeded=int(counts.get("succeeded", 0)),
+            records_failed=int(counts.get("failed", 0)),
+        )
+    )
+
+
+async def finish_map_stage(
+    conn: AsyncConnection,
+    job_id: str,
+    pipeline: Pipeline,
+    name: str,
+    *,
+    at: float,
+    aging_s: float = DEFAULT_AGING_S,
+) -> None:
+    """Close a map stage whose items are all done: its output lists successes and errors."""
+    job = await tasks.job_state(conn, job_id)
+    if job.stopping:
+        return
+    rows = (
+        await conn.execute(
+            select(
+                records.c.item_index,
+                records.c.key,
+                records.c.status,
+                records.c.data,
+                records.c.error,
+            )
+            .where(records.c.job_id == job_id, records.c.stage == name)
+            .order_by(records.c.item_index)
+        )
+    ).all()
+    output = {
+        "results": [
+            {"key": r.key, "index": r.item_index, "data": r.data}
+            for r in rows
+            if r.status == "succeeded"
+        ],
+        "errors": [
+            {"key": r.key, "index": r.item_index, "error": r.error}
+            for r in rows
+            if r.status != "succeeded"
+        ],
+    }
+    attempt = (
+        await conn.execute(
+            update(stages)
+            .where(stages.c.job_id == job_id, stages.c.name == name)
+            .values(status="succeeded", output=output, progress=1.0, finished_at=at)
+            .returning(stages.c.attempt)
+        )
+    ).scalar_one()
+    await events.append(
+        conn,
+        job_id,
+        [("stage_update", {"stage": name, "status": "succeeded", "attempt": attempt})],
+        at=at,
+    )
+    await advance(conn, job_id, pipeline, name, at=at, aging_s=aging_s)
+
+
+async def advance(
+    conn: AsyncConnection,
+    job_id: str,
+    pipeline: Pipeline,
+    finished: str,
+    *,
+    at: float,
+    aging_s: float,
+) -> None:
+    """After a stage succeeded: queue dependents that became ready, or finish the job."""
+    statuses = dict(
+        (
+            await conn.execute(
+                select(stages.c.name, stages.c.status).where(stages.c.job_id == job_id)
+            )
+        ).all()
+    )
+    job = await tasks.job_state(conn, job_id)
+    if job.status not in ("queued", "running"):
+        return
+    if job.cancel_requested:
+        if not await tasks.has_tasks(conn, job_id):
+            await finalize(conn, job_id, "cancelled", at=at)
+        return
+    if all(status == "succeeded" for status in statuses.values()):
+        sinks = pipeline.sinks()
+        outputs = await tasks.outputs(conn, job_id, sinks)
+        result = outputs[sinks[0]] if len(sinks) == 1 else {name: outputs[name] for name in sinks}
+        await finalize(conn, job_id, "succeeded", at=at, result=result)
+        return
+    for name in pipeline.dependents(finished):
+        stage = pipeline.stages[name]
+        if statuses.get(name) == "pending" and all(
+            statuses.get(d) == "succeeded" for d in stage.after
+        ):
+            await enqueue_stage(conn, job_id, pipeline, name, at=at, aging_s=aging_s)
+
+
+async def finalize(
+    conn: AsyncConnection,
+    job_id: str,
+    status: str,
+    *,
+    at: float,
+    result: Any = None,
+    error: dict[str, Any] | None = None,
+) -> None:
+    """Move a job to a terminal state, closing its unfinished stages, with its last event."""
+    stage_rows = (
+        await conn.execute(
+            select(stages.c.name, stages.c.status, stages.c.attempt)
+            .where(stages.c.job_id == job_id)
+            .order_by(stages.c.position)
+        )
+    ).all()
+    closing = "cancelled" if status == "cancelled" else "skipped"
+    updates: list[tuple[str, dict[str, Any]]] = []
+    for name, stage_status, attempt in stage_rows:
+        if stage_status in ("pending", "queued", "running"):
+            new = "cancelled" if stage_status != "pending" or status == "cancelled" else closing
+            await conn.execute(
+                update(stages)
+                .where(stages.c.job_id == job_id, stages.c.name == name)
+                .values(status=new, finished_at=at)
+            )
+            updates.append(("stage_update", {"stage": name, "status": new, "attempt": attempt}))
+    values: dict[str, Any] = {"status": status, "finished_at": at, "cancel_requested": False}
+    if status == "succeeded":
+        values.update(result=result, progress=1.0, error=None)
+    elif status == "failed":
+        values.update(error=error)
+    await conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+    await conn.execute(
+        delete(task_table).where(task_table.c.job_id == job_id, task_table.c.lease_token.is_(None))
+    )
+    final: tuple[str, dict[str, Any]]
+    if status == "succeeded":
+        final = ("completed", {"result": result})
+    elif status == "failed":
+        final = ("error", {"error": error})
+    else:
+        final = ("cancelled", {})
+    await events.append(conn, job_id, [*updates, final], at=at)
