@@ -362,6 +362,10 @@ class Worker:
         await self._stopped(runtime)
         return "cancelled"
 
+    async def _stopped(self, runtime: TaskRuntime) -> None:
+        task = runtime.task
+        await self._write(runtime, lambda conn, r: outcomes.stopped(conn, task, r, at=now()))
+
     async def _fail(
         self, runtime: TaskRuntime, kind: str, message: str, *, retryable: bool
     ) -> None:
