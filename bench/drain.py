@@ -1,0 +1,132 @@
+"""Drain: no-op jobs/s that one in-process worker finishes.
+
+A backlog of N `noop` jobs is written straight through `jobs.create` (batches of
+500, one transaction each; not timed), then one `Worker` is started in this process
+and timed until every job is `succeeded`, or until the time limit (a `count(*)` polled
+every 50 ms). The figure is succeeded jobs / elapsed time either way, so a run stays
+bounded in time however slow the engine is, and a backlog bigger than one run can
+drain keeps the worker busy to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sqlalchemy import text
+
+from bench._common import (
+    EVENTS,
+    Result,
+    analyze_postgres,
+    fresh_postgres,
+    log,
+    sqlite_url,
+    temp_dir,
+)
+from jobgate.blobs import open_blob_store
+from jobgate.config import Settings
+from jobgate.ids import now, uuid7
+from jobgate.pipelines import Registry
+from jobgate.store import Database
+from jobgate.store.repositories import jobs
+from jobgate.worker import Worker
+
+INSERT_BATCH = 500
+POLL_S = 0.05
+COUNT_DONE = text("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+
+
+async def insert_noop_jobs(db: Database, registry: Registry, count: int) -> None:
+    """`count` queued `noop` jobs, `INSERT_BATCH` per transaction."""
+    noop = registry.get("noop")
+    params = noop.validate_params({})
+    for start in range(0, count, INSERT_BATCH):
+        batch = [
+            jobs.NewJob(
+                id=uuid7(),
+                pipeline=noop,
+                owner="bench",
+                params=params,
+                files=[],
+                priority=0,
+                budget_usd=1.0,
+                estimated_usd=0.0,
+            )
+            for _ in range(min(INSERT_BATCH, count - start))
+        ]
+        async with db.write() as conn:
+            await jobs.create(conn, batch, at=now())
+
+
+async def _count_done(db: Database) -> int:
+    async with db.read() as conn:
+        return int((await conn.execute(COUNT_DONE)).scalar_one())
+
+
+async def drain_once(
+    database: str, count: int, concurrency: int, time_limit_s: float
+) -> tuple[float, str]:
+    """One run on a fresh database: (jobs/s, what happened)."""
+    with temp_dir("drain") as tmp:
+        url = sqlite_url(tmp) if database == "sqlite" else await fresh_postgres()
+        settings = Settings(
+            _env_file=None,
+            data_dir=tmp,
+            database_url=url,
+            blobs_url=(tmp / "blobs").as_uri(),
+            log_level="WARNING",
+        )
+        db = Database(url)
+        blobs = open_blob_store(settings.blobs_url)
+        try:
+            await db.create_all()
+            registry = Registry.from_paths([])
+            await insert_noop_jobs(db, registry, count)
+            if database == "postgres":
+                await analyze_postgres()
+            worker = Worker(
+                settings=settings, db=db, blobs=blobs, registry=registry, concurrency=concurrency
+            )
+            lost_before = EVENTS.counts["lease_lost"]
+            started = time.perf_counter()
+            await worker.start()
+            done = 0
+            try:
+                while done < count and time.perf_counter() - started < time_limit_s:
+                    await asyncio.sleep(POLL_S)
+                    done = await _count_done(db)
+                elapsed = time.perf_counter() - started
+            finally:
+                await worker.stop(grace_s=0)
+        finally:
+            await blobs.aclose()
+            await db.aclose()
+        lost = EVENTS.counts["lease_lost"] - lost_before
+        note = f"{done}/{count} in {elapsed:.1f} s, {lost} spurious lease_lost warnings"
+        return done / elapsed, note
+
+
+async def run(
+    databases: list[str], *, count: int, concurrencies: list[int], time_limit_s: float, runs: int
+) -> list[Result]:
+    results: list[Result] = []
+    for database in databases:
+        for concurrency in concurrencies:
+            result = Result(
+                benchmark=f"drain noop, 1 worker x{concurrency}",
+                database=database,
+                unit="jobs/s",
+            )
+            notes: list[str] = []
+            for n in range(runs):
+                value, note = await drain_once(database, count, concurrency, time_limit_s)
+                log(
+                    f"drain {database} concurrency={concurrency} run {n + 1}: "
+                    f"{value:,.1f} jobs/s ({note})"
+                )
+                result.values.append(value)
+                notes.append(note)
+            result.note = "; ".join(notes)
+            results.append(result)
+    return results

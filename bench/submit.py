@@ -1,0 +1,279 @@
+"""Submit over HTTP: `noop` jobs/s accepted by `jobgate serve --worker-concurrency 0`.
+
+The server runs as a subprocess on a fresh database (an admin key made first with
+`jobgate keys create`), and one client process (this one) keeps `inflight` requests
+in flight over HTTP/1.1 keep-alive connections with `httpx.AsyncClient`. Every answer
+must be 202; anything else is counted as an error and printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench._common import Result, analyze_postgres, fresh_postgres, log, sqlite_url, temp_dir
+
+STARTUP_TIMEOUT_S = 60.0
+BATCH_SIZE = 100
+SINGLE_BODY: dict[str, Any] = {"pipeline": "noop", "params": {}}
+BATCH_BODY: dict[str, Any] = {"jobs": [SINGLE_BODY] * BATCH_SIZE}
+
+
+@dataclass
+class Server:
+    base_url: str
+    key: str
+    log_path: Path
+    pid: int
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server process used so far."""
+        return _proc_cpu_s(self.pid)
+
+
+def _proc_cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@dataclass
+class Tally:
+    """What one timed run saw."""
+
+    jobs: int = 0
+    requests: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    server_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+
+
+def _jobgate() -> list[str]:
+    """The `jobgate` console script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "jobgate"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from jobgate.cli import main; main()"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env(tmp: Path, database_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBGATE_")}
+    env.update(
+        JOBGATE_DATA_DIR=str(tmp / "data"),
+        JOBGATE_DATABASE_URL=database_url,
+        JOBGATE_LOG_LEVEL="WARNING",
+    )
+    return env
+
+
+def _run_cli(args: list[str], env: dict[str, str], cwd: Path) -> str:
+    done = subprocess.run(
+        [*_jobgate(), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"jobgate {' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-2000:]}"
+        )
+    return done.stdout
+
+
+@contextmanager
+def serve(tmp: Path, database_url: str, *, postgres: bool) -> Iterator[Server]:
+    """`jobgate serve --worker-concurrency 0` on a free port, with an admin key."""
+    env = _env(tmp, database_url)
+    if postgres:
+        _run_cli(["db", "upgrade"], env, tmp)
+    lines = _run_cli(["keys", "create", "--owner", "bench", "--role", "admin"], env, tmp)
+    key = lines.strip().splitlines()[-1].strip()
+    port = _free_port()
+    log_path = tmp / "serve.log"
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                *_jobgate(),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--worker-concurrency",
+                "0",
+            ],
+            env=env,
+            cwd=tmp,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(
+        base_url=f"http://127.0.0.1:{port}", key=key, log_path=log_path, pid=process.pid
+    )
+    try:
+        _wait_healthy(server, process)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_healthy(server: Server, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = server.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"jobgate serve exited {process.returncode}:\n{tail}")
+        try:
+            if httpx.get(f"{server.base_url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"jobgate serve did not answer /healthz within {STARTUP_TIMEOUT_S:g} s")
+
+
+def _describe(response: httpx.Response) -> str:
+    return f"{response.status_code} {response.text[:300]}"
+
+
+async def _load(
+    server: Server, path: str, body: dict[str, Any], jobs_each: int, seconds: float, inflight: int
+) -> tuple[Tally, float]:
+    """Keep `inflight` POSTs in flight for `seconds`; (what came back, elapsed)."""
+    tally = Tally()
+    limits = httpx.Limits(max_connections=inflight, max_keepalive_connections=inflight)
+    headers = {"Authorization": f"Bearer {server.key}"}
+    async with httpx.AsyncClient(
+        base_url=server.base_url, headers=headers, limits=limits, timeout=60
+    ) as client:
+        server_cpu, client_cpu = server.cpu_s(), time.process_time()
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def one_lane() -> None:
+            while time.perf_counter() < deadline:
+                try:
+                    response = await client.post(path, json=body)
+                except httpx.HTTPError as exc:
+                    tally.errors[f"{type(exc).__name__}: {exc}"] += 1
+                    continue
+                tally.requests += 1
+                if response.status_code != 202:
+                    tally.errors[_describe(response)] += 1
+                    continue
+                if jobs_each > 1 and len(response.json().get("jobs", [])) != jobs_each:
+                    tally.errors[f"202 without {jobs_each} jobs: {response.text[:200]}"] += 1
+                    continue
+                tally.jobs += jobs_each
+
+        await asyncio.gather(*(one_lane() for _ in range(inflight)))
+        elapsed = time.perf_counter() - started
+        tally.server_cpu_s = server.cpu_s() - server_cpu
+        tally.client_cpu_s = time.process_time() - client_cpu
+    return tally, elapsed
+
+
+async def _measure(
+    server: Server,
+    result: Result,
+    path: str,
+    body: dict[str, Any],
+    jobs_each: int,
+    *,
+    seconds: float,
+    inflight: int,
+    runs: int,
+) -> None:
+    await _load(server, path, body, jobs_each, min(1.0, seconds), inflight)  # warm-up
+    for n in range(runs):
+        if result.database == "postgres":
+            await analyze_postgres()
+        tally, elapsed = await _load(server, path, body, jobs_each, seconds, inflight)
+        rate = tally.jobs / elapsed
+        result.values.append(rate)
+        result.errors += sum(tally.errors.values())
+        log(
+            f"{result.benchmark} {result.database} run {n + 1}: {rate:,.1f} jobs/s "
+            f"({tally.requests} requests in {elapsed:.1f} s, "
+            f"{sum(tally.errors.values())} errors; CPU: server "
+            f"{tally.server_cpu_s / elapsed:.0%}, client {tally.client_cpu_s / elapsed:.0%})"
+        )
+        for message, count in tally.errors.most_common(5):
+            print(f"    error x{count}: {message}", file=sys.stderr)
+
+
+async def run(
+    databases: list[str],
+    *,
+    seconds: float,
+    inflight_single: int,
+    inflight_batch: int,
+    runs: int,
+) -> list[Result]:
+    results: list[Result] = []
+    for database in databases:
+        single = Result(
+            benchmark=f"HTTP submit noop, single ({inflight_single} in flight)",
+            database=database,
+            unit="jobs/s",
+        )
+        batch = Result(
+            benchmark=f"HTTP submit noop, batch of {BATCH_SIZE} ({inflight_batch} in flight)",
+            database=database,
+            unit="jobs/s",
+        )
+        with temp_dir("submit") as tmp:
+            postgres = database == "postgres"
+            url = await fresh_postgres() if postgres else sqlite_url(tmp / "data")
+            with serve(tmp, url, postgres=postgres) as server:
+                await _measure(
+                    server,
+                    single,
+                    "/v1/jobs",
+                    SINGLE_BODY,
+                    1,
+                    seconds=seconds,
+                    inflight=inflight_single,
+                    runs=runs,
+                )
+                await _measure(
+                    server,
+                    batch,
+                    "/v1/jobs/batch",
+                    BATCH_BODY,
+                    BATCH_SIZE,
+                    seconds=seconds,
+                    inflight=inflight_batch,
+                    runs=runs,
+                )
+        results += [single, batch]
+    return results
