@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,23 +40,39 @@ class Database:
         else:
             options.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(url, **options)
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_on_connect)
             event.listen(self.engine.sync_engine, "begin", _sqlite_on_begin)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that may write; committed on success, rolled back on error."""
-        async with self.engine.connect() as conn:
-            conn = await conn.execution_options(**{_WRITE: True})
-            async with conn.begin():
+        """A transaction that may write; committed on success, rolled back on error.
+
+        Never open one inside another: on SQLite the inner one would wait for the outer.
+        """
+        if self._write_lock is None:
+            async with self._transaction(write=True) as conn:
                 yield conn
+            return
+        # SQLite has one writer. Queueing this process's writers here wakes the next
+        # one the moment the lock frees, where SQLite's busy handler sleeps and polls.
+        async with self._write_lock, self._transaction(write=True) as conn:
+            yield conn
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A read-only transaction."""
-        async with self.engine.connect() as conn, conn.begin():
+        async with self._transaction(write=False) as conn:
             yield conn
+
+    @asynccontextmanager
+    async def _transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            if write:
+                conn = await conn.execution_options(**{_WRITE: True})
+            async with conn.begin():
+                yield conn
 
     async def create_all(self) -> None:
         """Create the tables directly (tests); deployments use `jobgate db upgrade`."""

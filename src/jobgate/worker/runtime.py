@@ -42,6 +42,11 @@ class TaskRuntime:
         self.dirty = asyncio.Event()
         self.lease_lost = False
         self.handing_back = False
+        # Set once the outcome is being written: a renewal that then misses the task
+        # row saw the outcome commit, not a lost lease.
+        self.finishing = False
+        self.flusher: asyncio.Task[None] | None = None
+        self.finish_requested = asyncio.Event()
 
     # -- StageRuntime ----------------------------------------------------------------
 

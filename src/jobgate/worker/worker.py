@@ -204,6 +204,8 @@ class Worker:
                 log.exception("lease_renewal_failed")
                 continue
             for token, runtime in held.items():
+                if runtime.finishing:
+                    continue
                 if token not in still:
                     if runtime.task.task_id in self._running:
                         log.warning(
@@ -291,7 +293,7 @@ class Worker:
             job_id=task.job_id, stage=task.stage, attempt=task.attempt, worker_id=self.id
         )
         with bound:
-            flusher = asyncio.create_task(self._flush_loop(runtime))
+            runtime.flusher = asyncio.create_task(self._flush_loop(runtime))
             started = now()
             outcome = "succeeded"
             try:
@@ -346,9 +348,7 @@ class Worker:
                     ),
                 )
             finally:
-                flusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flusher
+                await _stop(runtime.flusher)
             log.info("stage_finished", outcome=outcome, duration_s=round(now() - started, 4))
             _observe(task.pipeline, task.stage, outcome, now() - started)
 
@@ -390,6 +390,13 @@ class Worker:
         self, runtime: TaskRuntime, outcome: Callable[[Any, tasks.Report], Awaitable[T]]
     ) -> None:
         """Write a task's outcome, retrying transient store errors until the lease ends."""
+        # The outcome carries whatever is still buffered; no flush may race with it.
+        # A flush under way is awaited, never cancelled, so its report is not lost.
+        runtime.finishing = True
+        runtime.finish_requested.set()
+        runtime.dirty.set()
+        if runtime.flusher is not None:
+            await asyncio.wait([runtime.flusher])
         delay = 0.05
         while True:
             report = runtime.take_report()
@@ -412,9 +419,17 @@ class Worker:
                 self.wake()
 
     async def _flush_loop(self, runtime: TaskRuntime) -> None:
+        """Write buffered reports every flush interval; ends when the outcome is due."""
         while True:
             await runtime.dirty.wait()
-            await asyncio.sleep(self.settings.event_flush_interval_s)
+            if runtime.finishing:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    runtime.finish_requested.wait(), self.settings.event_flush_interval_s
+                )
+            if runtime.finishing:
+                return
             runtime.dirty.clear()
             try:
                 await runtime.flush()
@@ -441,6 +456,13 @@ class Worker:
             content_type=info["content_type"],
             path=path,
         )
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _observe(pipeline: str, stage: str, outcome: str, seconds: float) -> None:
