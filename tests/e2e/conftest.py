@@ -34,6 +34,7 @@ class Server:
     key: str
     data_dir: Path
     log: Path
+    env: dict[str, str]
 
     def client(self, key: str | None = None) -> httpx.Client:
         return httpx.Client(
@@ -62,7 +63,9 @@ def run_cli(*args: str, env: dict[str, str]) -> str:
     return done.stdout
 
 
-def start_server(tmp_path: Path, database_url: str | None, *extra: str) -> Server:
+def start_server(
+    tmp_path: Path, database_url: str | None, *, worker_concurrency: int = 4
+) -> Server:
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("JOBGATE_")},
@@ -78,7 +81,7 @@ def start_server(tmp_path: Path, database_url: str | None, *extra: str) -> Serve
     key = key.strip().splitlines()[-1]
     log = tmp_path / "serve.log"
     process = subprocess.Popen(
-        [*JOBGATE, "serve", "--port", str(port), "--worker-concurrency", "4", *extra],
+        [*JOBGATE, "serve", "--port", str(port), "--worker-concurrency", str(worker_concurrency)],
         env=env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -95,18 +98,37 @@ def start_server(tmp_path: Path, database_url: str | None, *extra: str) -> Serve
             process.kill()
             raise AssertionError("jobgate serve did not start:\n" + log.read_text())
         time.sleep(0.1)
-    return Server(process=process, url=url, key=key, data_dir=tmp_path / "data", log=log)
+    return Server(process=process, url=url, key=key, data_dir=tmp_path / "data", log=log, env=env)
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite", id="sqlite"),
-        pytest.param("postgres", id="postgres", marks=pytest.mark.service("postgres")),
-    ]
-)
+DATABASES = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.service("postgres")),
+]
+
+
+def _database(request: pytest.FixtureRequest) -> str | None:
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("fresh_postgres_url")
+    return url
+
+
+@pytest.fixture(params=DATABASES)
+def api_only(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    """`jobgate serve --worker-concurrency 0`: stages run only in `jobgate worker` processes."""
+    running = start_server(tmp_path, _database(request), worker_concurrency=0)
+    try:
+        yield running
+    finally:
+        code = running.stop()
+        assert code == 0, running.log.read_text()[-5000:]
+
+
+@pytest.fixture(params=DATABASES)
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
-    url = None if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
-    running = start_server(tmp_path, url)
+    """`jobgate serve` with an in-process worker of concurrency 4."""
+    running = start_server(tmp_path, _database(request))
     try:
         yield running
     finally:

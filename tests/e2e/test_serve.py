@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import JOBGATE, Server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -107,3 +110,38 @@ def test_failed_job_is_retried_from_the_failed_stage(server: Server) -> None:
         assert job["status"] == "succeeded"
         attempts = {s["name"]: s["attempt"] for s in job["stages"]}
         assert attempts == {"prepare": 1, "work": 4, "finish": 1}
+
+
+def test_separate_worker_processes_run_jobs_and_drain_on_sigterm(
+    api_only: Server, tmp_path: Path
+) -> None:
+    """With the API alone, jobs wait; a `jobgate worker` runs them; SIGTERM drains it (exit 0)."""
+    with api_only.client() as client:
+        job_id = client.post(
+            "/v1/jobs", json={"pipeline": "steps", "params": {"steps": 20, "step_ms": 50}}
+        ).json()["id"]
+        time.sleep(0.5)
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+        log = (tmp_path / "worker.log").open("wb")
+        worker = subprocess.Popen(
+            [*JOBGATE, "worker", "--concurrency", "2", "--id", "e2e-worker"],
+            env=api_only.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(client, job_id, {"running"})
+            workers = client.get("/v1/workers").json()["workers"]
+            assert [w["id"] for w in workers] == ["e2e-worker"]
+            # SIGTERM while `work` runs: the stage finishes within the grace, then exit 0.
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        stages = {s["name"]: s for s in job["stages"]}
+        assert stages["work"]["status"] == "succeeded"
+        assert stages["work"]["attempt"] == 1
+        assert stages["finish"]["status"] == "queued"  # left for the next worker
+        assert client.get("/v1/workers").json()["workers"] == []
