@@ -102,6 +102,7 @@ cancellable = Pipeline("cancellable")
 
 @cancellable.stage
 def spin(ctx: StageContext) -> None:
+    ctx.save_artifact("partial.txt", b"half done")
     while True:
         time.sleep(0.02)
         ctx.check_cancelled()

@@ -61,15 +61,17 @@ async def test_cancel_running_async_stage_stops_within_a_second(engine: Engine) 
 
 
 async def test_cancel_running_thread_stage_cooperatively(engine: Engine) -> None:
-    """A sync stage polling `check_cancelled()` stops and the job ends `cancelled`."""
+    """A sync stage polling `check_cancelled()` stops; the job ends `cancelled`, artifacts gone."""
     await engine.start_worker()
     job_id = await engine.submit("cancellable")
-    await engine.wait(job_id, until=_is_running)
+    await engine.wait(job_id, until=lambda s: bool(s.artifacts))
     asked = time.monotonic()
     await cancel(engine, job_id)
     snapshot = await engine.wait(job_id)
     assert time.monotonic() - asked < 1.0
     assert snapshot.job["status"] == "cancelled"
+    # Its intermediate artifact went with it.
+    assert snapshot.artifacts == []
 
 
 async def test_retry_resumes_at_the_failed_stage_and_continues_the_attempt_count(

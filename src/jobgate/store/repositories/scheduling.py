@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from jobgate.pipelines import Pipeline, Stage
 from jobgate.store.repositories import events, tasks
 from jobgate.store.repositories.tasks import DEFAULT_AGING_S
-from jobgate.store.tables import jobs, records, stages
+from jobgate.store.tables import artifacts, jobs, records, stages
 from jobgate.store.tables import tasks as task_table
 
 
@@ -260,6 +260,10 @@ async def finalize(
     elif status == "failed":
         values.update(error=error)
     await conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+    if status == "cancelled":
+        # A cancelled job's intermediate artifacts are not results: drop them (the blobs
+        # stay while other rows point at them).
+        await conn.execute(delete(artifacts).where(artifacts.c.job_id == job_id))
     await conn.execute(
         delete(task_table).where(task_table.c.job_id == job_id, task_table.c.lease_token.is_(None))
     )
