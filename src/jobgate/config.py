@@ -54,8 +54,9 @@ class Settings(BaseSettings):
     priority_aging_s: float = Field(
         10.0, ge=0, description="each priority point counts as this many seconds of waiting"
     )
-    sweep_interval_s: float = Field(5.0, gt=0)
+    sweep_interval_s: float = Field(2.0, gt=0)
     worker_lost_after_s: float = Field(15.0, gt=0)
+    max_deliveries: int = Field(5, ge=1)
     event_flush_interval_s: float = Field(0.1, gt=0)
 
     sse_heartbeat_s: float = Field(30.0, gt=0)

@@ -29,6 +29,18 @@ def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: flo
         time.sleep(0.05)
 
 
+def wait_for_stage(
+    client: httpx.Client, job_id: str, stage: str, status: str, timeout: float = 30
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if next(s for s in job["stages"] if s["name"] == stage)["status"] == status:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
 def test_steps_job_runs_to_completion(server: Server) -> None:
     with server.client() as client:
         answer = client.post(
@@ -145,3 +157,56 @@ def test_separate_worker_processes_run_jobs_and_drain_on_sigterm(
         assert stages["work"]["attempt"] == 1
         assert stages["finish"]["status"] == "queued"  # left for the next worker
         assert client.get("/v1/workers").json()["workers"] == []
+
+
+def _start_worker(server: Server, tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*JOBGATE, "worker", "--concurrency", "2", "--id", name],
+        env={**server.env, "JOBGATE_WORKER_LOST_AFTER_S": "3", "JOBGATE_LEASE_S": "120"},
+        stdout=(tmp_path / f"{name}.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_sigkilled_worker_is_declared_lost_and_its_stage_finishes_elsewhere(
+    api_only: Server, tmp_path: Path
+) -> None:
+    """SIGKILL mid-stage: within the lost-worker window another worker takes the stage
+    over (its 120 s lease has not expired), the attempt is counted, and the job completes
+    exactly once."""
+    doomed = _start_worker(api_only, tmp_path, "doomed")
+    survivor = None
+    try:
+        with api_only.client() as client:
+            params = {"steps": 40, "step_ms": 50}
+            job_id = client.post("/v1/jobs", json={"pipeline": "steps", "params": params}).json()[
+                "id"
+            ]
+            wait_for_stage(client, job_id, "work", "running")
+            doomed.kill()
+            doomed.wait(timeout=10)
+            killed_at = time.monotonic()
+            survivor = _start_worker(api_only, tmp_path, "survivor")
+            job = wait_for(client, job_id, {"succeeded", "failed"}, timeout=30)
+            recovered_in = time.monotonic() - killed_at
+            assert job["status"] == "succeeded"
+            assert recovered_in < 3 + 2 + 2 + 5  # lost window + sweep + run + margin
+            work = next(s for s in job["stages"] if s["name"] == "work")
+            assert work["attempt"] == 2
+            events = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()
+            types = [e["type"] for e in events["events"]]
+            assert types.count("completed") == 1
+            lost = [
+                e
+                for e in events["events"]
+                if e["type"] == "stage_update"
+                and (e["data"].get("error") or {}).get("type") == "lost"
+            ]
+            assert len(lost) == 1
+            workers = [w["id"] for w in client.get("/v1/workers").json()["workers"]]
+            assert workers == ["survivor"]
+    finally:
+        for process in (doomed, survivor):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()

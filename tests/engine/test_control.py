@@ -203,3 +203,35 @@ async def test_shutdown_hands_running_stages_back_unfinished(engine: Engine) -> 
     assert snapshot.job["status"] == "succeeded"
     # The handed-back run does not count as an attempt.
     assert engine.stage(snapshot, "work")["attempt"] == 1
+
+
+async def test_a_lost_workers_stages_return_before_their_lease_expires(engine: Engine) -> None:
+    """A worker silent for longer than the lost window loses its stages at the next sweep."""
+    from jobgate.store.repositories import workers
+
+    job_id = await engine.submit("noop")
+    at = now()
+    async with engine.db.write() as conn:
+        await workers.register(
+            conn,
+            {
+                "id": "ghost",
+                "host": "h",
+                "pid": 1,
+                "queues": ["default"],
+                "pipelines": ["noop"],
+                "concurrency": 1,
+                "running": 1,
+                "version": "0",
+                "started_at": at - 100,
+                "last_seen_at": at - 100,
+            },
+        )
+    [claimed] = await _claim(engine, worker="ghost", at=at)
+    worker = await engine.start_worker()
+    snapshot = await engine.wait(job_id, timeout=10)
+    assert snapshot.job["status"] == "succeeded"
+    assert engine.stage(snapshot, "run")["attempt"] == 2
+    assert claimed.lease_expires_at > now()  # recovered well before the lease ran out
+    async with engine.db.read() as conn:
+        assert await workers.lost(conn, silent_since=now()) == [worker.id]

@@ -219,26 +219,51 @@ class Worker:
                     self._stop_soon(runtime)
 
     async def _maintenance_loop(self) -> None:
-        heartbeat_every = max(1.0, min(5.0, self.settings.worker_lost_after_s / 3))
-        last_sweep = 0.0
+        """Heartbeat, and sweep: expired leases and lost workers' stages go back to the queue."""
+        settings = self.settings
+        heartbeat_every = max(0.2, min(5.0, settings.worker_lost_after_s / 3))
+        tick = min(heartbeat_every, settings.sweep_interval_s)
+        last_beat = last_sweep = now()
         while True:
-            await asyncio.sleep(heartbeat_every)
+            await asyncio.sleep(tick)
             try:
-                async with self.db.write() as conn:
-                    alive = await worker_repo.heartbeat(
-                        conn, self.id, running=len(self._running), at=now()
-                    )
-                if not alive:
-                    await self._register()
-                if now() - last_sweep >= self.settings.sweep_interval_s:
-                    last_sweep = now()
+                if now() - last_beat >= heartbeat_every:
+                    last_beat = now()
                     async with self.db.write() as conn:
-                        swept = await outcomes.sweep(conn, registry=self.registry, at=now())
-                    if swept:
-                        log.info("leases_swept", count=swept)
-                        self.wake()
+                        alive = await worker_repo.heartbeat(
+                            conn, self.id, running=len(self._running), at=last_beat
+                        )
+                    if not alive:
+                        await self._register()
+                if now() - last_sweep >= settings.sweep_interval_s:
+                    last_sweep = now()
+                    await self._sweep(last_sweep)
             except Exception:
                 log.exception("maintenance_failed")
+
+    async def _sweep(self, at: float) -> None:
+        async with self.db.write() as conn:
+            lost = [
+                worker_id
+                for worker_id in await worker_repo.lost(
+                    conn, silent_since=at - self.settings.worker_lost_after_s
+                )
+                if worker_id != self.id
+            ]
+            swept = await outcomes.sweep(
+                conn,
+                registry=self.registry,
+                at=at,
+                max_deliveries=self.settings.max_deliveries,
+                lost_workers=lost,
+            )
+            await worker_repo.forget(conn, lost)
+        if lost:
+            log.warning("workers_lost", workers=lost, stages_requeued=swept)
+        elif swept:
+            log.info("leases_swept", count=swept)
+        if swept:
+            self.wake()
 
     async def _register(self) -> None:
         async with self.db.write() as conn:

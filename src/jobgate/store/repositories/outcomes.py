@@ -6,6 +6,7 @@ Every function here first checks the caller still holds the task's lease
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -258,9 +259,13 @@ async def sweep(
     registry: Registry,
     at: float,
     max_deliveries: int = 5,
+    lost_workers: Sequence[str] = (),
     limit: int = 100,
 ) -> int:
-    """Return tasks whose lease expired to the queue; fail those delivered too often.
+    """Return tasks whose lease expired, or whose worker was lost, to the queue.
+
+    A task delivered `max_deliveries` times (its worker died under it each time) fails
+    its job with error type `lost` instead of going round again.
 
     Returns:
         How many expired leases were handled.
@@ -269,7 +274,13 @@ async def sweep(
         (
             await conn.execute(
                 select(task_table)
-                .where(task_table.c.lease_expires_at < at)
+                .where(
+                    (task_table.c.lease_expires_at < at)
+                    | (
+                        task_table.c.leased_by.in_(lost_workers)
+                        & task_table.c.lease_token.isnot(None)
+                    )
+                )
                 .order_by(task_table.c.lease_expires_at)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
