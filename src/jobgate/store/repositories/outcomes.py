@@ -34,9 +34,8 @@ async def complete(
     Raises:
         LeaseLost: the lease is gone; nothing was written.
     """
-    await tasks.hold(conn, task)
+    await tasks.take(conn, task)
     await tasks.apply_report(conn, task, report, at=at)
-    await conn.execute(delete(task_table).where(task_table.c.id == task.task_id))
     pipeline = registry.get(task.pipeline)
     if task.item_index is not None:
         await _record_item(conn, task, pipeline, "succeeded", data=output, error=None, at=at)
@@ -46,13 +45,17 @@ async def complete(
         .where(stages.c.job_id == task.job_id, stages.c.name == task.stage)
         .values(status="succeeded", output=output, progress=1.0, finished_at=at, error=None)
     )
-    await events.append(
+    succeeded = {"stage": task.stage, "status": "succeeded", "attempt": task.attempt}
+    await scheduling.advance(
         conn,
         task.job_id,
-        [("stage_update", {"stage": task.stage, "status": "succeeded", "attempt": task.attempt})],
+        pipeline,
+        task.stage,
         at=at,
+        aging_s=aging_s,
+        carry=[("stage_update", succeeded)],
+        output=output,
     )
-    await scheduling.advance(conn, task.job_id, pipeline, task.stage, at=at, aging_s=aging_s)
 
 
 async def _record_item(
@@ -245,9 +248,8 @@ async def stopped(conn: AsyncConnection, task: Claimed, report: Report, *, at: f
     Raises:
         LeaseLost: the lease is gone; nothing was written.
     """
-    await tasks.hold(conn, task)
+    await tasks.take(conn, task)
     await tasks.apply_report(conn, task, report, at=at)
-    await conn.execute(delete(task_table).where(task_table.c.id == task.task_id))
     job = (await conn.execute(select(jobs.c.status).where(jobs.c.id == task.job_id))).one()
     if job.status in ("queued", "running") and not await tasks.has_tasks(conn, task.job_id):
         await scheduling.finalize(conn, task.job_id, "cancelled", at=at)

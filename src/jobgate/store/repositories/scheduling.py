@@ -3,6 +3,7 @@ and finishing the job."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
@@ -196,8 +197,15 @@ async def advance(
     *,
     at: float,
     aging_s: float,
+    carry: Sequence[events.Event] = (),
+    output: Any = None,
 ) -> None:
-    """After a stage succeeded: queue dependents that became ready, or finish the job."""
+    """After a stage succeeded: queue dependents that became ready, or finish the job.
+
+    Args:
+        carry: events of the caller's to write first, in the same append.
+        output: the finished stage's output (saves reading it back for the result).
+    """
     statuses = dict(
         (
             await conn.execute(
@@ -207,17 +215,24 @@ async def advance(
     )
     job = await tasks.job_state(conn, job_id)
     if job.status not in ("queued", "running"):
+        await events.append(conn, job_id, carry, at=at)
         return
     if job.cancel_requested:
-        if not await tasks.has_tasks(conn, job_id):
-            await finalize(conn, job_id, "cancelled", at=at)
+        if await tasks.has_tasks(conn, job_id):
+            await events.append(conn, job_id, carry, at=at)
+        else:
+            await finalize(conn, job_id, "cancelled", at=at, carry=carry)
         return
     if all(status == "succeeded" for status in statuses.values()):
         sinks = pipeline.sinks()
-        outputs = await tasks.outputs(conn, job_id, sinks)
-        result = outputs[sinks[0]] if len(sinks) == 1 else {name: outputs[name] for name in sinks}
-        await finalize(conn, job_id, "succeeded", at=at, result=result)
+        if sinks == [finished]:
+            result = output
+        else:
+            outputs = await tasks.outputs(conn, job_id, sinks)
+            result = outputs[sinks[0]] if len(sinks) == 1 else {n: outputs[n] for n in sinks}
+        await finalize(conn, job_id, "succeeded", at=at, result=result, carry=carry)
         return
+    await events.append(conn, job_id, carry, at=at)
     for name in pipeline.dependents(finished):
         stage = pipeline.stages[name]
         if statuses.get(name) == "pending" and all(
@@ -234,15 +249,21 @@ async def finalize(
     at: float,
     result: Any = None,
     error: dict[str, Any] | None = None,
+    carry: Sequence[events.Event] = (),
 ) -> None:
-    """Move a job to a terminal state, closing its unfinished stages, with its last event."""
-    stage_rows = (
-        await conn.execute(
-            select(stages.c.name, stages.c.status, stages.c.attempt)
-            .where(stages.c.job_id == job_id)
-            .order_by(stages.c.position)
-        )
-    ).all()
+    """Move a job to a terminal state, closing its unfinished stages, with its last event.
+
+    A job finishes `succeeded` only once every stage has, so then nothing is left open.
+    """
+    stage_rows: Sequence[Any] = ()
+    if status != "succeeded":
+        stage_rows = (
+            await conn.execute(
+                select(stages.c.name, stages.c.status, stages.c.attempt)
+                .where(stages.c.job_id == job_id)
+                .order_by(stages.c.position)
+            )
+        ).all()
     closing = "cancelled" if status == "cancelled" else "skipped"
     updates: list[tuple[str, dict[str, Any]]] = []
     for name, stage_status, attempt in stage_rows:
@@ -264,9 +285,12 @@ async def finalize(
         # A cancelled job's intermediate artifacts are not results: drop them (the blobs
         # stay while other rows point at them).
         await conn.execute(delete(artifacts).where(artifacts.c.job_id == job_id))
-    await conn.execute(
-        delete(task_table).where(task_table.c.job_id == job_id, task_table.c.lease_token.is_(None))
-    )
+    if status != "succeeded":
+        await conn.execute(
+            delete(task_table).where(
+                task_table.c.job_id == job_id, task_table.c.lease_token.is_(None)
+            )
+        )
     final: tuple[str, dict[str, Any]]
     if status == "succeeded":
         final = ("completed", {"result": result})
@@ -274,4 +298,4 @@ async def finalize(
         final = ("error", {"error": error})
     else:
         final = ("cancelled", {})
-    await events.append(conn, job_id, [*updates, final], at=at)
+    await events.append(conn, job_id, [*carry, *updates, final], at=at)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, case, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.errors import JobgateError
@@ -225,38 +225,39 @@ async def claim(
         if stage.is_map and task.item_index is not None:
             task.item, task.item_key = _item(stage, task.item_index, job["files"], given)
         claimed.append(task)
-        stage_row = (
-            await conn.execute(
-                select(stages.c.status, stages.c.attempt).where(
-                    stages.c.job_id == job["id"], stages.c.name == stage.name
-                )
-            )
-        ).one()
-        attempt = max(stage_row.attempt, task.attempt)
-        if stage_row.status != "running" or attempt != stage_row.attempt:
+        # One statement marks the stage running and says whether that changed anything.
+        changed = (
             await conn.execute(
                 update(stages)
-                .where(stages.c.job_id == job["id"], stages.c.name == stage.name)
+                .where(
+                    stages.c.job_id == job["id"],
+                    stages.c.name == stage.name,
+                    (stages.c.status != "running") | (stages.c.attempt < task.attempt),
+                )
                 .values(
                     status="running",
-                    attempt=attempt,
+                    attempt=case(
+                        (stages.c.attempt < task.attempt, task.attempt), else_=stages.c.attempt
+                    ),
                     started_at=func.coalesce(stages.c.started_at, at),
                     error=None,
                 )
+                .returning(stages.c.attempt)
             )
+        ).first()
+        if changed is not None:
             started.setdefault(job["id"], []).append(
-                ("stage_update", {"stage": stage.name, "status": "running", "attempt": attempt})
+                ("stage_update", {"stage": stage.name, "status": "running", "attempt": changed[0]})
             )
-    await conn.execute(
-        update(jobs)
-        .where(jobs.c.id.in_(job_ids), jobs.c.status == "queued")
-        .values(status="running", started_at=func.coalesce(jobs.c.started_at, at))
-    )
     for job_id in job_ids:
         await conn.execute(
             update(jobs)
             .where(jobs.c.id == job_id)
-            .values(stage=next(t.stage for t in claimed if t.job_id == job_id))
+            .values(
+                status=case((jobs.c.status == "queued", "running"), else_=jobs.c.status),
+                started_at=func.coalesce(jobs.c.started_at, at),
+                stage=next(t.stage for t in claimed if t.job_id == job_id),
+            )
         )
     for job_id, items in started.items():
         await events.append(conn, job_id, items, at=at)
@@ -276,7 +277,12 @@ def _item(
 
 
 async def hold(conn: AsyncConnection, task: Claimed) -> None:
-    """Check the lease is still ours, or raise `LeaseLost`; locks the task row."""
+    """Check the lease is still ours (or raise `LeaseLost`) and lock the task's job.
+
+    Every outcome goes through `hold` or `take` first, so outcomes of one job never
+    interleave: on PostgreSQL two stages finishing at once would otherwise each read the
+    other as still running, and neither would queue what depends on both.
+    """
     found = (
         await conn.execute(
             select(task_table.c.id)
@@ -286,6 +292,27 @@ async def hold(conn: AsyncConnection, task: Claimed) -> None:
     ).first()
     if found is None:
         raise LeaseLost()
+    await lock_job(conn, task.job_id)
+
+
+async def take(conn: AsyncConnection, task: Claimed) -> None:
+    """Delete the task row if the lease is still ours (or raise `LeaseLost`); lock its job."""
+    taken = (
+        await conn.execute(
+            delete(task_table)
+            .where(task_table.c.id == task.task_id, task_table.c.lease_token == task.lease_token)
+            .returning(task_table.c.id)
+        )
+    ).first()
+    if taken is None:
+        raise LeaseLost()
+    await lock_job(conn, task.job_id)
+
+
+async def lock_job(conn: AsyncConnection, job_id: str) -> None:
+    """Hold the job's row until commit (PostgreSQL; SQLite has one writer anyway)."""
+    if conn.dialect.name != "sqlite":
+        await conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
 
 
 async def flush(
