@@ -108,4 +108,29 @@ def spin(ctx: StageContext) -> None:
         ctx.check_cancelled()
 
 
-ALL = (diamond, mapper, threads, slow, cancellable)
+# Six branches that finish at the same moment, then one stage that needs all of them.
+fan = Pipeline("fan")
+
+
+@fan.stage
+async def start(ctx: StageContext) -> int:
+    return 1
+
+
+def _branch(i: int) -> Any:
+    async def branch(ctx: StageContext, start: int) -> int:
+        return start + i
+
+    branch.__name__ = f"b{i}"
+    return fan.stage(after=[start])(branch)
+
+
+BRANCHES = [_branch(i) for i in range(6)]
+
+
+@fan.stage(after=BRANCHES)
+async def gather(ctx: StageContext, **outputs: int) -> int:
+    return sum(v for k, v in outputs.items() if k != "start")
+
+
+ALL = (fan, diamond, mapper, threads, slow, cancellable)

@@ -38,6 +38,16 @@ async def test_parallel_branches_overlap_and_join_gets_both_outputs(engine: Engi
     assert right["started"] < left["ended"]
 
 
+async def test_branches_finishing_together_always_release_the_join(engine: Engine) -> None:
+    """Concurrent outcomes of one job serialise: a fan-in stage is never left pending."""
+    await engine.start_worker(concurrency=8)
+    job_ids = [await engine.submit("fan") for _ in range(8)]
+    for job_id in job_ids:
+        snapshot = await engine.wait(job_id)
+        assert snapshot.job["status"] == "succeeded"
+        assert snapshot.job["result"] == sum(1 + i for i in range(6))
+
+
 async def test_map_stage_records_each_item_and_job_succeeds_with_partial_failure(
     engine: Engine,
 ) -> None:
