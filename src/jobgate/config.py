@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     worker_lost_after_s: float = Field(15.0, gt=0)
     max_deliveries: int = Field(5, ge=1)
     event_flush_interval_s: float = Field(0.1, gt=0)
+    process_max_tasks_per_child: int = Field(100, ge=1)
+    process_max_rss_mb: int = Field(0, ge=0)
 
     sse_heartbeat_s: float = Field(30.0, gt=0)
     sse_max_per_job: int = Field(10, ge=1)

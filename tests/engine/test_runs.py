@@ -207,3 +207,36 @@ async def test_higher_priority_is_claimed_first(engine: Engine) -> None:
     low_done = await engine.wait(low)
     high_done = await engine.wait(high)
     assert high_done.job["started_at"] < low_done.job["started_at"]
+
+
+async def test_create_returns_what_load_reads_back(engine: Engine) -> None:
+    """The snapshot `jobs.create` builds from its rows is the one the store holds."""
+    from jobgate.api import views
+    from jobgate.ids import now, uuid7
+    from jobgate.store.repositories import jobs
+
+    files = [await engine.upload("a.txt", b"hello")]
+    new = [
+        jobs.NewJob(
+            id=uuid7(),
+            pipeline=engine.registry.get(name),
+            owner="o",
+            params=engine.registry.get(name).validate_params(params),
+            files=job_files,
+            priority=3,
+            budget_usd=9.5,
+            estimated_usd=0.25,
+            correlation_id="c-1",
+        )
+        for name, params, job_files in (
+            ("noop", {"a": [1, {"b": None}]}, []),
+            ("steps", {"steps": 2}, []),
+            ("text-stats", {}, files),
+            ("diamond", {}, []),
+        )
+    ]
+    async with engine.db.write() as conn:
+        built = await jobs.create(conn, new, at=now())
+    async with engine.db.read() as conn:
+        stored = await jobs.load(conn, [job.id for job in new])
+    assert [views.job(s) for s in built] == [views.job(s) for s in stored]

@@ -446,7 +446,7 @@ async def commit(
                     ),
                     at=at,
                 )
-                await job_repo.create(conn, new_jobs, at=at)
+                snapshots = await job_repo.create(conn, new_jobs, at=at)
                 for job in new_jobs:
                     await blob_repo.grant(
                         conn, (f["sha256"] for f in job.files), owner=job.owner, at=at
@@ -462,7 +462,6 @@ async def commit(
                         at=at,
                         ttl_s=settings.idempotency_ttl_s,
                     )
-                snapshots = await job_repo.load(conn, ids)
         except IntegrityError:
             # A concurrent request with the same key committed first: replay it.
             if key is None or attempt:

@@ -33,6 +33,7 @@ class Stage:
     map_over: str | None = None
     dependency_args: tuple[str, ...] = field(default=())
     takes_item: bool = False
+    pipeline: str = ""
 
     @property
     def is_map(self) -> bool:
@@ -135,7 +136,8 @@ class Pipeline:
             backoff: the first retry's delay in seconds; it doubles each attempt.
             queue: the queue workers take this stage from.
             isolation: `async` (coroutines), `thread` (default for sync functions) or
-                `process`.
+                `process` (sync functions, each attempt in a worker subprocess: hard
+                timeouts and cancellation, crash and memory containment).
         """
 
         def register(func: Callable[..., Any]) -> Stage:
@@ -215,9 +217,10 @@ class Pipeline:
             raise PipelineDefinitionError(f"{where}: isolation='async' needs an async function")
         if chosen != "async" and is_coroutine:
             raise PipelineDefinitionError(f"{where}: an async function runs with isolation='async'")
-        if chosen == "process":
+        if chosen == "process" and getattr(fn, "__module__", "__main__") == "__main__":
             raise PipelineDefinitionError(
-                f"{where}: isolation='process' is not available in this version of jobgate"
+                f"{where}: isolation='process' needs the function in an importable module "
+                "(not __main__), so the stage's subprocess can import it"
             )
         signature = inspect.signature(fn)
         params = list(signature.parameters)
@@ -251,6 +254,7 @@ class Pipeline:
             map_over=map_over,
             dependency_args=dependency_args,
             takes_item=map_over is not None and ("item" in params[1:] or accepts_any),
+            pipeline=self.name,
         )
         self.stages[stage_name] = stage
         return stage

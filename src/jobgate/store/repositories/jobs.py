@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,13 +41,19 @@ class NewJob:
 class JobSnapshot:
     """A job row with its stages (in pipeline order) and artifacts."""
 
-    job: RowMapping
-    stages: list[RowMapping] = field(default_factory=list)
-    artifacts: list[RowMapping] = field(default_factory=list)
+    job: Mapping[str, Any]
+    stages: list[Mapping[str, Any]] = field(default_factory=list)
+    artifacts: list[Mapping[str, Any]] = field(default_factory=list)
 
 
-async def create(conn: AsyncConnection, new_jobs: Sequence[NewJob], *, at: float) -> None:
-    """Insert jobs, their stages, first events and first tasks: one submit, one transaction."""
+async def create(
+    conn: AsyncConnection, new_jobs: Sequence[NewJob], *, at: float
+) -> list[JobSnapshot]:
+    """Insert jobs, their stages, first events and first tasks: one submit, one transaction.
+
+    Returns:
+        The new jobs as they are now stored, without reading them back.
+    """
     job_rows: list[dict[str, Any]] = []
     stage_rows: list[dict[str, Any]] = []
     event_rows: list[dict[str, Any]] = []
@@ -123,10 +129,21 @@ async def create(conn: AsyncConnection, new_jobs: Sequence[NewJob], *, at: float
     if task_rows:
         await conn.execute(insert(task_table), task_rows)
     # Map stages whose item list is empty (no files) finish at once.
+    finished_early = False
     for job in new_jobs:
         for stage in job.pipeline.stages.values():
             if not stage.after and stage.is_map and not job.files:
                 await scheduling.finish_map_stage(conn, job.id, job.pipeline, stage.name, at=at)
+                finished_early = True
+    if finished_early:
+        return await load(conn, [job.id for job in new_jobs])
+    unset = {"stage": None, "result": None, "error": None, "started_at": None, "finished_at": None}
+    by_job: dict[str, list[Mapping[str, Any]]] = {job.id: [] for job in new_jobs}
+    for row in stage_rows:
+        by_job[row["job_id"]].append(
+            {**row, "output": None, "error": None, "started_at": None, "finished_at": None}
+        )
+    return [JobSnapshot(job={**row, **unset}, stages=by_job[row["id"]]) for row in job_rows]
 
 
 async def load(conn: AsyncConnection, ids: Sequence[str]) -> list[JobSnapshot]:
@@ -134,14 +151,14 @@ async def load(conn: AsyncConnection, ids: Sequence[str]) -> list[JobSnapshot]:
     if not ids:
         return []
     rows = (await conn.execute(select(jobs).where(jobs.c.id.in_(ids)))).mappings().all()
-    by_id = {row["id"]: JobSnapshot(job=row) for row in rows}
+    by_id = {row["id"]: JobSnapshot(job=dict(row)) for row in rows}
     if by_id:
         for row in (
             await conn.execute(
                 select(stages).where(stages.c.job_id.in_(by_id)).order_by(stages.c.position)
             )
         ).mappings():
-            by_id[row["job_id"]].stages.append(row)
+            by_id[row["job_id"]].stages.append(dict(row))
         for row in (
             await conn.execute(
                 select(artifacts)
@@ -149,7 +166,7 @@ async def load(conn: AsyncConnection, ids: Sequence[str]) -> list[JobSnapshot]:
                 .order_by(artifacts.c.created_at, artifacts.c.name)
             )
         ).mappings():
-            by_id[row["job_id"]].artifacts.append(row)
+            by_id[row["job_id"]].artifacts.append(dict(row))
     return [by_id[i] for i in ids if i in by_id]
 
 
