@@ -128,6 +128,7 @@ async def create(
         await conn.execute(insert(event_table), event_rows)
     if task_rows:
         await conn.execute(insert(task_table), task_rows)
+        await tasks.notify_ready(conn)
     # Map stages whose item list is empty (no files) finish at once.
     finished_early = False
     for job in new_jobs:

@@ -324,6 +324,7 @@ async def sweep(
                 .where(task_table.c.id == row["id"])
                 .values(lease_token=None, lease_expires_at=None, leased_by=None, available_at=at)
             )
+            await tasks.notify_ready(conn)
             await events.append(
                 conn,
                 row["job_id"],

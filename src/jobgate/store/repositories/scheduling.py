@@ -96,6 +96,7 @@ async def enqueue_stage(
             for i in indexes
         ],
     )
+    await tasks.notify_ready(conn)
 
 
 async def _item_count(conn: AsyncConnection, job_id: str, stage: Stage, files: list[Any]) -> int:

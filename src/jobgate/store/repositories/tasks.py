@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, select, update
+from sqlalchemy import bindparam, case, delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.errors import JobgateError
@@ -24,6 +24,8 @@ from jobgate.store.tables import jobs, stages
 from jobgate.store.tables import tasks as task_table
 
 DEFAULT_AGING_S = 10.0
+CHANNEL = "jobgate_tasks"
+_NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', '')")
 
 
 class LeaseLost(JobgateError):
@@ -64,6 +66,12 @@ class Report:
 
     def __bool__(self) -> bool:
         return bool(self.events) or self.progress is not None or self.cost_delta != 0.0
+
+
+async def notify_ready(conn: AsyncConnection) -> None:
+    """Wake listening workers once this transaction commits (PostgreSQL `NOTIFY`)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(_NOTIFY)
 
 
 def sort_key(created_at: float, priority: int, aging_s: float) -> float:
@@ -425,6 +433,7 @@ async def release(conn: AsyncConnection, task: Claimed, report: Report, *, at: f
             deliveries=task_table.c.deliveries - 1,
         )
     )
+    await notify_ready(conn)
     if task.item_index is None:
         await conn.execute(
             update(stages)

@@ -1,0 +1,78 @@
+"""PostgreSQL `LISTEN/NOTIFY`: committed tasks wake listeners; a lost connection recovers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from jobgate.ids import now, uuid7
+from jobgate.pipelines import Registry
+from jobgate.store import Database
+from jobgate.store.repositories import jobs
+from jobgate.transport.wakeups import PostgresWakeups, asyncpg_dsn
+
+pytestmark = pytest.mark.service("postgres")
+
+
+async def _submit(db: Database, *, roll_back: bool = False) -> None:
+    noop = Registry.from_paths([]).get("noop")
+    job = jobs.NewJob(
+        id=uuid7(),
+        pipeline=noop,
+        owner="o",
+        params={},
+        files=[],
+        priority=0,
+        budget_usd=1,
+        estimated_usd=0,
+    )
+    async with db.write() as conn:
+        await jobs.create(conn, [job], at=now())
+        if roll_back:
+            raise RuntimeError("roll back")
+
+
+async def test_a_committed_task_wakes_a_listener_and_a_rolled_back_one_does_not(
+    postgres_db_url: str,
+) -> None:
+    db = Database(postgres_db_url)
+    woken = asyncio.Event()
+    listener = PostgresWakeups(postgres_db_url, woken.set)
+    await listener.start()
+    try:
+        woken.clear()  # the wake every (re)connect gives
+        with pytest.raises(RuntimeError):
+            await _submit(db, roll_back=True)
+        await asyncio.sleep(0.3)
+        assert not woken.is_set()
+        await _submit(db)
+        await asyncio.wait_for(woken.wait(), timeout=2)
+    finally:
+        await listener.aclose()
+        await db.aclose()
+
+
+async def test_listener_reconnects_after_its_connection_is_killed(postgres_db_url: str) -> None:
+    db = Database(postgres_db_url)
+    woken = asyncio.Event()
+    listener = PostgresWakeups(postgres_db_url, woken.set)
+    await listener.start()
+    try:
+        admin = await asyncpg.connect(asyncpg_dsn(postgres_db_url))
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        assert killed >= 1
+        await asyncio.sleep(1.0)  # reconnects (and wakes once, for what it missed)
+        woken.clear()
+        await _submit(db)
+        await asyncio.wait_for(woken.wait(), timeout=3)
+    finally:
+        await listener.aclose()
+        await db.aclose()
