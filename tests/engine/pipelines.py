@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -133,4 +135,66 @@ async def gather(ctx: StageContext, **outputs: int) -> int:
     return sum(v for k, v in outputs.items() if k != "start")
 
 
-ALL = (fan, diamond, mapper, threads, slow, cancellable)
+# Sync stages in subprocesses (isolation="process"): reports, crashes, kills, memory limits.
+class ProcParams(BaseModel):
+    mode: str = "ok"
+    crash_attempts: int = 1
+
+
+proc = Pipeline("proc", params=ProcParams)
+
+
+@proc.stage
+async def prepare(ctx: StageContext) -> dict[str, Any]:
+    return {"n": 3}
+
+
+@proc.stage(after=[prepare], retries=1, backoff=0.01, isolation="process")
+def crunch(ctx: StageContext, prepare: dict[str, Any]) -> dict[str, Any]:
+    params: ProcParams = ctx.params
+    crashing = ctx.attempt <= params.crash_attempts
+    if params.mode == "cooperative":
+        ctx.progress(0.1, "waiting")
+        while True:
+            time.sleep(0.01)
+            ctx.check_cancelled()
+    if params.mode == "busy":
+        ctx.progress(0.1, "spinning")
+        while True:  # never looks at the cancellation flag
+            pass
+    if params.mode == "exit" and crashing:
+        os._exit(3)
+    if params.mode == "sigkill" and crashing:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if params.mode == "alloc":
+        ctx.log(f"allocated {len(bytearray(500 * 1024 * 1024))} bytes")
+    if params.mode == "raise":
+        raise ValueError("no crunching today")
+    if params.mode == "budget":
+        ctx.add_cost(1000.0, "too much")
+        ctx.log("still running after the budget")
+    for i in range(prepare["n"]):
+        ctx.progress((i + 1) / prepare["n"], f"step {i + 1}")
+        ctx.add_cost(0.5, "step")
+    print("a print goes to stderr, not into the protocol")
+    ctx.log(f"pid {os.getpid()}")
+    saved = ctx.save_artifact("report.txt", f"n={prepare['n']}".encode(), primary=True)
+    return {
+        "pid": os.getpid(),
+        "n": prepare["n"],
+        "mode": params.mode,
+        "attempt": ctx.attempt,
+        "cost": ctx.cost_usd,
+        "artifact": saved["name"],
+    }
+
+
+proc_slow = Pipeline("proc-slow")
+
+
+@proc_slow.stage(timeout=0.5, isolation="process")
+def nap(ctx: StageContext) -> None:
+    time.sleep(30)
+
+
+ALL = (fan, diamond, mapper, threads, slow, cancellable, proc, proc_slow)

@@ -67,6 +67,27 @@ def test_isolation_must_fit_the_function() -> None:
         def b(ctx: StageContext) -> None: ...
 
 
+def test_process_isolation_is_for_sync_functions_in_importable_modules() -> None:
+    p = Pipeline("p")
+
+    @p.stage(isolation="process")
+    def a(ctx: StageContext) -> None: ...
+
+    assert a.isolation == "process"
+    assert not a.is_async
+    assert a.pipeline == "p"
+    with pytest.raises(PipelineDefinitionError, match="runs with isolation='async'"):
+
+        @p.stage(isolation="process")
+        async def b(ctx: StageContext) -> None: ...
+
+    def c(ctx: StageContext) -> None: ...
+
+    c.__module__ = "__main__"
+    with pytest.raises(PipelineDefinitionError, match="importable module"):
+        p.stage(isolation="process")(c)
+
+
 def test_map_over_files_needs_a_file_rule() -> None:
     p = Pipeline("p")
     with pytest.raises(PipelineDefinitionError, match="takes none"):

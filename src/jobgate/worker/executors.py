@@ -1,4 +1,4 @@
-"""Running one stage function: on the event loop (async) or in a thread (sync)."""
+"""Running one stage function: on the event loop (async), in a thread or in a subprocess."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import contextvars
 import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from jobgate.pipelines import Stage, StageContext
+
+if TYPE_CHECKING:
+    from jobgate.worker.processes import ProcessPool
 
 
 class StageTimeout(Exception):
@@ -30,14 +33,25 @@ def call_arguments(stage: Stage, ctx: StageContext) -> dict[str, Any]:
     return kwargs
 
 
-async def execute(stage: Stage, ctx: StageContext, threads: ThreadPoolExecutor) -> Any:
+async def execute(
+    stage: Stage,
+    ctx: StageContext,
+    threads: ThreadPoolExecutor,
+    processes: ProcessPool | None = None,
+) -> Any:
     """Run the stage under its timeout and return its output, as JSON-ready data.
+
+    `isolation="process"` stages run in `processes` (see `jobgate.worker.processes`).
 
     Raises:
         StageTimeout: the attempt ran longer than `stage.timeout_s`.
         OutputNotSerializable: the output is not JSON.
         Exception: whatever the stage raised.
     """
+    if stage.isolation == "process":
+        if processes is None:
+            raise RuntimeError("isolation='process' needs the worker's process pool")
+        return await processes.run(stage, ctx)
     kwargs = call_arguments(stage, ctx)
     if stage.is_async:
         work: asyncio.Future[Any] = asyncio.ensure_future(stage.fn(ctx, **kwargs))

@@ -24,6 +24,7 @@ from jobgate.store import Database
 from jobgate.store.repositories import outcomes, tasks
 from jobgate.store.repositories import workers as worker_repo
 from jobgate.worker import executors
+from jobgate.worker.processes import ProcessPool
 from jobgate.worker.runtime import TaskRuntime
 
 log = structlog.get_logger("jobgate.worker")
@@ -69,6 +70,12 @@ class Worker:
         # Threads abandoned by a timeout keep their slot until they end; leave headroom.
         self._threads = ThreadPoolExecutor(
             max_workers=self.concurrency * 2, thread_name_prefix="jobgate-stage"
+        )
+        # Subprocesses for `isolation="process"` stages, started when first needed.
+        self.processes = ProcessPool(
+            size=self.concurrency,
+            max_tasks_per_child=settings.process_max_tasks_per_child,
+            max_rss_mb=settings.process_max_rss_mb,
         )
         self._started_at = now()
 
@@ -122,6 +129,7 @@ class Worker:
             async with self.db.write() as conn:
                 await worker_repo.unregister(conn, self.id)
         self._threads.shutdown(wait=False, cancel_futures=True)
+        await self.processes.close()
         log.info("worker_stopped", worker_id=self.id)
 
     async def run(self) -> None:
@@ -297,10 +305,16 @@ class Worker:
         self._wakeup.set()
 
     def _stop_soon(self, runtime: TaskRuntime) -> None:
-        """Cancellation: async stages get `CancelledError` now; threads get the grace."""
+        """Cancellation: async stages get `CancelledError` now; sync ones get the grace.
+
+        The flag comes first (`check_cancelled()` raises; a process stage's child is told).
+        After `cancel_grace_s` the stage's task is cancelled: a thread is abandoned, a
+        process stage's child is killed with its process group.
+        """
         entry = self._running.get(runtime.task.task_id)
         if entry is None:
             return
+        runtime.cancel()
         stage = self.registry.get(runtime.task.pipeline).stages[runtime.task.stage]
         if stage.is_async:
             entry[1].cancel()
@@ -339,7 +353,7 @@ class Worker:
                 )
                 if runtime.cancel_requested():
                     raise JobCancelled()
-                output = await executors.execute(stage, ctx, self._threads)
+                output = await executors.execute(stage, ctx, self._threads, self.processes)
             except asyncio.CancelledError:
                 outcome = await self._interrupted(runtime)
             except JobCancelled:
