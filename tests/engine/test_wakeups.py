@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 
 import asyncpg
 import pytest
+from sqlalchemy import func, select
 
+from jobgate.blobs import open_blob_store
+from jobgate.config import Settings
 from jobgate.ids import now, uuid7
 from jobgate.pipelines import Registry
 from jobgate.store import Database
 from jobgate.store.repositories import jobs
+from jobgate.store.tables import jobs as job_table
 from jobgate.transport.wakeups import PostgresWakeups, asyncpg_dsn
+from jobgate.worker import Worker
 
 pytestmark = pytest.mark.service("postgres")
 
@@ -75,4 +82,36 @@ async def test_listener_reconnects_after_its_connection_is_killed(postgres_db_ur
         await asyncio.wait_for(woken.wait(), timeout=3)
     finally:
         await listener.aclose()
+        await db.aclose()
+
+
+async def test_a_worker_is_woken_by_another_process_commit_not_by_its_poll(
+    postgres_db_url: str, tmp_path: Path
+) -> None:
+    """With a 30 s poll, a job committed elsewhere still runs within a second or two."""
+    settings = Settings(data_dir=tmp_path, database_url=postgres_db_url, worker_poll_interval_s=30)
+    db = Database(postgres_db_url)
+    blobs = open_blob_store((tmp_path / "blobs").as_uri())
+    worker = Worker(
+        settings=settings, db=db, blobs=blobs, registry=Registry.from_paths([]), concurrency=2
+    )
+    await worker.start()
+    try:
+        await asyncio.sleep(0.5)  # past the first poll
+        submitted = time.monotonic()
+        await _submit(db)  # a separate transaction; nobody calls worker.wake()
+        while True:
+            async with db.read() as conn:
+                done = await conn.scalar(
+                    select(func.count())
+                    .select_from(job_table)
+                    .where(job_table.c.status == "succeeded")
+                )
+            if done:
+                break
+            assert time.monotonic() - submitted < 3, "the worker waited for its poll"
+            await asyncio.sleep(0.02)
+    finally:
+        await worker.stop(grace_s=0)
+        await blobs.aclose()
         await db.aclose()

@@ -23,6 +23,7 @@ from jobgate.pipelines import InputFile, Registry, StageContext
 from jobgate.store import Database
 from jobgate.store.repositories import outcomes, tasks
 from jobgate.store.repositories import workers as worker_repo
+from jobgate.transport.wakeups import PostgresWakeups
 from jobgate.worker import executors
 from jobgate.worker.processes import ProcessPool
 from jobgate.worker.runtime import TaskRuntime
@@ -78,12 +79,17 @@ class Worker:
             max_rss_mb=settings.process_max_rss_mb,
         )
         self._started_at = now()
+        self._wakeups: PostgresWakeups | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Register in the workers table and start claiming."""
         await self._register()
+        if not self.db.is_sqlite:
+            # Tasks committed by any process wake this worker at once, not at its next poll.
+            self._wakeups = PostgresWakeups(self.db.url, self.wake)
+            await self._wakeups.start()
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="jobgate-claim"),
             asyncio.create_task(self._lease_loop(), name="jobgate-leases"),
@@ -130,6 +136,9 @@ class Worker:
                 await worker_repo.unregister(conn, self.id)
         self._threads.shutdown(wait=False, cancel_futures=True)
         await self.processes.close()
+        if self._wakeups is not None:
+            await self._wakeups.aclose()
+            self._wakeups = None
         log.info("worker_stopped", worker_id=self.id)
 
     async def run(self) -> None:
