@@ -519,3 +519,40 @@ def jobs_cancel(
     """Cancel a job (a running one stops at its next check)."""
     job = _call(url, key, "POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
     _emit(job, as_json, _print_job)
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue a failed or cancelled job again, from the stages that did not succeed."""
+    job = _call(url, key, "POST", f"/v1/jobs/{quote(job_id, safe='')}/retry")
+    _emit(job, as_json, _print_job)
+
+
+@app.command("workers")
+def workers_list(
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The live workers of a running server (admins)."""
+    listing = _call(url, key, "GET", "/v1/workers")
+
+    def human(data: dict[str, Any]) -> None:
+        table = _table("id", "host", "pid", "queues", "running", "last seen")
+        for w in data["workers"]:
+            table.add_row(
+                w["id"],
+                w["host"],
+                str(w["pid"]),
+                ",".join(w["queues"]),
+                f"{w['running']}/{w['concurrency']}",
+                _when(w["last_seen_at"]),
+            )
+        out.print(table)
+
+    _emit(listing, as_json, human)

@@ -210,3 +210,55 @@ def test_sigkilled_worker_is_declared_lost_and_its_stage_finishes_elsewhere(
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_cli_submits_watches_and_lists_over_http(server: Server, tmp_path: Path) -> None:
+    """`jobgate submit`, `jobs get`, `jobs list` and `workers` speak to a live server."""
+    env = {**server.env, "JOBGATE_URL": server.url, "JOBGATE_API_KEY": server.key}
+
+    def cli(*args: str) -> Any:
+        done = subprocess.run(
+            [*JOBGATE, *args, "--json"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    note = tmp_path / "note.txt"
+    note.write_text("one two two\n")
+    job = cli("submit", "text-stats", "--param", "top=1", "--file", str(note))
+    assert job["status"] == "queued"
+    with server.client() as client:
+        wait_for(client, job["id"], {"succeeded"})
+    shown = cli("jobs", "get", job["id"])
+    assert shown["result"]["top_words"] == [["two", 2]]
+    assert job["id"] in [j["id"] for j in cli("jobs", "list")["jobs"]]
+    assert len(cli("workers")["workers"]) == 1
+
+
+def test_a_second_sigterm_cuts_the_drain_short(api_only: Server, tmp_path: Path) -> None:
+    """SIGTERM twice: the worker stops at once, hands its stage back, and exits 0."""
+    worker = subprocess.Popen(
+        [*JOBGATE, "worker", "--id", "impatient"],
+        env={**api_only.env, "JOBGATE_SHUTDOWN_GRACE_S": "60"},
+        stdout=(tmp_path / "worker.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with api_only.client() as client:
+            job_id = client.post(
+                "/v1/jobs", json={"pipeline": "steps", "params": {"steps": 600, "step_ms": 50}}
+            ).json()["id"]
+            wait_for_stage(client, job_id, "work", "running")
+            worker.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert worker.poll() is None  # draining: the stage has 60 s to finish
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=10) == 0
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            work = next(s for s in job["stages"] if s["name"] == "work")
+            assert work["status"] == "queued"  # handed back, not failed
+            assert work["attempt"] == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
