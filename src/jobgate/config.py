@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     priority_aging_s: float = Field(
         10.0, ge=0, description="each priority point counts as this many seconds of waiting"
     )
+    fair_share_stride_s: float = Field(
+        1.0, ge=0, description="each job moves its owner's fair-share clock this far"
+    )
     sweep_interval_s: float = Field(2.0, gt=0)
     worker_lost_after_s: float = Field(15.0, gt=0)
     max_deliveries: int = Field(5, ge=1)

@@ -22,6 +22,7 @@ def state_of(app: FastAPI) -> Any:
 
 
 def job_row(owner: str, status: str, actual_usd: float) -> dict[str, Any]:
+    at = now()
     return {
         "id": uuid7(),
         "pipeline": "steps",
@@ -36,7 +37,8 @@ def job_row(owner: str, status: str, actual_usd: float) -> dict[str, Any]:
         "actual_usd": actual_usd,
         "budget_usd": 10.0,
         "progress": 0.0,
-        "created_at": now(),
+        "fair_key": at,
+        "created_at": at,
     }
 
 

@@ -240,3 +240,37 @@ async def test_create_returns_what_load_reads_back(engine: Engine) -> None:
     async with engine.db.read() as conn:
         stored = await jobs.load(conn, [job.id for job in new])
     assert [views.job(s) for s in built] == [views.job(s) for s in stored]
+
+
+async def test_one_owners_backlog_does_not_hold_up_another_owners_job(engine: Engine) -> None:
+    """Fair share: a job submitted after 60 of another owner's runs within the first few."""
+    backlog = [await engine.submit("noop", {"i": i}, owner="busy") for i in range(60)]
+    other = await engine.submit("noop", {"i": "mine"}, owner="quiet")
+    await engine.start_worker(concurrency=1)
+    mine = await engine.wait(other)
+    finished_before = 0
+    for job_id in backlog:
+        job = (await engine.wait(job_id)).job
+        finished_before += job["finished_at"] <= mine.job["finished_at"]
+    assert finished_before <= 3
+
+
+async def test_fair_share_can_be_turned_off(engine: Engine) -> None:
+    """With a stride of 0 the order is plain arrival order."""
+    from jobgate.ids import now, uuid7
+    from jobgate.store.repositories import jobs
+
+    noop = engine.registry.get("noop")
+
+    def new(owner: str) -> jobs.NewJob:
+        return jobs.NewJob(
+            id=uuid7(), pipeline=noop, owner=owner, params={}, files=[],
+            priority=0, budget_usd=1, estimated_usd=0,
+        )  # fmt: skip
+
+    async with engine.db.write() as conn:
+        first = await jobs.create(conn, [new("busy") for _ in range(5)], at=now(), stride_s=0)
+        last = await jobs.create(conn, [new("quiet")], at=now() + 1, stride_s=0)
+    keys = [s.job["fair_key"] for s in first + last]
+    assert keys == sorted(keys)
+    assert keys[0] == keys[4]  # one submit, one instant

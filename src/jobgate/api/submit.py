@@ -446,7 +446,13 @@ async def commit(
                     ),
                     at=at,
                 )
-                snapshots = await job_repo.create(conn, new_jobs, at=at)
+                snapshots = await job_repo.create(
+                    conn,
+                    new_jobs,
+                    at=at,
+                    aging_s=settings.priority_aging_s,
+                    stride_s=settings.fair_share_stride_s,
+                )
                 for job in new_jobs:
                     await blob_repo.grant(
                         conn, (f["sha256"] for f in job.files), owner=job.owner, at=at

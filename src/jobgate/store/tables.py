@@ -54,6 +54,8 @@ jobs = Table(
     Column("records_succeeded", Integer, nullable=False, default=0),
     Column("records_failed", Integer, nullable=False, default=0),
     Column("last_seq", Integer, nullable=False, default=0),
+    # The job's place in its owner's fair-share order (docs/scheduling.md).
+    Column("fair_key", Float, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("started_at", Float),
     Column("finished_at", Float),
@@ -187,6 +189,14 @@ idempotency_keys = Table(
     Column("request_hash", String(64), nullable=False),
     Column("job_ids", Json, nullable=False),
     Column("created_at", Float, nullable=False, index=True),
+)
+
+# Each owner's fair-share clock: the virtual start time its next job gets.
+owner_clocks = Table(
+    "owner_clocks",
+    metadata,
+    Column("owner", String(255), primary_key=True),
+    Column("clock", Float, nullable=False),
 )
 
 workers = Table(

@@ -7,16 +7,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.errors import Conflict, NotFound
 from jobgate.pipelines import Pipeline, Registry
 from jobgate.store.repositories import events, scheduling, tasks
-from jobgate.store.tables import artifacts, jobs, stages
+from jobgate.store.tables import artifacts, jobs, owner_clocks, stages
 from jobgate.store.tables import events as event_table
 from jobgate.store.tables import tasks as task_table
 
+DEFAULT_STRIDE_S = 1.0
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"queued", "running"})
 
@@ -47,13 +49,23 @@ class JobSnapshot:
 
 
 async def create(
-    conn: AsyncConnection, new_jobs: Sequence[NewJob], *, at: float
+    conn: AsyncConnection,
+    new_jobs: Sequence[NewJob],
+    *,
+    at: float,
+    aging_s: float = tasks.DEFAULT_AGING_S,
+    stride_s: float = DEFAULT_STRIDE_S,
 ) -> list[JobSnapshot]:
     """Insert jobs, their stages, first events and first tasks: one submit, one transaction.
+
+    Args:
+        aging_s: seconds of waiting one priority point is worth.
+        stride_s: how far each job moves its owner's fair-share clock (0: plain FIFO).
 
     Returns:
         The new jobs as they are now stored, without reading them back.
     """
+    fair_keys = await _fair_keys(conn, new_jobs, at=at, stride_s=stride_s)
     job_rows: list[dict[str, Any]] = []
     stage_rows: list[dict[str, Any]] = []
     event_rows: list[dict[str, Any]] = []
@@ -90,7 +102,16 @@ async def create(
                 indexes: list[int | None] = list(range(items)) if stage.is_map else [None]
                 task_rows.extend(
                     tasks.task_row(
-                        job.id, job.owner, pipeline.name, stage, i, job.priority, at, attempt=0
+                        job.id,
+                        job.owner,
+                        pipeline.name,
+                        stage,
+                        i,
+                        job.priority,
+                        fair_keys[job.id],
+                        attempt=0,
+                        at=at,
+                        aging_s=aging_s,
                     )
                     for i in indexes
                 )
@@ -115,6 +136,7 @@ async def create(
                 "records_succeeded": 0,
                 "records_failed": 0,
                 "last_seq": len(first_events),
+                "fair_key": fair_keys[job.id],
                 "created_at": at,
             }
         )
@@ -145,6 +167,46 @@ async def create(
             {**row, "output": None, "error": None, "started_at": None, "finished_at": None}
         )
     return [JobSnapshot(job={**row, **unset}, stages=by_job[row["id"]]) for row in job_rows]
+
+
+async def _fair_keys(
+    conn: AsyncConnection, new_jobs: Sequence[NewJob], *, at: float, stride_s: float
+) -> dict[str, float]:
+    """Each job's place in its owner's order, advancing the owner's clock.
+
+    An owner's jobs are spaced `stride_s` apart, starting from `max(now, the owner's
+    clock)`. An owner with a backlog therefore queues behind itself, while another
+    owner's new job starts at now: it waits only for the jobs whose keys came before
+    now, never for the whole backlog.
+    """
+    if stride_s <= 0:
+        return {job.id: at for job in new_jobs}
+    by_owner: dict[str, list[str]] = {}
+    for job in new_jobs:
+        by_owner.setdefault(job.owner, []).append(job.id)
+    clocks = dict(
+        (
+            await conn.execute(
+                select(owner_clocks.c.owner, owner_clocks.c.clock)
+                .where(owner_clocks.c.owner.in_(by_owner))
+                .with_for_update()
+            )
+        ).all()
+    )
+    keys: dict[str, float] = {}
+    for owner, ids in by_owner.items():
+        start = max(at, clocks.get(owner, at))
+        keys.update((job_id, start + i * stride_s) for i, job_id in enumerate(ids))
+        clocks[owner] = start + len(ids) * stride_s
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    upsert = dialect.insert(owner_clocks)
+    await conn.execute(
+        upsert.on_conflict_do_update(
+            index_elements=["owner"], set_={"clock": upsert.excluded.clock}
+        ),
+        [{"owner": owner, "clock": clocks[owner]} for owner in by_owner],
+    )
+    return keys
 
 
 async def load(conn: AsyncConnection, ids: Sequence[str]) -> list[JobSnapshot]:

@@ -30,7 +30,7 @@ async def enqueue_stage(
     job = (
         (
             await conn.execute(
-                select(jobs.c.owner, jobs.c.priority, jobs.c.created_at, jobs.c.files).where(
+                select(jobs.c.owner, jobs.c.priority, jobs.c.fair_key, jobs.c.files).where(
                     jobs.c.id == job_id
                 )
             )
@@ -88,7 +88,7 @@ async def enqueue_stage(
                 stage,
                 i,
                 job["priority"],
-                job["created_at"],
+                job["fair_key"],
                 attempt=attempt,
                 at=at,
                 aging_s=aging_s,

@@ -74,9 +74,10 @@ async def notify_ready(conn: AsyncConnection) -> None:
         await conn.execute(_NOTIFY)
 
 
-def sort_key(created_at: float, priority: int, aging_s: float) -> float:
-    """The claim order: earlier is first; each priority point counts as `aging_s` of waiting."""
-    return created_at - priority * aging_s
+def sort_key(fair_key: float, priority: int, aging_s: float) -> float:
+    """The claim order: smaller first. `fair_key` is the job's place in its owner's
+    fair-share order; each priority point moves it `aging_s` seconds earlier."""
+    return fair_key - priority * aging_s
 
 
 def task_row(
@@ -86,13 +87,13 @@ def task_row(
     stage: Stage,
     item_index: int | None,
     priority: int,
-    created_at: float,
+    fair_key: float,
     *,
     attempt: int,
-    at: float | None = None,
+    at: float,
     aging_s: float = DEFAULT_AGING_S,
 ) -> dict[str, Any]:
-    """A `tasks` row for one stage (or one item of a map stage)."""
+    """A `tasks` row for one stage (or one item of a map stage), ready at `at`."""
     return {
         "job_id": job_id,
         "stage": stage.name,
@@ -100,11 +101,11 @@ def task_row(
         "queue": stage.queue,
         "owner": owner,
         "pipeline": pipeline,
-        "sort_key": sort_key(created_at, priority, aging_s),
-        "available_at": at if at is not None else created_at,
+        "sort_key": sort_key(fair_key, priority, aging_s),
+        "available_at": at,
         "attempt": attempt,
         "deliveries": 0,
-        "created_at": at if at is not None else created_at,
+        "created_at": at,
     }
 
 
