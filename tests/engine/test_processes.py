@@ -130,7 +130,7 @@ async def test_timeout_kills_the_process_and_fails_timeout(engine: Engine) -> No
 async def test_crashed_process_fails_the_attempt_and_the_retry_gets_a_fresh_one(
     engine: Engine, mode: str, code: str
 ) -> None:
-    """`os._exit` or SIGKILL in a stage fails that attempt clearly; the retry succeeds."""
+    """`os._exit` or SIGKILL in a stage is a lost delivery; the retry succeeds."""
     await engine.start_worker()
     job_id = await engine.submit("proc", {"mode": mode})
     snapshot = await engine.wait(job_id)
@@ -143,13 +143,15 @@ async def test_crashed_process_fails_the_attempt_and_the_retry_gets_a_fresh_one(
         if e["type"] == "stage_update" and e["data"].get("error")
     ]
     assert len(retried) == 1
-    assert retried[0]["type"] == "stage_failed"
+    assert retried[0]["type"] == "lost"
     assert retried[0]["message"].startswith(f"the stage's process died ({code}")
 
-    # Crashing on every attempt fails the job; the worker keeps serving other jobs.
+    # A poison stage that kills its process every time fails the job `lost` after
+    # JOBGATE_MAX_DELIVERIES (5) runs, not its 1 retry; the worker keeps serving.
     failed = await engine.wait(await engine.submit("proc", {"mode": mode, "crash_attempts": 9}))
     assert failed.job["status"] == "failed"
-    assert failed.job["error"]["type"] == "stage_failed"
+    assert engine.stage(failed, "crunch")["attempt"] == 5
+    assert failed.job["error"]["type"] == "lost"
     assert failed.job["error"]["message"].startswith(f"the stage's process died ({code}")
     fine = await engine.wait(await engine.submit("proc"))
     assert fine.job["status"] == "succeeded"

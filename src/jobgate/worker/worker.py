@@ -25,7 +25,7 @@ from jobgate.store.repositories import outcomes, tasks
 from jobgate.store.repositories import workers as worker_repo
 from jobgate.transport.wakeups import PostgresWakeups
 from jobgate.worker import executors
-from jobgate.worker.processes import ProcessPool
+from jobgate.worker.processes import ProcessDied, ProcessPool
 from jobgate.worker.runtime import TaskRuntime
 
 log = structlog.get_logger("jobgate.worker")
@@ -377,6 +377,12 @@ class Worker:
                 outcome = "failed"
                 runtime.cancel()
                 await self._fail(runtime, "timeout", str(exc), retryable=True)
+            except ProcessDied as exc:
+                # A crash of the stage's own process is a lost delivery, bounded by
+                # JOBGATE_MAX_DELIVERIES whatever the stage's retries.
+                outcome = "lost"
+                limit = self.settings.max_deliveries
+                await self._fail(runtime, "lost", str(exc), retryable=True, runs_allowed=limit)
             except Exception as exc:
                 outcome = "failed"
                 log.warning("stage_raised", error=repr(exc), exc_info=True)
@@ -415,7 +421,13 @@ class Worker:
         await self._write(runtime, lambda conn, r: outcomes.stopped(conn, task, r, at=now()))
 
     async def _fail(
-        self, runtime: TaskRuntime, kind: str, message: str, *, retryable: bool
+        self,
+        runtime: TaskRuntime,
+        kind: str,
+        message: str,
+        *,
+        retryable: bool,
+        runs_allowed: int | None = None,
     ) -> None:
         task = runtime.task
         error = {"type": kind, "message": message[:2000]}
@@ -431,6 +443,7 @@ class Worker:
                 at=now(),
                 backoff_cap_s=self.settings.retry_backoff_max_s,
                 aging_s=self.settings.priority_aging_s,
+                runs_allowed=runs_allowed,
             ),
         )
 

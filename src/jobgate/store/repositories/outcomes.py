@@ -144,6 +144,7 @@ async def fail(
     registry: Registry,
     at: float,
     backoff_cap_s: float = 300.0,
+    runs_allowed: int | None = None,
     aging_s: float = DEFAULT_AGING_S,
 ) -> float | None:
     """Record a failed run: retry it later, fail its item, or fail the job.
@@ -151,6 +152,8 @@ async def fail(
     Args:
         error: `{"type", "message"}`; the stage name is added.
         retryable: False for failures no retry can fix (budget exceeded).
+        runs_allowed: how many runs this life of the task may have (default: the
+            stage's `retries` + 1; a stage whose process died gets the delivery limit).
 
     Returns:
         The retry delay in seconds, or None when no retry follows.
@@ -166,7 +169,8 @@ async def fail(
     job = await tasks.job_state(conn, task.job_id)
     stopping = job.stopping
     # Attempts count over the stage's whole life; retries allow that many more runs.
-    runs_allowed = stage.retries + 1
+    if runs_allowed is None:
+        runs_allowed = stage.retries + 1
     # `deliveries` counts the runs of this task row, which a manual retry creates anew.
     runs_this_life = task.deliveries
     if retryable and not stopping and runs_this_life < runs_allowed:
