@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(4, ge=0)
     worker_queues: str = "default"
     worker_poll_interval_s: float = Field(0.5, gt=0)
+    worker_idle_poll_s: float = Field(
+        10.0, gt=0, description="the poll while PostgreSQL notifications wake the worker"
+    )
     lease_s: float = Field(30.0, gt=0)
     cancel_grace_s: float = Field(5.0, ge=0)
     shutdown_grace_s: float = Field(30.0, ge=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from jobgate.blobs import open_blob_store
 from jobgate.config import Settings
@@ -111,6 +111,36 @@ async def test_a_worker_is_woken_by_another_process_commit_not_by_its_poll(
                 break
             assert time.monotonic() - submitted < 3, "the worker waited for its poll"
             await asyncio.sleep(0.02)
+    finally:
+        await worker.stop(grace_s=0)
+        await blobs.aclose()
+        await db.aclose()
+
+
+async def test_an_idle_worker_barely_touches_the_database(
+    postgres_db_url: str, tmp_path: Path
+) -> None:
+    """Woken by notifications, an idle worker only heartbeats, sweeps and polls rarely."""
+    settings = Settings(data_dir=tmp_path, database_url=postgres_db_url)
+    db = Database(postgres_db_url)
+    statements: list[str] = []
+    event.listen(
+        db.engine.sync_engine,
+        "before_cursor_execute",
+        lambda _c, _cur, sql, *_rest: statements.append(sql),
+    )
+    blobs = open_blob_store((tmp_path / "blobs").as_uri())
+    worker = Worker(
+        settings=settings, db=db, blobs=blobs, registry=Registry.from_paths([]), concurrency=4
+    )
+    await worker.start()
+    try:
+        await asyncio.sleep(1.0)  # start-up claims and registration
+        statements.clear()
+        await asyncio.sleep(6.0)
+        per_second = len(statements) / 6.0
+        print(f"idle worker: {per_second:.2f} statements/s: {statements}")
+        assert per_second < 1.5
     finally:
         await worker.stop(grace_s=0)
         await blobs.aclose()

@@ -47,6 +47,11 @@ class PostgresWakeups:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._connected.wait(), timeout=5)
 
+    @property
+    def listening(self) -> bool:
+        """Whether notifications are being received right now."""
+        return self._connected.is_set()
+
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -67,6 +72,7 @@ class PostgresWakeups:
                 delay = 0.1
                 self._on_wake()  # anything committed while we were not listening
                 await lost.wait()
+                self._connected.clear()
                 log.warning("wakeups_connection_lost")
             except asyncio.CancelledError:
                 raise

@@ -200,9 +200,17 @@ class Worker:
                 self._launch(task)
             if len(claimed) < free and not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._wakeup.wait(), timeout=self.settings.worker_poll_interval_s
-                    )
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval())
+
+    def _poll_interval(self) -> float:
+        """How long an idle claim loop waits for a wake-up before looking anyway.
+
+        While PostgreSQL notifications arrive, a worker is woken for every committed task
+        and for its own retries, so polling is only a safety net for lost notifications.
+        """
+        if self._wakeups is not None and self._wakeups.listening:
+            return max(self.settings.worker_poll_interval_s, self.settings.worker_idle_poll_s)
+        return self.settings.worker_poll_interval_s
 
     async def _lease_loop(self) -> None:
         """Renew every held lease together and pass on cancellations and lost leases."""
@@ -431,7 +439,7 @@ class Worker:
     ) -> None:
         task = runtime.task
         error = {"type": kind, "message": message[:2000]}
-        await self._write(
+        retry_in = await self._write(
             runtime,
             lambda conn, r: outcomes.fail(
                 conn,
@@ -446,11 +454,18 @@ class Worker:
                 runs_allowed=runs_allowed,
             ),
         )
+        if retry_in is not None:
+            # Claim the retry when it is due, not at the next (possibly long) poll.
+            asyncio.get_running_loop().call_later(retry_in, self.wake)
 
     async def _write(
         self, runtime: TaskRuntime, outcome: Callable[[Any, tasks.Report], Awaitable[T]]
-    ) -> None:
-        """Write a task's outcome, retrying transient store errors until the lease ends."""
+    ) -> T | None:
+        """Write a task's outcome, retrying transient store errors until the lease ends.
+
+        Returns:
+            What the outcome returned, or None when it could not be written.
+        """
         # The outcome carries whatever is still buffered; no flush may race with it.
         # A flush under way is awaited, never cancelled, so its report is not lost.
         runtime.finishing = True
@@ -463,16 +478,15 @@ class Worker:
             report = runtime.take_report()
             try:
                 async with self.db.write() as conn:
-                    await outcome(conn, report)
-                return
+                    return await outcome(conn, report)
             except tasks.LeaseLost:
                 log.warning("outcome_dropped_lease_lost")
-                return
+                return None
             except Exception:
                 runtime.put_back(report)
                 if now() > runtime.task.lease_expires_at:
                     log.exception("outcome_not_written")
-                    return
+                    return None
                 log.warning("outcome_write_retry", exc_info=True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
