@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -235,3 +236,23 @@ async def test_a_lost_workers_stages_return_before_their_lease_expires(engine: E
     assert claimed.lease_expires_at > now()  # recovered well before the lease ran out
     async with engine.db.read() as conn:
         assert await workers.lost(conn, silent_since=now()) == [worker.id]
+
+
+async def test_workers_forget_expired_idempotency_keys(engine: Engine) -> None:
+    """Keys past `JOBGATE_IDEMPOTENCY_TTL_S` are deleted by the workers' maintenance."""
+    from sqlalchemy import select
+
+    from jobgate.store.repositories import idempotency
+    from jobgate.store.tables import idempotency_keys
+
+    engine.settings = engine.settings.model_copy(update={"idempotency_ttl_s": 1})
+    async with engine.db.write() as conn:
+        for key, age in (("old", 10.0), ("fresh", 0.0)):
+            await idempotency.remember(
+                conn, owner="o", key=key, request_hash="h", job_ids=[], at=now() - age, ttl_s=1
+            )
+    await engine.start_worker()
+    await asyncio.sleep(2.0)
+    async with engine.db.read() as conn:
+        left = [row[0] for row in await conn.execute(select(idempotency_keys.c.key))]
+    assert "old" not in left

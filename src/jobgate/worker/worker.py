@@ -21,7 +21,7 @@ from jobgate.ids import now, uuid7
 from jobgate.observability import metrics
 from jobgate.pipelines import InputFile, Registry, StageContext
 from jobgate.store import Database
-from jobgate.store.repositories import outcomes, tasks
+from jobgate.store.repositories import idempotency, outcomes, tasks
 from jobgate.store.repositories import workers as worker_repo
 from jobgate.transport.wakeups import PostgresWakeups
 from jobgate.worker import executors
@@ -244,11 +244,12 @@ class Worker:
                     self._stop_soon(runtime)
 
     async def _maintenance_loop(self) -> None:
-        """Heartbeat, and sweep: expired leases and lost workers' stages go back to the queue."""
+        """Heartbeat; sweep (expired leases and lost workers' stages go back to the queue);
+        forget Idempotency-Keys older than their time to live."""
         settings = self.settings
         heartbeat_every = max(0.2, min(5.0, settings.worker_lost_after_s / 3))
         tick = min(heartbeat_every, settings.sweep_interval_s)
-        last_beat = last_sweep = now()
+        last_beat = last_sweep = last_purge = now()
         while True:
             await asyncio.sleep(tick)
             try:
@@ -263,6 +264,12 @@ class Worker:
                 if now() - last_sweep >= settings.sweep_interval_s:
                     last_sweep = now()
                     await self._sweep(last_sweep)
+                if now() - last_purge >= min(60.0, settings.idempotency_ttl_s):
+                    last_purge = now()
+                    async with self.db.write() as conn:
+                        await idempotency.purge(
+                            conn, before=last_purge - settings.idempotency_ttl_s
+                        )
             except Exception:
                 log.exception("maintenance_failed")
 
