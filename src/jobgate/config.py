@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     priority_aging_s: float = Field(
         10.0, ge=0, description="each priority point counts as this many seconds of waiting"
     )
+    max_running_per_owner: int = Field(0, ge=0, description="0: no cap")
     fair_share_stride_s: float = Field(
         1.0, ge=0, description="each job moves its owner's fair-share clock this far"
     )

@@ -197,4 +197,19 @@ def nap(ctx: StageContext) -> None:
     time.sleep(30)
 
 
-ALL = (fan, diamond, mapper, threads, slow, cancellable, proc, proc_slow)
+# Sleeps, and says when: for concurrency caps.
+napper = Pipeline("nap")
+capped = Pipeline("capped", max_running=1)
+
+
+async def _nap(ctx: StageContext) -> dict[str, float]:
+    started = time.time()
+    await asyncio.sleep(0.3)
+    return {"started": started, "ended": time.time()}
+
+
+napper.stage(name="sleep")(_nap)
+capped.stage(name="sleep")(_nap)
+
+
+ALL = (napper, capped, fan, diamond, mapper, threads, slow, cancellable, proc, proc_slow)

@@ -274,3 +274,32 @@ async def test_fair_share_can_be_turned_off(engine: Engine) -> None:
     keys = [s.job["fair_key"] for s in first + last]
     assert keys == sorted(keys)
     assert keys[0] == keys[4]  # one submit, one instant
+
+
+def _max_overlap(spans: list[dict[str, float]]) -> int:
+    edges = sorted([(s["started"], 1) for s in spans] + [(s["ended"], -1) for s in spans])
+    now_running = peak = 0
+    for _, step in edges:
+        now_running += step
+        peak = max(peak, now_running)
+    return peak
+
+
+async def test_a_pipelines_max_running_caps_it_across_the_worker(engine: Engine) -> None:
+    """`Pipeline(max_running=1)`: its stages never overlap, even with free slots."""
+    await engine.start_worker(concurrency=4)
+    ids = [await engine.submit("capped") for _ in range(4)]
+    spans = [(await engine.wait(i)).job["result"] for i in ids]
+    assert _max_overlap(spans) == 1
+
+
+async def test_max_running_per_owner_leaves_room_for_others(engine: Engine) -> None:
+    """With a per-owner cap of 1, one owner's stages run one at a time, others alongside."""
+    engine.settings = engine.settings.model_copy(update={"max_running_per_owner": 1})
+    await engine.start_worker(concurrency=4)
+    busy = [await engine.submit("nap", owner="busy") for _ in range(3)]
+    other = await engine.submit("nap", owner="other")
+    busy_spans = [(await engine.wait(i)).job["result"] for i in busy]
+    other_span = (await engine.wait(other)).job["result"]
+    assert _max_overlap(busy_spans) == 1
+    assert _max_overlap([*busy_spans, other_span]) == 2

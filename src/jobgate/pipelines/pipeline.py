@@ -67,6 +67,8 @@ class Pipeline:
         files: the files a job takes (None: no files).
         estimate: pre-flight cost in USD from the params and the files.
         description: one line for `GET /v1/pipelines`.
+        max_running: the most stages of this pipeline running at once, over all workers
+            (None: no cap).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class Pipeline:
         files: FileRule | None = None,
         estimate: Estimate | None = None,
         description: str = "",
+        max_running: int | None = None,
     ) -> None:
         if not _NAME.match(name):
             raise PipelineDefinitionError(
@@ -87,6 +90,9 @@ class Pipeline:
         self.version = str(version)
         self.params_model = params
         self.files = files
+        if max_running is not None and max_running < 1:
+            raise PipelineDefinitionError(f"pipeline {name!r}: max_running must be at least 1")
+        self.max_running = max_running
         self.estimate_fn = estimate
         self.description = description or (params.__doc__ or "" if params else "").strip()
         self.stages: dict[str, Stage] = {}

@@ -191,6 +191,7 @@ class Worker:
                         lease_s=self.settings.lease_s,
                         at=now(),
                         registry=self.registry,
+                        max_running_per_owner=self.settings.max_running_per_owner,
                     )
             except Exception:
                 log.exception("claim_failed")

@@ -25,6 +25,7 @@ from jobgate.store.tables import tasks as task_table
 
 DEFAULT_AGING_S = 10.0
 CHANNEL = "jobgate_tasks"
+_CAPS_LOCK = 0x6A6F6267  # an advisory-lock key of jobgate's own
 _NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', '')")
 
 
@@ -166,23 +167,56 @@ async def claim(
     lease_s: float,
     at: float,
     registry: Registry,
+    max_running_per_owner: int = 0,
 ) -> list[Claimed]:
-    """Lease up to `limit` ready tasks, best first, and mark their stages and jobs running."""
+    """Lease up to `limit` ready tasks, best first, and mark their stages and jobs running.
+
+    Args:
+        max_running_per_owner: no owner gets more stages running at once (0: no cap);
+            pipelines declared with `max_running` are capped the same way.
+    """
     if limit <= 0:
         return []
+    conditions = [
+        task_table.c.queue.in_(queues),
+        task_table.c.pipeline.in_(pipelines),
+        task_table.c.lease_token.is_(None),
+        task_table.c.available_at <= at,
+    ]
+    pipeline_caps = {p.name: p.max_running for p in registry if p.max_running}
+    capped = bool(max_running_per_owner or pipeline_caps)
+    owners: dict[str, int] = {}
+    running: dict[str, int] = {}
+    if capped:
+        if conn.dialect.name == "postgresql":
+            # Claims that count running stages must not interleave, or two workers could
+            # each see room for one more and both take it.
+            await conn.execute(select(func.pg_advisory_xact_lock(_CAPS_LOCK)))
+        owners, running = await _running(conn)
+        if max_running_per_owner:
+            full = [o for o, n in owners.items() if n >= max_running_per_owner]
+            conditions.append(task_table.c.owner.not_in(full))
+        full_pipelines = [p for p, cap in pipeline_caps.items() if running.get(p, 0) >= cap]
+        conditions.append(task_table.c.pipeline.not_in(full_pipelines))
     candidates = (
-        select(task_table.c.id)
-        .where(
-            task_table.c.queue.in_(queues),
-            task_table.c.pipeline.in_(pipelines),
-            task_table.c.lease_token.is_(None),
-            task_table.c.available_at <= at,
-        )
+        select(task_table.c.id, task_table.c.owner, task_table.c.pipeline)
+        .where(*conditions)
         .order_by(task_table.c.sort_key, task_table.c.id)
-        .limit(limit)
+        .limit(limit * 4 if capped else limit)
         .with_for_update(skip_locked=True)
     )
-    ids = [row[0] for row in await conn.execute(candidates)]
+    ids: list[int] = []
+    for task_id, owner, pipeline in await conn.execute(candidates):
+        if len(ids) == limit:
+            break
+        if capped:
+            if max_running_per_owner and owners.get(owner, 0) >= max_running_per_owner:
+                continue
+            if pipeline in pipeline_caps and running.get(pipeline, 0) >= pipeline_caps[pipeline]:
+                continue
+            owners[owner] = owners.get(owner, 0) + 1
+            running[pipeline] = running.get(pipeline, 0) + 1
+        ids.append(task_id)
     if not ids:
         return []
     expires = at + lease_s
@@ -271,6 +305,21 @@ async def claim(
     for job_id, items in started.items():
         await events.append(conn, job_id, items, at=at)
     return claimed
+
+
+async def _running(conn: AsyncConnection) -> tuple[dict[str, int], dict[str, int]]:
+    """Stages running now (leased tasks), by owner and by pipeline."""
+    by_owner: dict[str, int] = {}
+    by_pipeline: dict[str, int] = {}
+    rows = await conn.execute(
+        select(task_table.c.owner, task_table.c.pipeline, func.count())
+        .where(task_table.c.lease_token.isnot(None))
+        .group_by(task_table.c.owner, task_table.c.pipeline)
+    )
+    for owner, pipeline, n in rows:
+        by_owner[owner] = by_owner.get(owner, 0) + int(n)
+        by_pipeline[pipeline] = by_pipeline.get(pipeline, 0) + int(n)
+    return by_owner, by_pipeline
 
 
 def _item(
