@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -310,10 +310,9 @@ async def cancel(conn: AsyncConnection, job_id: str, *, owner: str | None, at: f
         raise NotFound(f"no job {job_id!r}")
     if job["status"] in TERMINAL:
         raise Conflict(f"job {job_id} is already {job['status']}")
-    # Waiting tasks never start; running ones see the flag and stop.
-    await conn.execute(
-        delete(task_table).where(task_table.c.job_id == job_id, task_table.c.lease_token.is_(None))
-    )
+    # Waiting tasks never start; running ones (and any being claimed right now) see
+    # the flag and stop.
+    await tasks.drop_waiting(conn, job_id)
     running = (
         await conn.execute(
             select(func.count()).select_from(task_table).where(task_table.c.job_id == job_id)

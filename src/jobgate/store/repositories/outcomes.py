@@ -296,23 +296,7 @@ async def sweep(
         .all()
     )
     for row in expired:
-        task = Claimed(
-            task_id=row["id"],
-            lease_token=row["lease_token"],
-            lease_expires_at=row["lease_expires_at"],
-            job_id=row["job_id"],
-            owner=row["owner"],
-            pipeline=row["pipeline"],
-            stage=row["stage"],
-            item_index=row["item_index"],
-            attempt=row["attempt"],
-            deliveries=row["deliveries"],
-            params={},
-            files=[],
-            budget_usd=0.0,
-            actual_usd=0.0,
-            cancel_requested=False,
-        )
+        task = Claimed.from_rows(row)
         job = await tasks.job_state(conn, row["job_id"])
         if job.stopping:
             await stopped(conn, task, Report(), at=at)

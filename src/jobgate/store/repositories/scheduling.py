@@ -287,11 +287,7 @@ async def finalize(
         # stay while other rows point at them).
         await conn.execute(delete(artifacts).where(artifacts.c.job_id == job_id))
     if status != "succeeded":
-        await conn.execute(
-            delete(task_table).where(
-                task_table.c.job_id == job_id, task_table.c.lease_token.is_(None)
-            )
-        )
+        await tasks.drop_waiting(conn, job_id)
     final: tuple[str, dict[str, Any]]
     if status == "succeeded":
         final = ("completed", {"result": result})

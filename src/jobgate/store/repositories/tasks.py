@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,28 @@ class Claimed:
     outputs: dict[str, Any] = field(default_factory=dict)
     item: Any = None
     item_key: str | None = None
+
+    @classmethod
+    def from_rows(cls, task: Mapping[Any, Any], job: Mapping[Any, Any] | None = None) -> Claimed:
+        """A `tasks` row as a claim; without its `jobs` row (the sweeper's case) the job's
+        fields are left empty."""
+        return cls(
+            task_id=task["id"],
+            lease_token=task["lease_token"],
+            lease_expires_at=task["lease_expires_at"],
+            job_id=task["job_id"],
+            owner=task["owner"],
+            pipeline=task["pipeline"],
+            stage=task["stage"],
+            item_index=task["item_index"],
+            attempt=task["attempt"],
+            deliveries=task["deliveries"],
+            params=job["params"] if job else {},
+            files=job["files"] if job else [],
+            budget_usd=job["budget_usd"] if job else 0.0,
+            actual_usd=job["actual_usd"] if job else 0.0,
+            cancel_requested=bool(job["cancel_requested"]) if job else False,
+        )
 
 
 @dataclass
@@ -247,24 +269,8 @@ async def claim(
         job = job_rows[row["job_id"]]
         stage = registry.get(row["pipeline"]).stages[row["stage"]]
         given = await outputs(conn, job["id"], stage.after)
-        task = Claimed(
-            task_id=row["id"],
-            lease_token=tokens[row["id"]],
-            lease_expires_at=expires,
-            job_id=job["id"],
-            owner=job["owner"],
-            pipeline=job["pipeline"],
-            stage=stage.name,
-            item_index=row["item_index"],
-            attempt=row["attempt"],
-            deliveries=row["deliveries"],
-            params=job["params"],
-            files=job["files"],
-            budget_usd=job["budget_usd"],
-            actual_usd=job["actual_usd"],
-            cancel_requested=job["cancel_requested"],
-            outputs=given,
-        )
+        task = Claimed.from_rows(row, job)
+        task.outputs = given
         if stage.is_map and task.item_index is not None:
             task.item, task.item_key = _item(stage, task.item_index, job["files"], given)
         claimed.append(task)
@@ -496,6 +502,21 @@ async def release(conn: AsyncConnection, task: Claimed, report: Report, *, at: f
         [("stage_update", {"stage": task.stage, "status": "queued", "attempt": task.attempt - 1})],
         at=at,
     )
+
+
+async def drop_waiting(conn: AsyncConnection, job_id: str) -> None:
+    """Delete the job's tasks that wait to be claimed.
+
+    A task a worker is claiming at this very moment is skipped, not waited for: the
+    caller holds the job's row, which that claim needs next, so waiting would deadlock.
+    The claimed stage sees its job stopping at its first lease renewal instead.
+    """
+    waiting = select(task_table.c.id).where(
+        task_table.c.job_id == job_id, task_table.c.lease_token.is_(None)
+    )
+    ids = [row[0] for row in await conn.execute(waiting.with_for_update(skip_locked=True))]
+    if ids:
+        await conn.execute(delete(task_table).where(task_table.c.id.in_(ids)))
 
 
 async def depth(conn: AsyncConnection) -> dict[str, int]:
