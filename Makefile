@@ -8,10 +8,10 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint typecheck unit bench lock clean
+.PHONY: help run test lint typecheck unit bench bench-peers lock clean
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(UV):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "jobgate needs Python >= 3.11"; exit 1; }
@@ -46,5 +46,8 @@ unit: $(VENV)/.synced ## only the tests that need no server
 bench: $(VENV)/.synced ## benchmarks (never part of CI); figures go to bench/RESULTS.md
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+bench-peers: $(VENV)/.synced ## peer job queues side by side (venvs in .bench-venvs/; never in CI)
+	$(BIN)/python -m bench.peers $(BENCH_ARGS)
+
 clean: ## remove the virtualenvs and the embedded data
-	rm -rf $(VENV) $(TOOLS) .jobgate .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .bench-venvs .jobgate .pytest_cache .mypy_cache .ruff_cache

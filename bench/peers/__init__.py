@@ -1,0 +1,1 @@
+"""The peer job queues (Celery, RQ, arq, Dramatiq, taskiq, Procrastinate), side by side."""
