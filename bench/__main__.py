@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bench import _common, drain, submit
+from bench import _common, drain, latency, submit
 from bench._common import DATABASES, Result, log
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -27,7 +27,7 @@ END = "<!-- results:end -->"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     summary = (__doc__ or "").split("\n")[0]
     parser = argparse.ArgumentParser(prog="python -m bench", description=summary)
-    parser.add_argument("--only", choices=["drain", "submit"], help="run one part only")
+    parser.add_argument("--only", choices=["drain", "submit", "latency"], help="run one part only")
     parser.add_argument("--db", choices=[*DATABASES, "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test")
     parser.add_argument("--runs", type=int, default=_common.RUNS, help="runs per figure")
@@ -71,6 +71,15 @@ async def main(args: argparse.Namespace) -> list[Result]:
             time_limit_s=2.0 if args.quick else 6.0,
             runs=args.runs,
         )
+    if args.only in (None, "drain"):
+        results += await drain.run_processes(
+            databases,
+            count=1000 if args.quick else 4000,
+            processes=4,
+            concurrency=4,
+            time_limit_s=3.0 if args.quick else 8.0,
+            runs=args.runs,
+        )
     if args.only in (None, "submit"):
         results += await submit.run(
             databases,
@@ -79,6 +88,8 @@ async def main(args: argparse.Namespace) -> list[Result]:
             inflight_batch=4,
             runs=args.runs,
         )
+    if args.only in (None, "latency"):
+        results += await latency.run(databases, samples=40 if args.quick else 200, runs=args.runs)
     return results
 
 

@@ -1,17 +1,28 @@
-"""Drain: no-op jobs/s that one in-process worker finishes.
+"""Drain: no-op jobs/s that one in-process worker, or N `jobgate worker` processes, finish.
 
-A backlog of N `noop` jobs is written straight through `jobs.create` (batches of
+In-process: a backlog of N `noop` jobs is written straight through `jobs.create` (batches of
 500, one transaction each; not timed), then one `Worker` is started in this process
 and timed until every job is `succeeded`, or until the time limit (a `count(*)` polled
 every 50 ms). The figure is succeeded jobs / elapsed time either way, so a run stays
 bounded in time however slow the engine is, and a backlog bigger than one run can
 drain keeps the worker busy to the end.
+
+Processes: N `jobgate worker` processes start on the empty database and register;
+then they are frozen (SIGSTOP), the backlog is written, and they are resumed
+(SIGCONT). The clock runs from the resume to the last job done, so neither process
+start-up nor writing the backlog is counted (the peers in `bench/peers` are timed the
+same way).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from sqlalchemy import text
 
@@ -29,6 +40,7 @@ from jobgate.config import Settings
 from jobgate.ids import now, uuid7
 from jobgate.pipelines import Registry
 from jobgate.store import Database
+from jobgate.store.migrate import upgrade
 from jobgate.store.repositories import jobs
 from jobgate.worker import Worker
 
@@ -129,4 +141,100 @@ async def run(
                 notes.append(note)
             result.note = "; ".join(notes)
             results.append(result)
+    return results
+
+
+COUNT_WORKERS = text("SELECT count(*) FROM workers")
+
+
+async def drain_processes_once(
+    database: str, count: int, processes: int, concurrency: int, time_limit_s: float
+) -> tuple[float, str]:
+    """One run with `processes` worker processes: (jobs/s, what happened)."""
+    with temp_dir("drainp") as tmp:
+        url = sqlite_url(tmp) if database == "sqlite" else await fresh_postgres()
+        await upgrade(url)  # what `jobgate worker` expects (it migrates SQLite itself)
+        db = Database(url)
+        env = {
+            **os.environ,
+            "JOBGATE_DATABASE_URL": url,
+            "JOBGATE_DATA_DIR": str(tmp),
+            "JOBGATE_BLOBS_URL": (tmp / "blobs").as_uri(),
+            "JOBGATE_LOG_LEVEL": "WARNING",
+        }
+        jobgate = str(Path(sys.executable).with_name("jobgate"))
+        workers = [
+            subprocess.Popen(
+                [jobgate, "worker", "--concurrency", str(concurrency)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            for _ in range(processes)
+        ]
+        try:
+            deadline = time.perf_counter() + 60
+            while True:
+                async with db.read() as conn:
+                    registered = int((await conn.execute(COUNT_WORKERS)).scalar_one())
+                if registered == processes:
+                    break
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"only {registered}/{processes} workers registered")
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)  # let their first (empty) claims pass
+            for worker in workers:
+                worker.send_signal(signal.SIGSTOP)
+            await insert_noop_jobs(db, Registry.from_paths([]), count)
+            if database == "postgres":
+                await analyze_postgres()
+            started = time.perf_counter()
+            for worker in workers:
+                worker.send_signal(signal.SIGCONT)
+            done = 0
+            while done < count and time.perf_counter() - started < time_limit_s:
+                await asyncio.sleep(POLL_S)
+                done = await _count_done(db)
+            elapsed = time.perf_counter() - started
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGCONT)
+                worker.terminate()
+            for worker in workers:
+                try:
+                    worker.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+            await db.aclose()
+        return done / elapsed, f"{done}/{count} in {elapsed:.1f} s"
+
+
+async def run_processes(
+    databases: list[str],
+    *,
+    count: int,
+    processes: int,
+    concurrency: int,
+    time_limit_s: float,
+    runs: int,
+) -> list[Result]:
+    results: list[Result] = []
+    for database in databases:
+        result = Result(
+            benchmark=f"drain noop, {processes} worker processes x{concurrency}",
+            database=database,
+            unit="jobs/s",
+        )
+        notes: list[str] = []
+        for n in range(runs):
+            value, note = await drain_processes_once(
+                database, count, processes, concurrency, time_limit_s
+            )
+            log(f"drain {database} {processes} processes run {n + 1}: {value:,.1f} jobs/s ({note})")
+            result.values.append(value)
+            notes.append(note)
+        result.note = "; ".join(notes)
+        results.append(result)
     return results

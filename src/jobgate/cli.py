@@ -98,7 +98,11 @@ async def _with_db(settings: Settings, use: Callable[[Database], Awaitable[T]]) 
     """Run `use(db)` on the configured database (an embedded SQLite is migrated first)."""
     if settings.is_sqlite:
         await upgrade(settings.database_url)
-    db = Database(settings.database_url)
+    db = Database(
+        settings.database_url,
+        outbox=settings.external_transport,
+        pool_size=settings.database_pool_size,
+    )
     try:
         return await use(db)
     finally:
@@ -210,6 +214,7 @@ def worker(
     from jobgate.blobs import open_blob_store
     from jobgate.observability.logging import configure_logging
     from jobgate.pipelines import Registry
+    from jobgate.transport import from_url
     from jobgate.worker import Worker
 
     settings = _settings()
@@ -220,6 +225,7 @@ def worker(
         blobs = open_blob_store(settings.blobs_url)
         try:
             await Worker(
+                transport=from_url(settings.transport_url, namespace=settings.transport_namespace),
                 settings=settings,
                 db=db,
                 blobs=blobs,

@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     env: Literal["dev", "prod"] = "dev"
     data_dir: Path = Path(".jobgate")
     database_url: str = ""
+    database_pool_size: int = Field(20, ge=1)
     transport_url: str = "database"
+    transport_namespace: str = "jobgate"
     bus_url: str = ""
     blobs_url: str = ""
     limits_url: str = "memory://"
@@ -48,7 +50,7 @@ class Settings(BaseSettings):
     worker_queues: str = "default"
     worker_poll_interval_s: float = Field(0.5, gt=0)
     worker_idle_poll_s: float = Field(
-        10.0, gt=0, description="the poll while PostgreSQL notifications wake the worker"
+        60.0, gt=0, description="the poll while PostgreSQL notifications wake the worker"
     )
     lease_s: float = Field(30.0, gt=0)
     cancel_grace_s: float = Field(5.0, ge=0)
@@ -67,6 +69,9 @@ class Settings(BaseSettings):
     event_flush_interval_s: float = Field(0.1, gt=0)
     process_max_tasks_per_child: int = Field(100, ge=1)
     process_max_rss_mb: int = Field(0, ge=0)
+    worker_heartbeat_s: float = Field(
+        60.0, gt=0, description="heartbeats of a worker its PostgreSQL connection vouches for"
+    )
 
     sse_heartbeat_s: float = Field(30.0, gt=0)
     sse_max_per_job: int = Field(10, ge=1)
@@ -96,6 +101,11 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def external_transport(self) -> bool:
+        """Whether tasks reach workers through a broker (and so through the outbox)."""
+        return self.transport_url not in ("", "database")
 
     @property
     def queue_names(self) -> list[str]:

@@ -16,6 +16,8 @@ from jobgate.config import Settings
 from jobgate.pipelines import Registry
 from jobgate.store import Database
 from jobgate.store.migrate import upgrade
+from jobgate.transport import from_url
+from jobgate.transport.outbox import OutboxRelay
 
 
 def create_app(
@@ -40,24 +42,43 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.is_sqlite:
             await upgrade(settings.database_url)
-        db = Database(settings.database_url)
+        db = Database(
+            settings.database_url,
+            outbox=settings.external_transport,
+            pool_size=settings.database_pool_size,
+        )
         blobs = open_blob_store(settings.blobs_url)
         state = AppState(settings=settings, db=db, blobs=blobs, registry=registry)
         app.state.jobgate = state
+        transport = from_url(settings.transport_url, namespace=settings.transport_namespace)
         worker = None
+        relay = None
         if concurrency > 0:
             from jobgate.worker import Worker
 
             worker = Worker(
-                settings=settings, db=db, blobs=blobs, registry=registry, concurrency=concurrency
+                settings=settings,
+                db=db,
+                blobs=blobs,
+                registry=registry,
+                concurrency=concurrency,
+                transport=transport,
             )
             state.wake = worker.wake
             await worker.start()
+        elif transport is not None:
+            # The API alone still publishes the tokens its own submits and retries leave.
+            relay = OutboxRelay(db, transport, poll_s=settings.worker_idle_poll_s)
+            state.wake = relay.wake
+            await relay.start()
         try:
             yield
         finally:
             if worker is not None:
                 await worker.stop()
+            if relay is not None:
+                await relay.aclose()
+                await relay.transport.aclose()
             await blobs.aclose()
             await db.aclose()
 

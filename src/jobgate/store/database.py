@@ -17,6 +17,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from jobgate.store.tables import metadata
 
 _WRITE = "jobgate_write"
+OUTBOX = "jobgate_outbox"
 
 
 class Database:
@@ -27,8 +28,12 @@ class Database:
     writer; reads start deferred and, under WAL, never wait for writers.
     """
 
-    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 10) -> None:
+    def __init__(
+        self, url: str, *, echo: bool = False, pool_size: int = 20, outbox: bool = False
+    ) -> None:
         self.url = url
+        # With an external transport, every task made ready also leaves an outbox token.
+        self.outbox = outbox
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self.is_sqlite = self.dialect == "sqlite"
@@ -70,7 +75,7 @@ class Database:
     async def _transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
             if write:
-                conn = await conn.execution_options(**{_WRITE: True})
+                conn = await conn.execution_options(**{_WRITE: True, OUTBOX: self.outbox})
             async with conn.begin():
                 yield conn
 

@@ -199,6 +199,17 @@ owner_clocks = Table(
     Column("clock", Float, nullable=False),
 )
 
+# Wake-up tokens waiting to be published to an external transport (the outbox): one
+# per task made ready, written in the same transaction, deleted once the broker has it.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("queue", String(64), nullable=False),
+    Column("available_at", Float, nullable=False),
+    Index(None, "available_at"),
+)
+
 workers = Table(
     "workers",
     metadata,

@@ -7,7 +7,8 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -23,8 +24,10 @@ from jobgate.pipelines import InputFile, Registry, StageContext
 from jobgate.store import Database
 from jobgate.store.repositories import idempotency, outcomes, tasks
 from jobgate.store.repositories import workers as worker_repo
+from jobgate.transport.base import Delivery, Transport
+from jobgate.transport.outbox import OutboxRelay
 from jobgate.transport.wakeups import PostgresWakeups
-from jobgate.worker import executors
+from jobgate.worker import executors, liveness
 from jobgate.worker.processes import ProcessDied, ProcessPool
 from jobgate.worker.runtime import TaskRuntime
 
@@ -33,7 +36,13 @@ T = TypeVar("T")
 
 
 class Worker:
-    """A pool of `concurrency` stage runners on the database transport.
+    """A pool of `concurrency` stage runners.
+
+    On the database transport it claims from the store when woken (by a commit in this
+    process, a PostgreSQL notification, or its poll). With an external transport it
+    claims when a broker token arrives, holds the token while the stage runs and
+    acknowledges it once the outcome is committed; its outbox relay publishes the
+    tokens that this process's commits leave.
 
     Args:
         settings: leases, polling, grace periods.
@@ -43,6 +52,8 @@ class Worker:
         concurrency: stages run at once.
         queues: the queues it takes from (default: `settings.worker_queues`).
         worker_id: a stable name (default: host-pid-random).
+        transport: an external broker (default: the database itself); `db` must then
+            have been opened with `outbox=True`.
     """
 
     def __init__(
@@ -55,7 +66,10 @@ class Worker:
         concurrency: int,
         queues: list[str] | None = None,
         worker_id: str | None = None,
+        transport: Transport | None = None,
     ) -> None:
+        if transport is not None and not db.outbox:
+            raise ValueError("a worker on an external transport needs Database(outbox=True)")
         self.settings = settings
         self.db = db
         self.blobs = blobs
@@ -80,6 +94,16 @@ class Worker:
         )
         self._started_at = now()
         self._wakeups: PostgresWakeups | None = None
+        self.transport = transport
+        self.relay = (
+            OutboxRelay(db, transport, poll_s=settings.worker_idle_poll_s) if transport else None
+        )
+        # Broker tokens not yet used, by queue, oldest first; and the token of each
+        # running task, acknowledged when its outcome is committed.
+        self._tokens: defaultdict[str, deque[Delivery]] = defaultdict(deque)
+        self._token_of: dict[int, Delivery] = {}
+        self._settling: set[asyncio.Task[None]] = set()
+        self._recheck = True
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -88,20 +112,34 @@ class Worker:
         await self._register()
         if not self.db.is_sqlite:
             # Tasks committed by any process wake this worker at once, not at its next poll.
-            self._wakeups = PostgresWakeups(self.db.url, self.wake)
+            # It also names this worker in pg_stat_activity and elects the one sweeper.
+            self._wakeups = PostgresWakeups(
+                self.db.url,
+                self.wake,
+                worker_id=self.id,
+                elect=True,
+                check_s=self.settings.sweep_interval_s,
+            )
             await self._wakeups.start()
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="jobgate-claim"),
             asyncio.create_task(self._lease_loop(), name="jobgate-leases"),
             asyncio.create_task(self._maintenance_loop(), name="jobgate-maintenance"),
         ]
+        if self.transport is not None and self.relay is not None:
+            await self.relay.start()
+            self._loops.append(asyncio.create_task(self._consume_loop(), name="jobgate-tokens"))
         log.info(
             "worker_started", worker_id=self.id, queues=self.queues, concurrency=self.concurrency
         )
 
     def wake(self) -> None:
-        """New tasks may be ready: claim now instead of at the next poll."""
-        self._wakeup.set()
+        """New tasks may be ready: claim now instead of at the next poll (with a
+        broker: publish their tokens now; the tokens bring the claims)."""
+        if self.relay is not None:
+            self.relay.wake()
+        else:
+            self._wakeup.set()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop claiming, let running stages finish within the grace, hand back the rest."""
@@ -109,6 +147,7 @@ class Worker:
             return
         self._stopping.set()
         self._wakeup.set()
+        self._recheck = False
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         claim_loop = self._loops[0] if self._loops else None
         if claim_loop is not None:
@@ -131,6 +170,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
         self._loops = []
+        await self._close_transport()
         with contextlib.suppress(Exception):
             async with self.db.write() as conn:
                 await worker_repo.unregister(conn, self.id)
@@ -181,18 +221,10 @@ class Worker:
                 continue
             self._wakeup.clear()
             try:
-                async with self.db.write() as conn:
-                    claimed = await tasks.claim(
-                        conn,
-                        worker_id=self.id,
-                        queues=self.queues,
-                        pipelines=pipelines,
-                        limit=free,
-                        lease_s=self.settings.lease_s,
-                        at=now(),
-                        registry=self.registry,
-                        max_running_per_owner=self.settings.max_running_per_owner,
-                    )
+                if self.transport is None:
+                    claimed = await self._claim(self.queues, pipelines, free)
+                else:
+                    claimed = await self._claim_for_tokens(pipelines, free)
             except Exception:
                 log.exception("claim_failed")
                 claimed = []
@@ -200,8 +232,93 @@ class Worker:
             for task in claimed:
                 self._launch(task)
             if len(claimed) < free and not self._stopping.is_set():
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval())
+                except TimeoutError:
+                    self._recheck = True
+
+    async def _claim(
+        self, queues: Sequence[str], pipelines: Sequence[str], limit: int
+    ) -> list[tasks.Claimed]:
+        async with self.db.write() as conn:
+            return await tasks.claim(
+                conn,
+                worker_id=self.id,
+                queues=queues,
+                pipelines=pipelines,
+                limit=limit,
+                lease_s=self.settings.lease_s,
+                at=now(),
+                registry=self.registry,
+                max_running_per_owner=self.settings.max_running_per_owner,
+            )
+
+    async def _claim_for_tokens(self, pipelines: Sequence[str], free: int) -> list[tasks.Claimed]:
+        """Claim the best ready task of a token's queue for each token received so far.
+
+        A token stands for "a task is ready in this queue", not for one task, so the
+        store's order (priority, fair share, caps) decides what runs. A token that finds
+        nothing is acknowledged, or handed back a second later if its queue still has
+        tasks this worker may not take (caps, pipelines it does not run). After a poll
+        timeout, or when one of its own stages ends while caps are set, the worker also
+        claims without a token: tokens are wake-ups, the store is the truth.
+        """
+        claimed: list[tasks.Claimed] = []
+        for queue, waiting in list(self._tokens.items()):
+            count = min(len(waiting), free - len(claimed))
+            if count <= 0:
+                continue
+            got = await self._claim([queue], pipelines, count)
+            for task in got:
+                self._token_of[task.task_id] = waiting.popleft()
+            unused = [waiting.popleft() for _ in range(count - len(got))]
+            if unused:
+                await self._unclaimable(queue, unused)
+            claimed.extend(got)
+        if self._recheck and len(claimed) < free:
+            self._recheck = False
+            claimed.extend(await self._claim(self.queues, pipelines, free - len(claimed)))
+        return claimed
+
+    async def _unclaimable(self, queue: str, unused: list[Delivery]) -> None:
+        async with self.db.read() as conn:
+            waiting = await tasks.ready_count(conn, queue, at=now())
+        if not waiting:
+            for token in unused:
+                self._settle(token, ack=True)
+            return
+        loop = asyncio.get_running_loop()
+        for token in unused:
+            loop.call_later(1.0, self._settle, token, False)
+
+    def _settle(self, token: Delivery, ack: bool) -> None:
+        settle = asyncio.create_task(token.ack() if ack else token.reject())
+        self._settling.add(settle)
+        settle.add_done_callback(self._settling.discard)
+
+    async def _consume_loop(self) -> None:
+        assert self.transport is not None
+        async for token in self.transport.consume(self.queues, prefetch=self.concurrency):
+            if self._stopping.is_set():
+                self._settle(token, ack=False)
+                continue
+            self._tokens[token.queue].append(token)
+            self._wakeup.set()
+
+    async def _close_transport(self) -> None:
+        if self.transport is None:
+            return
+        for waiting in self._tokens.values():
+            while waiting:
+                self._settle(waiting.popleft(), ack=False)
+        for token in self._token_of.values():
+            self._settle(token, ack=False)
+        self._token_of.clear()
+        if self._settling:
+            await asyncio.wait(list(self._settling), timeout=5)
+        if self.relay is not None:
+            await self.relay.aclose()
+        await self.transport.aclose()
 
     def _poll_interval(self) -> float:
         """How long an idle claim loop waits for a wake-up before looking anyway.
@@ -209,7 +326,7 @@ class Worker:
         While PostgreSQL notifications arrive, a worker is woken for every committed task
         and for its own retries, so polling is only a safety net for lost notifications.
         """
-        if self._wakeups is not None and self._wakeups.listening:
+        if self.transport is not None or (self._wakeups is not None and self._wakeups.listening):
             return max(self.settings.worker_poll_interval_s, self.settings.worker_idle_poll_s)
         return self.settings.worker_poll_interval_s
 
@@ -246,40 +363,106 @@ class Worker:
 
     async def _maintenance_loop(self) -> None:
         """Heartbeat; sweep (expired leases and lost workers' stages go back to the queue);
-        forget Idempotency-Keys older than their time to live."""
-        settings = self.settings
-        heartbeat_every = max(0.2, min(5.0, settings.worker_lost_after_s / 3))
-        tick = min(heartbeat_every, settings.sweep_interval_s)
-        last_beat = last_sweep = last_purge = now()
+        forget Idempotency-Keys older than their time to live.
+
+        On PostgreSQL only the elected leader sweeps and purges, and a worker heartbeats
+        every `worker_heartbeat_s` while its LISTEN connection shows it alive
+        (docs/liveness.md).
+        """
+        timings = liveness.Timings.from_settings(self.settings)
+        absences = liveness.Absences(timings)
+        loop = asyncio.get_running_loop()
+        last_beat = last_purge = now()
+        beat_running = len(self._running)
+        next_sweep = 0.0  # at the first tick
+        swept_at = loop.time()
+        unheard_since: float | None = None
+        sweeping = False
         while True:
-            await asyncio.sleep(tick)
+            pause = timings.tick_s
+            if sweeping:  # wake for a lost worker's deadline, not a tick later
+                pause = min(pause, max(0.05, next_sweep - now()))
+            await self._pause(pause)
+            sweeping = False
             try:
-                if now() - last_beat >= heartbeat_every:
-                    last_beat = now()
+                at = now()
+                wakeups = self._wakeups
+                every = timings.fast_heartbeat_s
+                if wakeups is not None and wakeups.vouched:
+                    every = timings.heartbeat_s
+                if len(self._running) != beat_running:
+                    every = timings.fast_heartbeat_s  # `running` is what GET /v1/workers shows
+                if at - last_beat >= every:
+                    last_beat, beat_running = at, len(self._running)
+                    await self._heartbeat(at)
+                if wakeups is not None and wakeups.elected.is_set():
+                    wakeups.elected.clear()
+                    absences.reset()
+                    next_sweep = 0.0  # a new leader looks at once
+                if wakeups is not None and wakeups.notified_at > swept_at:
+                    next_sweep = min(next_sweep, at + timings.busy_check_s)  # work arrives
+                if wakeups is None or wakeups.listening:
+                    unheard_since = None
+                elif unheard_since is None:
+                    unheard_since = at
+                leader = wakeups is not None and wakeups.is_leader
+                # Without a leader to hear from, a worker cut off from LISTEN sweeps itself.
+                alone = unheard_since is not None and at - unheard_since >= timings.lost_after_s
+                sweeping = wakeups is None or leader or alone
+                if not sweeping:
+                    continue
+                if at >= next_sweep:
+                    swept_at = loop.time()
+                    next_sweep = at + await self._sweep(at, absences, leader=leader)
+                    next_sweep = min(next_sweep, absences.next_due() or next_sweep)
+                if at - last_purge >= min(60.0, self.settings.idempotency_ttl_s):
+                    last_purge = at
                     async with self.db.write() as conn:
-                        alive = await worker_repo.heartbeat(
-                            conn, self.id, running=len(self._running), at=last_beat
-                        )
-                    if not alive:
-                        await self._register()
-                if now() - last_sweep >= settings.sweep_interval_s:
-                    last_sweep = now()
-                    await self._sweep(last_sweep)
-                if now() - last_purge >= min(60.0, settings.idempotency_ttl_s):
-                    last_purge = now()
-                    async with self.db.write() as conn:
-                        await idempotency.purge(
-                            conn, before=last_purge - settings.idempotency_ttl_s
-                        )
+                        await idempotency.purge(conn, before=at - self.settings.idempotency_ttl_s)
             except Exception:
                 log.exception("maintenance_failed")
 
-    async def _sweep(self, at: float) -> None:
+    async def _sweep(self, at: float, absences: liveness.Absences, *, leader: bool) -> float:
+        """Return expired leases, and lost workers' stages, to the queue.
+
+        On PostgreSQL one cheap check (on the leader's own connection) comes first, and
+        the sweep's transaction runs only when it found something to do.
+
+        Returns:
+            Seconds until the next sweep.
+        """
+        timings = absences.timings
+        if self.db.is_sqlite:
+            await self._requeue(at, silent_since=at - timings.lost_after_s)
+            return timings.busy_check_s
+        check = worker_repo.sweep_check(
+            at=at,
+            silent_before=at - timings.silent_after_s,
+            busy_every_s=timings.busy_check_s,
+            idle_every_s=timings.idle_check_s,
+        )
+        if leader and self._wakeups is not None:
+            row = await self._wakeups.lead(check)
+            if row is None:  # no longer the leader
+                return timings.busy_check_s
+        else:
+            async with self.db.read() as conn:
+                row = dict((await conn.execute(check)).mappings().one())
+        found = worker_repo.SweepCheck.from_row(row)
+        lost = absences.lost(found.suspects, at=at, own_id=self.id)
+        if lost or found.expired:
+            # Re-checked under lock: a worker that heartbeat since the check is not lost.
+            await self._requeue(at, silent_since=at - timings.beat_grace_s, among=lost)
+        return found.next_check_s
+
+    async def _requeue(
+        self, at: float, *, silent_since: float, among: Sequence[str] | None = None
+    ) -> None:
         async with self.db.write() as conn:
             lost = [
                 worker_id
                 for worker_id in await worker_repo.lost(
-                    conn, silent_since=at - self.settings.worker_lost_after_s
+                    conn, silent_since=silent_since, among=among
                 )
                 if worker_id != self.id
             ]
@@ -297,6 +480,26 @@ class Worker:
             log.info("leases_swept", count=swept)
         if swept:
             self.wake()
+
+    async def _heartbeat(self, at: float) -> None:
+        beat = worker_repo.beat(self.id, running=len(self._running), at=at)
+        # On the LISTEN connection when it is up: one statement, no pool checkout.
+        rows = await self._wakeups.fetch(beat) if self._wakeups is not None else None
+        if rows is not None:
+            alive = bool(rows)
+        else:
+            async with self.db.write() as conn:
+                alive = (await conn.execute(beat)).first() is not None
+        if not alive:  # declared lost (and its stages requeued) while it was cut off
+            await self._register()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep until the next tick, or until this worker is elected leader."""
+        if self._wakeups is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeups.elected.wait(), timeout=seconds)
 
     async def _register(self) -> None:
         async with self.db.write() as conn:
@@ -326,8 +529,20 @@ class Worker:
 
     def _finished(self, task_id: int) -> None:
         self._running.pop(task_id, None)
+        token = self._token_of.pop(task_id, None)
+        if token is not None:
+            # The outcome is committed (or the lease is gone): the broker may forget it.
+            self._settle(token, ack=True)
+        if self._capped and not self._stopping.is_set():
+            self._recheck = True  # a cap this stage held may let a waiting task run
         self._slot_freed.set()
         self._wakeup.set()
+
+    @property
+    def _capped(self) -> bool:
+        return bool(self.settings.max_running_per_owner) or any(
+            p.max_running for p in self.registry
+        )
 
     def _stop_soon(self, runtime: TaskRuntime) -> None:
         """Cancellation: async stages get `CancelledError` now; sync ones get the grace.

@@ -39,6 +39,7 @@ from jobgate.errors import Unauthenticated
 from jobgate.ids import now
 from jobgate.observability import metrics
 from jobgate.store.repositories import tasks
+from jobgate.store.repositories import workers as worker_repo
 from jobgate.store.tables import workers
 
 CHECK_TIMEOUT_S = 2.0
@@ -132,14 +133,14 @@ async def health(state: StateDep, principal: CurrentPrincipal) -> JSONResponse:
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S), state.db.read() as conn:
                 depth = await tasks.depth(conn)
-                seen_after = now() - state.settings.worker_lost_after_s
+                alive = worker_repo.is_live(
+                    dialect=state.db.dialect,
+                    at=now(),
+                    lost_after_s=state.settings.worker_lost_after_s,
+                    heartbeat_s=state.settings.worker_heartbeat_s,
+                )
                 live = int(
-                    await conn.scalar(
-                        select(func.count())
-                        .select_from(workers)
-                        .where(workers.c.last_seen_at >= seen_after)
-                    )
-                    or 0
+                    await conn.scalar(select(func.count()).select_from(workers).where(alive)) or 0
                 )
         except Exception as exc:  # the checks already say whether the store is fine
             log.warning("health_query_failed", error=type(exc).__name__)

@@ -2,42 +2,66 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Update, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.store.tables import events, jobs
 
 Event = tuple[str, dict[str, Any]]
 
+# Statements on the hot path are built once: building one costs more than running it.
+_INSERT = insert(events)
 
-async def append(conn: AsyncConnection, job_id: str, items: Sequence[Event], *, at: float) -> int:
+
+@functools.cache
+def _bump(job_columns: tuple[str, ...]) -> Update:
+    """`last_seq += :n` (and `job_columns` set from `:v_<name>`) for job `:job_id`."""
+    values: dict[str, Any] = {name: bindparam(f"v_{name}") for name in job_columns}
+    return (
+        update(jobs)
+        .where(jobs.c.id == bindparam("job_id"))
+        .values(**values, last_seq=jobs.c.last_seq + bindparam("n"))
+        .returning(jobs.c.last_seq)
+    )
+
+
+async def append(
+    conn: AsyncConnection,
+    job_id: str,
+    items: Sequence[Event],
+    *,
+    at: float,
+    job_values: Mapping[str, Any] | None = None,
+) -> int:
     """Append events to a job's log; returns the job's last `seq` afterwards.
 
     The job row's `last_seq` hands out the numbers, so concurrent writers for one job
-    serialise on that row and never reuse a number.
+    serialise on that row and never reuse a number. `job_values` are more columns of
+    the job's row to set in the same statement.
     """
-    if not items:
+    if not items and not job_values:
         return 0
+    job_values = job_values or {}
+    params = {f"v_{name}": value for name, value in job_values.items()}
     last = (
-        await conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job_id)
-            .values(last_seq=jobs.c.last_seq + len(items))
-            .returning(jobs.c.last_seq)
-        )
+        await conn.execute(_bump(tuple(job_values)), {"job_id": job_id, "n": len(items), **params})
     ).scalar_one()
-    first = last - len(items) + 1
-    await conn.execute(
-        insert(events),
-        [
-            {"job_id": job_id, "seq": first + i, "type": kind, "data": data, "created_at": at}
-            for i, (kind, data) in enumerate(items)
-        ],
-    )
+    if items:
+        first = last - len(items) + 1
+        await conn.execute(
+            _INSERT, [row(job_id, first + i, item, at=at) for i, item in enumerate(items)]
+        )
     return int(last)
+
+
+def row(job_id: str, seq: int, item: Event, *, at: float) -> dict[str, Any]:
+    """An `events` row for `item`, numbered `seq` (handed out by the job's `last_seq`)."""
+    kind, data = item
+    return {"job_id": job_id, "seq": seq, "type": kind, "data": data, "created_at": at}
 
 
 async def page(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Float, String, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -46,6 +47,13 @@ class JobSnapshot:
     job: Mapping[str, Any]
     stages: list[Mapping[str, Any]] = field(default_factory=list)
     artifacts: list[Mapping[str, Any]] = field(default_factory=list)
+
+
+# Built once: building a statement costs more than running it.
+_INSERT_JOBS = insert(jobs)
+_INSERT_STAGES = insert(stages)
+_INSERT_EVENTS = insert(event_table)
+_INSERT_TASKS = insert(task_table)
 
 
 async def create(
@@ -144,13 +152,15 @@ async def create(
             {"job_id": job.id, "seq": i + 1, "type": kind, "data": data, "created_at": at}
             for i, (kind, data) in enumerate(first_events)
         )
-    await conn.execute(insert(jobs), job_rows)
-    await conn.execute(insert(stages), stage_rows)
+    await conn.execute(_INSERT_JOBS, job_rows)
+    await conn.execute(_INSERT_STAGES, stage_rows)
     if event_rows:
-        await conn.execute(insert(event_table), event_rows)
+        await conn.execute(_INSERT_EVENTS, event_rows)
     if task_rows:
-        await conn.execute(insert(task_table), task_rows)
-        await tasks.notify_ready(conn)
+        await conn.execute(_INSERT_TASKS, task_rows)
+        await tasks.notify_ready(
+            conn, [(row["queue"], row["available_at"]) for row in task_rows], at=at
+        )
     # Map stages whose item list is empty (no files) finish at once.
     finished_early = False
     for job in new_jobs:
@@ -169,6 +179,23 @@ async def create(
     return [JobSnapshot(job={**row, **unset}, stages=by_job[row["id"]]) for row in job_rows]
 
 
+@functools.cache
+def _advance_clock(dialect: str) -> Any:
+    """Upsert: the owner's clock becomes max(clock, :b_at) + :b_span; returns it."""
+    pg = dialect == "postgresql"
+    greatest = func.greatest if pg else func.max
+    start = bindparam("b_at", type_=Float)
+    span = bindparam("b_span", type_=Float)
+    upsert = (postgresql if pg else sqlite).insert(owner_clocks)
+    return (
+        upsert.values(owner=bindparam("b_owner", type_=String), clock=start + span)
+        .on_conflict_do_update(
+            index_elements=["owner"], set_={"clock": greatest(owner_clocks.c.clock, start) + span}
+        )
+        .returning(owner_clocks.c.clock)
+    )
+
+
 async def _fair_keys(
     conn: AsyncConnection, new_jobs: Sequence[NewJob], *, at: float, stride_s: float
 ) -> dict[str, float]:
@@ -184,28 +211,19 @@ async def _fair_keys(
     by_owner: dict[str, list[str]] = {}
     for job in new_jobs:
         by_owner.setdefault(job.owner, []).append(job.id)
-    clocks = dict(
-        (
-            await conn.execute(
-                select(owner_clocks.c.owner, owner_clocks.c.clock)
-                .where(owner_clocks.c.owner.in_(by_owner))
-                .with_for_update()
-            )
-        ).all()
-    )
     keys: dict[str, float] = {}
     for owner, ids in by_owner.items():
-        start = max(at, clocks.get(owner, at))
+        # One statement moves the owner's clock past these jobs and returns where it
+        # ends; the upsert's row lock orders concurrent submits of one owner.
+        span = len(ids) * stride_s
+        end = (
+            await conn.execute(
+                _advance_clock(conn.dialect.name),
+                {"b_owner": owner, "b_at": at, "b_span": span},
+            )
+        ).scalar_one()
+        start = float(end) - span
         keys.update((job_id, start + i * stride_s) for i, job_id in enumerate(ids))
-        clocks[owner] = start + len(ids) * stride_s
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    upsert = dialect.insert(owner_clocks)
-    await conn.execute(
-        upsert.on_conflict_do_update(
-            index_elements=["owner"], set_={"clock": upsert.excluded.clock}
-        ),
-        [{"owner": owner, "clock": clocks[owner]} for owner in by_owner],
-    )
     return keys
 
 

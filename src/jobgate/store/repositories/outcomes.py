@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Float, String, bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.pipelines import Pipeline, Registry
@@ -17,6 +17,21 @@ from jobgate.store.repositories import events, scheduling, tasks
 from jobgate.store.repositories.tasks import DEFAULT_AGING_S, Claimed, Report
 from jobgate.store.tables import jobs, records, stages
 from jobgate.store.tables import tasks as task_table
+
+_STAGE_SUCCEEDED = (
+    update(stages)
+    .where(
+        stages.c.job_id == bindparam("b_job_id", type_=String),
+        stages.c.name == bindparam("b_stage", type_=String),
+    )
+    .values(
+        status="succeeded",
+        output=bindparam("b_output", type_=stages.c.output.type),
+        progress=1.0,
+        finished_at=bindparam("b_at", type_=Float),
+        error=None,
+    )
+)
 
 
 async def complete(
@@ -34,16 +49,15 @@ async def complete(
     Raises:
         LeaseLost: the lease is gone; nothing was written.
     """
-    await tasks.take(conn, task)
+    job = await tasks.take(conn, task)
     await tasks.apply_report(conn, task, report, at=at)
     pipeline = registry.get(task.pipeline)
     if task.item_index is not None:
         await _record_item(conn, task, pipeline, "succeeded", data=output, error=None, at=at)
         return
     await conn.execute(
-        update(stages)
-        .where(stages.c.job_id == task.job_id, stages.c.name == task.stage)
-        .values(status="succeeded", output=output, progress=1.0, finished_at=at, error=None)
+        _STAGE_SUCCEEDED,
+        {"b_job_id": task.job_id, "b_stage": task.stage, "b_output": output, "b_at": at},
     )
     succeeded = {"stage": task.stage, "status": "succeeded", "attempt": task.attempt}
     await scheduling.advance(
@@ -55,6 +69,7 @@ async def complete(
         aging_s=aging_s,
         carry=[("stage_update", succeeded)],
         output=output,
+        job=job,
     )
 
 
@@ -161,12 +176,11 @@ async def fail(
     Raises:
         LeaseLost: the lease is gone; nothing was written.
     """
-    await tasks.hold(conn, task)
+    job = await tasks.hold(conn, task)
     await tasks.apply_report(conn, task, report, at=at)
     pipeline = registry.get(task.pipeline)
     stage = pipeline.stages[task.stage]
     error = {**error, "stage": task.stage}
-    job = await tasks.job_state(conn, task.job_id)
     stopping = job.stopping
     # Attempts count over the stage's whole life; retries allow that many more runs.
     if runs_allowed is None:
@@ -182,6 +196,7 @@ async def fail(
                 lease_token=None, lease_expires_at=None, leased_by=None, available_at=at + delay
             )
         )
+        await tasks.notify_ready(conn, [(task.queue, at + delay)], at=at)
         if task.item_index is None:
             await conn.execute(
                 update(stages)
@@ -252,9 +267,8 @@ async def stopped(conn: AsyncConnection, task: Claimed, report: Report, *, at: f
     Raises:
         LeaseLost: the lease is gone; nothing was written.
     """
-    await tasks.take(conn, task)
+    job = await tasks.take(conn, task)
     await tasks.apply_report(conn, task, report, at=at)
-    job = (await conn.execute(select(jobs.c.status).where(jobs.c.id == task.job_id))).one()
     if job.status in ("queued", "running") and not await tasks.has_tasks(conn, task.job_id):
         await scheduling.finalize(conn, task.job_id, "cancelled", at=at)
 
@@ -312,7 +326,7 @@ async def sweep(
                 .where(task_table.c.id == row["id"])
                 .values(lease_token=None, lease_expires_at=None, leased_by=None, available_at=at)
             )
-            await tasks.notify_ready(conn)
+            await tasks.notify_ready(conn, [(row["queue"], at)], at=at)
             await events.append(
                 conn,
                 row["job_id"],

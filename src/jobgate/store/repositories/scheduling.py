@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import String, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.pipelines import Pipeline, Stage
@@ -24,8 +24,13 @@ async def enqueue_stage(
     *,
     at: float,
     aging_s: float = DEFAULT_AGING_S,
+    carry: Sequence[events.Event] = (),
 ) -> None:
-    """Queue a stage whose dependencies all succeeded (a map stage: its missing items)."""
+    """Queue a stage whose dependencies all succeeded (a map stage: its missing items).
+
+    Args:
+        carry: events of the caller's to write first, in the same append.
+    """
     stage = pipeline.stages[name]
     job = (
         (
@@ -35,11 +40,6 @@ async def enqueue_stage(
                 )
             )
         )
-        .mappings()
-        .one()
-    )
-    row = (
-        (await conn.execute(select(stages).where(stages.c.job_id == job_id, stages.c.name == name)))
         .mappings()
         .one()
     )
@@ -65,19 +65,24 @@ async def enqueue_stage(
         indexes = [i for i in range(total) if i not in done]
         values.update(items_total=total, items_succeeded=len(done), items_failed=0)
         await _recount_records(conn, job_id)
-    await conn.execute(
-        update(stages).where(stages.c.job_id == job_id, stages.c.name == name).values(**values)
-    )
+    stage_attempt = (
+        await conn.execute(
+            update(stages)
+            .where(stages.c.job_id == job_id, stages.c.name == name)
+            .values(**values)
+            .returning(stages.c.attempt)
+        )
+    ).scalar_one()
     await events.append(
         conn,
         job_id,
-        [("stage_update", {"stage": name, "status": "queued", "attempt": row["attempt"]})],
+        [*carry, ("stage_update", {"stage": name, "status": "queued", "attempt": stage_attempt})],
         at=at,
     )
     if not indexes:
         await finish_map_stage(conn, job_id, pipeline, name, at=at)
         return
-    attempt = row["attempt"] if not stage.is_map else 0
+    attempt = stage_attempt if not stage.is_map else 0
     await conn.execute(
         insert(task_table),
         [
@@ -96,7 +101,7 @@ async def enqueue_stage(
             for i in indexes
         ],
     )
-    await tasks.notify_ready(conn)
+    await tasks.notify_ready(conn, [(stage.queue, at)] * len(indexes), at=at)
 
 
 async def _item_count(conn: AsyncConnection, job_id: str, stage: Stage, files: list[Any]) -> int:
@@ -190,6 +195,11 @@ async def finish_map_stage(
     await advance(conn, job_id, pipeline, name, at=at, aging_s=aging_s)
 
 
+_STATUSES = select(stages.c.name, stages.c.status).where(
+    stages.c.job_id == bindparam("b_job_id", type_=String)
+)
+
+
 async def advance(
     conn: AsyncConnection,
     job_id: str,
@@ -200,21 +210,21 @@ async def advance(
     aging_s: float,
     carry: Sequence[events.Event] = (),
     output: Any = None,
+    job: tasks.JobState | None = None,
 ) -> None:
     """After a stage succeeded: queue dependents that became ready, or finish the job.
 
     Args:
         carry: events of the caller's to write first, in the same append.
         output: the finished stage's output (saves reading it back for the result).
+        job: the job's state, if the caller read it under the job's lock.
     """
-    statuses = dict(
-        (
-            await conn.execute(
-                select(stages.c.name, stages.c.status).where(stages.c.job_id == job_id)
-            )
-        ).all()
-    )
-    job = await tasks.job_state(conn, job_id)
+    if len(pipeline.stages) == 1:
+        statuses = {finished: "succeeded"}  # its only stage: nothing else to read
+    else:
+        statuses = dict((await conn.execute(_STATUSES, {"b_job_id": job_id})).all())
+    if job is None:
+        job = await tasks.job_state(conn, job_id)
     if job.status not in ("queued", "running"):
         await events.append(conn, job_id, carry, at=at)
         return
@@ -233,13 +243,18 @@ async def advance(
             result = outputs[sinks[0]] if len(sinks) == 1 else {n: outputs[n] for n in sinks}
         await finalize(conn, job_id, "succeeded", at=at, result=result, carry=carry)
         return
-    await events.append(conn, job_id, carry, at=at)
-    for name in pipeline.dependents(finished):
-        stage = pipeline.stages[name]
-        if statuses.get(name) == "pending" and all(
-            statuses.get(d) == "succeeded" for d in stage.after
-        ):
-            await enqueue_stage(conn, job_id, pipeline, name, at=at, aging_s=aging_s)
+    ready = [
+        name
+        for name in pipeline.dependents(finished)
+        if statuses.get(name) == "pending"
+        and all(statuses.get(d) == "succeeded" for d in pipeline.stages[name].after)
+    ]
+    if not ready:
+        await events.append(conn, job_id, carry, at=at)
+    for i, name in enumerate(ready):
+        await enqueue_stage(
+            conn, job_id, pipeline, name, at=at, aging_s=aging_s, carry=carry if i == 0 else ()
+        )
 
 
 async def finalize(
@@ -281,7 +296,6 @@ async def finalize(
         values.update(result=result, progress=1.0, error=None)
     elif status == "failed":
         values.update(error=error)
-    await conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
     if status == "cancelled":
         # A cancelled job's intermediate artifacts are not results: drop them (the blobs
         # stay while other rows point at them).
@@ -295,4 +309,4 @@ async def finalize(
         final = ("error", {"error": error})
     else:
         final = ("cancelled", {})
-    await events.append(conn, job_id, [*carry, *updates, final], at=at)
+    await events.append(conn, job_id, [*carry, *updates, final], at=at, job_values=values)

@@ -14,13 +14,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, select, text, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    String,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.errors import JobgateError
 from jobgate.pipelines import Registry, Stage
+from jobgate.store.database import OUTBOX
 from jobgate.store.repositories import events
-from jobgate.store.tables import jobs, stages
+from jobgate.store.tables import events as event_table
+from jobgate.store.tables import jobs, outbox, stages
 from jobgate.store.tables import tasks as task_table
 
 DEFAULT_AGING_S = 10.0
@@ -44,6 +59,7 @@ class Claimed:
     owner: str
     pipeline: str
     stage: str
+    queue: str
     item_index: int | None
     attempt: int
     deliveries: int
@@ -68,6 +84,7 @@ class Claimed:
             owner=task["owner"],
             pipeline=task["pipeline"],
             stage=task["stage"],
+            queue=task["queue"],
             item_index=task["item_index"],
             attempt=task["attempt"],
             deliveries=task["deliveries"],
@@ -91,9 +108,23 @@ class Report:
         return bool(self.events) or self.progress is not None or self.cost_delta != 0.0
 
 
-async def notify_ready(conn: AsyncConnection) -> None:
-    """Wake listening workers once this transaction commits (PostgreSQL `NOTIFY`)."""
-    if conn.dialect.name == "postgresql":
+async def notify_ready(
+    conn: AsyncConnection, ready: Sequence[tuple[str, float]], *, at: float
+) -> None:
+    """Announce tasks this transaction made ready, as `(queue, available_at)` pairs.
+
+    With an external transport each one leaves an outbox token, published once due.
+    On PostgreSQL, listening workers and relays are woken when (and only if) the
+    transaction commits, if any of them is due at once.
+    """
+    if not ready:
+        return
+    options = conn.sync_connection.get_execution_options() if conn.sync_connection else {}
+    if options.get(OUTBOX, False):
+        await conn.execute(
+            insert(outbox), [{"queue": queue, "available_at": due} for queue, due in ready]
+        )
+    if conn.dialect.name == "postgresql" and any(due <= at for _, due in ready):
         await conn.execute(_NOTIFY)
 
 
@@ -179,6 +210,127 @@ async def has_tasks(conn: AsyncConnection, job_id: str) -> bool:
     return bool(count)
 
 
+_INSERT_EVENTS = insert(event_table)
+# The claim's statements, built once (building one costs more than running it).
+_READY = (
+    task_table.c.queue.in_(bindparam("b_queues", expanding=True)),
+    task_table.c.pipeline.in_(bindparam("b_pipelines", expanding=True)),
+    task_table.c.lease_token.is_(None),
+    task_table.c.available_at <= bindparam("b_at", type_=Float),
+)
+_BEST_READY = (
+    select(task_table.c.id, task_table.c.owner, task_table.c.pipeline)
+    .where(*_READY)
+    .order_by(task_table.c.sort_key, task_table.c.id)
+    .limit(bindparam("b_limit", type_=Integer))
+    .with_for_update(skip_locked=True)
+)
+# Each lease token is the claim's random prefix and the task id: unique, unguessable.
+_LEASE = (
+    update(task_table)
+    .values(
+        lease_token=bindparam("b_prefix", type_=String) + cast(task_table.c.id, String),
+        lease_expires_at=bindparam("b_expires", type_=Float),
+        leased_by=bindparam("b_worker", type_=String),
+        attempt=task_table.c.attempt + 1,
+        deliveries=task_table.c.deliveries + 1,
+    )
+    .returning(*task_table.c)
+)
+# Pick and lease in one statement: the subquery's rows are locked (skipping those
+# another claim holds) and updated before anyone else can see them.
+_LEASE_NEXT = _LEASE.where(
+    task_table.c.id.in_(_BEST_READY.with_only_columns(task_table.c.id).scalar_subquery())
+)
+_LEASE_IDS = _LEASE.where(task_table.c.id.in_(bindparam("b_ids", expanding=True)))
+# Mark a stage running; returns a row only if that changed it (a new run or attempt).
+_STAGE_RUNNING = (
+    update(stages)
+    .where(
+        stages.c.job_id == bindparam("b_job_id", type_=String),
+        stages.c.name == bindparam("b_stage", type_=String),
+        (stages.c.status != "running") | (stages.c.attempt < bindparam("b_attempt", type_=Integer)),
+    )
+    .values(
+        status="running",
+        attempt=case(
+            (
+                stages.c.attempt < bindparam("b_attempt", type_=Integer),
+                bindparam("b_attempt", type_=Integer),
+            ),
+            else_=stages.c.attempt,
+        ),
+        started_at=func.coalesce(stages.c.started_at, bindparam("b_at", type_=Float)),
+        error=None,
+    )
+    .returning(stages.c.attempt)
+)
+# Mark a job running, hand out its event numbers, and read what its stages need.
+_JOB_RUNNING = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("b_job_id", type_=String))
+    .values(
+        status=case((jobs.c.status == "queued", "running"), else_=jobs.c.status),
+        started_at=func.coalesce(jobs.c.started_at, bindparam("b_at", type_=Float)),
+        stage=bindparam("b_stage", type_=String),
+        last_seq=jobs.c.last_seq + bindparam("b_events", type_=Integer),
+    )
+    .returning(
+        jobs.c.id,
+        jobs.c.params,
+        jobs.c.files,
+        jobs.c.budget_usd,
+        jobs.c.actual_usd,
+        jobs.c.cancel_requested,
+        jobs.c.last_seq,
+    )
+)
+
+
+async def _pick_under_caps(
+    conn: AsyncConnection,
+    queues: Sequence[str],
+    pipelines: Sequence[str],
+    limit: int,
+    at: float,
+    max_running_per_owner: int,
+    pipeline_caps: dict[str, int],
+) -> list[int]:
+    """The best ready tasks that no concurrency cap holds back, locked."""
+    if conn.dialect.name == "postgresql":
+        # Claims that count running stages must not interleave, or two workers could
+        # each see room for one more and both take it.
+        await conn.execute(select(func.pg_advisory_xact_lock(_CAPS_LOCK)))
+    owners, running = await _running(conn)
+    conditions = []
+    if max_running_per_owner:
+        full = [o for o, n in owners.items() if n >= max_running_per_owner]
+        conditions.append(task_table.c.owner.not_in(full))
+    full_pipelines = [p for p, cap in pipeline_caps.items() if running.get(p, 0) >= cap]
+    conditions.append(task_table.c.pipeline.not_in(full_pipelines))
+    candidates = await conn.execute(
+        _BEST_READY.where(*conditions),
+        {
+            "b_queues": list(queues),
+            "b_pipelines": list(pipelines),
+            "b_at": at,
+            "b_limit": limit * 4,
+        },
+    )
+    ids: list[int] = []
+    for task_id, owner, pipeline in candidates:
+        if len(ids) == limit:
+            break
+        if max_running_per_owner and owners.get(owner, 0) >= max_running_per_owner:
+            continue
+        if pipeline in pipeline_caps and running.get(pipeline, 0) >= pipeline_caps[pipeline]:
+            continue
+        owners[owner] = owners.get(owner, 0) + 1
+        running[pipeline] = running.get(pipeline, 0) + 1
+        ids.append(task_id)
+    return ids
+
+
 async def claim(
     conn: AsyncConnection,
     *,
@@ -199,117 +351,87 @@ async def claim(
     """
     if limit <= 0:
         return []
-    conditions = [
-        task_table.c.queue.in_(queues),
-        task_table.c.pipeline.in_(pipelines),
-        task_table.c.lease_token.is_(None),
-        task_table.c.available_at <= at,
-    ]
     pipeline_caps = {p.name: p.max_running for p in registry if p.max_running}
-    capped = bool(max_running_per_owner or pipeline_caps)
-    owners: dict[str, int] = {}
-    running: dict[str, int] = {}
-    if capped:
-        if conn.dialect.name == "postgresql":
-            # Claims that count running stages must not interleave, or two workers could
-            # each see room for one more and both take it.
-            await conn.execute(select(func.pg_advisory_xact_lock(_CAPS_LOCK)))
-        owners, running = await _running(conn)
-        if max_running_per_owner:
-            full = [o for o, n in owners.items() if n >= max_running_per_owner]
-            conditions.append(task_table.c.owner.not_in(full))
-        full_pipelines = [p for p, cap in pipeline_caps.items() if running.get(p, 0) >= cap]
-        conditions.append(task_table.c.pipeline.not_in(full_pipelines))
-    candidates = (
-        select(task_table.c.id, task_table.c.owner, task_table.c.pipeline)
-        .where(*conditions)
-        .order_by(task_table.c.sort_key, task_table.c.id)
-        .limit(limit * 4 if capped else limit)
-        .with_for_update(skip_locked=True)
-    )
-    ids: list[int] = []
-    for task_id, owner, pipeline in await conn.execute(candidates):
-        if len(ids) == limit:
-            break
-        if capped:
-            if max_running_per_owner and owners.get(owner, 0) >= max_running_per_owner:
-                continue
-            if pipeline in pipeline_caps and running.get(pipeline, 0) >= pipeline_caps[pipeline]:
-                continue
-            owners[owner] = owners.get(owner, 0) + 1
-            running[pipeline] = running.get(pipeline, 0) + 1
-        ids.append(task_id)
-    if not ids:
-        return []
-    expires = at + lease_s
-    tokens = {task_id: str(uuid.uuid4()) for task_id in ids}
-    await conn.execute(
-        update(task_table)
-        .where(task_table.c.id == bindparam("tid"))
-        .values(
-            lease_token=bindparam("tok"),
-            lease_expires_at=expires,
-            leased_by=worker_id,
-            attempt=task_table.c.attempt + 1,
-            deliveries=task_table.c.deliveries + 1,
-        ),
-        [{"tid": task_id, "tok": token} for task_id, token in tokens.items()],
-    )
-    task_rows = (
-        (await conn.execute(select(task_table).where(task_table.c.id.in_(ids)))).mappings().all()
-    )
-    job_ids = sorted({row["job_id"] for row in task_rows})
-    job_rows = {
-        row["id"]: row
-        for row in (await conn.execute(select(jobs).where(jobs.c.id.in_(job_ids)))).mappings()
+    lease = {
+        "b_prefix": uuid.uuid4().hex[:20] + "-",
+        "b_expires": at + lease_s,
+        "b_worker": worker_id,
     }
-    claimed: list[Claimed] = []
+    if max_running_per_owner or pipeline_caps:
+        ids = await _pick_under_caps(
+            conn, queues, pipelines, limit, at, max_running_per_owner, pipeline_caps
+        )
+        if not ids:
+            return []
+        statement = _LEASE_IDS
+        params: dict[str, Any] = {"b_ids": ids, **lease}
+    else:
+        statement = _LEASE_NEXT
+        params = {
+            "b_queues": list(queues),
+            "b_pipelines": list(pipelines),
+            "b_at": at,
+            "b_limit": limit,
+            **lease,
+        }
+    task_rows = list((await conn.execute(statement, params)).mappings().all())
+    if not task_rows:
+        return []
+    task_rows = sorted(task_rows, key=lambda r: (r["sort_key"], r["id"]))
+    # Mark each stage running (one statement, which also says whether that changed it).
     started: dict[str, list[events.Event]] = {}
-    for row in sorted(task_rows, key=lambda r: (r["sort_key"], r["id"])):
-        job = job_rows[row["job_id"]]
-        stage = registry.get(row["pipeline"]).stages[row["stage"]]
-        given = await outputs(conn, job["id"], stage.after)
-        task = Claimed.from_rows(row, job)
-        task.outputs = given
-        if stage.is_map and task.item_index is not None:
-            task.item, task.item_key = _item(stage, task.item_index, job["files"], given)
-        claimed.append(task)
-        # One statement marks the stage running and says whether that changed anything.
+    for row in task_rows:
         changed = (
             await conn.execute(
-                update(stages)
-                .where(
-                    stages.c.job_id == job["id"],
-                    stages.c.name == stage.name,
-                    (stages.c.status != "running") | (stages.c.attempt < task.attempt),
-                )
-                .values(
-                    status="running",
-                    attempt=case(
-                        (stages.c.attempt < task.attempt, task.attempt), else_=stages.c.attempt
-                    ),
-                    started_at=func.coalesce(stages.c.started_at, at),
-                    error=None,
-                )
-                .returning(stages.c.attempt)
+                _STAGE_RUNNING,
+                {
+                    "b_job_id": row["job_id"],
+                    "b_stage": row["stage"],
+                    "b_attempt": row["attempt"],
+                    "b_at": at,
+                },
             )
         ).first()
+        items = started.setdefault(row["job_id"], [])
         if changed is not None:
-            started.setdefault(job["id"], []).append(
-                ("stage_update", {"stage": stage.name, "status": "running", "attempt": changed[0]})
+            items.append(
+                (
+                    "stage_update",
+                    {"stage": row["stage"], "status": "running", "attempt": changed[0]},
+                )
             )
-    for job_id in job_ids:
-        await conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job_id)
-            .values(
-                status=case((jobs.c.status == "queued", "running"), else_=jobs.c.status),
-                started_at=func.coalesce(jobs.c.started_at, at),
-                stage=next(t.stage for t in claimed if t.job_id == job_id),
-            )
-        )
+    # Mark each job running, hand out its event numbers and read what its stages need,
+    # all in one statement per job.
+    job_rows: dict[str, Any] = {}
+    event_rows: list[dict[str, Any]] = []
     for job_id, items in started.items():
-        await events.append(conn, job_id, items, at=at)
+        current = next(r["stage"] for r in task_rows if r["job_id"] == job_id)
+        job = (
+            (
+                await conn.execute(
+                    _JOB_RUNNING,
+                    {"b_job_id": job_id, "b_at": at, "b_stage": current, "b_events": len(items)},
+                )
+            )
+            .mappings()
+            .one()
+        )
+        job_rows[job_id] = job
+        first = job["last_seq"] - len(items) + 1
+        event_rows.extend(
+            events.row(job_id, first + i, item, at=at) for i, item in enumerate(items)
+        )
+    if event_rows:
+        await conn.execute(_INSERT_EVENTS, event_rows)
+    claimed: list[Claimed] = []
+    for row in task_rows:
+        job = job_rows[row["job_id"]]
+        stage = registry.get(row["pipeline"]).stages[row["stage"]]
+        task = Claimed.from_rows(row, job)
+        task.outputs = await outputs(conn, job["id"], stage.after)
+        if stage.is_map and task.item_index is not None:
+            task.item, task.item_key = _item(stage, task.item_index, job["files"], task.outputs)
+        claimed.append(task)
     return claimed
 
 
@@ -340,7 +462,7 @@ def _item(
     return element, str(index)
 
 
-async def hold(conn: AsyncConnection, task: Claimed) -> None:
+async def hold(conn: AsyncConnection, task: Claimed) -> JobState:
     """Check the lease is still ours (or raise `LeaseLost`) and lock the task's job.
 
     Every outcome goes through `hold` or `take` first, so outcomes of one job never
@@ -356,27 +478,49 @@ async def hold(conn: AsyncConnection, task: Claimed) -> None:
     ).first()
     if found is None:
         raise LeaseLost()
-    await lock_job(conn, task.job_id)
+    return await lock_job(conn, task.job_id)
 
 
-async def take(conn: AsyncConnection, task: Claimed) -> None:
+_TAKE = (
+    delete(task_table)
+    .where(
+        task_table.c.id == bindparam("b_task_id", type_=Integer),
+        task_table.c.lease_token == bindparam("b_token", type_=String),
+    )
+    .returning(task_table.c.job_id)
+)
+_TAKEN = _TAKE.cte("taken")
+# PostgreSQL, one round trip: the job's row is locked and read only if the delete matched.
+_TAKE_AND_LOCK = (
+    select(jobs.c.status, jobs.c.cancel_requested)
+    .where(jobs.c.id.in_(select(_TAKEN.c.job_id)))
+    .with_for_update(of=jobs)
+)
+_JOB_STATE = select(jobs.c.status, jobs.c.cancel_requested).where(
+    jobs.c.id == bindparam("b_job_id", type_=String)
+)
+_LOCK_JOB = _JOB_STATE.with_for_update()
+
+
+async def take(conn: AsyncConnection, task: Claimed) -> JobState:
     """Delete the task row if the lease is still ours (or raise `LeaseLost`); lock its job."""
-    taken = (
-        await conn.execute(
-            delete(task_table)
-            .where(task_table.c.id == task.task_id, task_table.c.lease_token == task.lease_token)
-            .returning(task_table.c.id)
-        )
-    ).first()
-    if taken is None:
+    params = {"b_task_id": task.task_id, "b_token": task.lease_token}
+    if conn.dialect.name == "postgresql":
+        row = (await conn.execute(_TAKE_AND_LOCK, params)).first()
+        if row is None:
+            raise LeaseLost()
+        return JobState(status=row.status, cancel_requested=bool(row.cancel_requested))
+    if (await conn.execute(_TAKE, params)).first() is None:
         raise LeaseLost()
-    await lock_job(conn, task.job_id)
+    return await lock_job(conn, task.job_id)
 
 
-async def lock_job(conn: AsyncConnection, job_id: str) -> None:
-    """Hold the job's row until commit (PostgreSQL; SQLite has one writer anyway)."""
-    if conn.dialect.name != "sqlite":
-        await conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
+async def lock_job(conn: AsyncConnection, job_id: str) -> JobState:
+    """Hold the job's row until commit and read its state (which, held, cannot change
+    under the caller). SQLite has one writer anyway, so only PostgreSQL locks."""
+    query = _JOB_STATE if conn.dialect.name == "sqlite" else _LOCK_JOB
+    row = (await conn.execute(query, {"b_job_id": job_id})).one()
+    return JobState(status=row.status, cancel_requested=bool(row.cancel_requested))
 
 
 async def flush(
@@ -489,7 +633,7 @@ async def release(conn: AsyncConnection, task: Claimed, report: Report, *, at: f
             deliveries=task_table.c.deliveries - 1,
         )
     )
-    await notify_ready(conn)
+    await notify_ready(conn, [(task.queue, at)], at=at)
     if task.item_index is None:
         await conn.execute(
             update(stages)
@@ -527,3 +671,18 @@ async def depth(conn: AsyncConnection) -> dict[str, int]:
         .group_by(task_table.c.queue)
     )
     return {queue: int(n) for queue, n in rows}
+
+
+async def ready_count(conn: AsyncConnection, queue: str, *, at: float) -> int:
+    """Tasks of `queue` due and waiting to be claimed (at most 1,000 are counted)."""
+    due = (
+        select(task_table.c.id)
+        .where(
+            task_table.c.queue == queue,
+            task_table.c.lease_token.is_(None),
+            task_table.c.available_at <= at,
+        )
+        .limit(1000)
+        .subquery()
+    )
+    return int((await conn.execute(select(func.count()).select_from(due))).scalar_one())
