@@ -9,7 +9,10 @@ must be 202; anything else is counted as an error and printed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy.engine import make_url
 
 from bench._common import Result, analyze_postgres, fresh_postgres, log, sqlite_url, temp_dir
 
@@ -202,6 +206,52 @@ async def _load(
     return tally, elapsed
 
 
+WRK = shutil.which("wrk")
+
+
+async def _load_wrk(
+    server: Server, path: str, body: dict[str, Any], jobs_each: int, seconds: float, inflight: int
+) -> tuple[Tally, float]:
+    """The same load from `wrk` (one thread, `inflight` connections), when installed: a
+    Python client spends more CPU per request than the servers measured here."""
+    script = server.log_path.with_name("post.lua")
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {server.key}"\n'
+    )
+    server_cpu = server.cpu_s()
+    process = await asyncio.create_subprocess_exec(
+        WRK or "wrk",
+        "-t1",
+        f"-c{inflight}",
+        f"-d{max(1, round(seconds))}s",
+        "-s",
+        str(script),
+        server.base_url + path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output = (await process.communicate())[0].decode()
+    tally = Tally(server_cpu_s=server.cpu_s() - server_cpu)
+    elapsed = float(max(1, round(seconds)))
+    total = re.search(r"(\d+) requests in ([\d.]+)(m?s)", output)
+    if total is None:
+        raise RuntimeError(f"wrk printed no total:\n{output}")
+    tally.requests = int(total.group(1))
+    elapsed = float(total.group(2)) / (1000 if total.group(3) == "ms" else 1)
+    failed = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    bad = int(failed.group(1)) if failed else 0
+    errors = re.search(r"Socket errors: (.*)", output)
+    if bad:
+        tally.errors["non-2xx answers"] += bad
+    if errors:
+        tally.errors[f"socket errors: {errors.group(1)}"] += 1
+    tally.jobs = (tally.requests - bad) * jobs_each
+    return tally, elapsed
+
+
 async def _measure(
     server: Server,
     result: Result,
@@ -213,11 +263,12 @@ async def _measure(
     inflight: int,
     runs: int,
 ) -> None:
-    await _load(server, path, body, jobs_each, min(1.0, seconds), inflight)  # warm-up
+    load = _load_wrk if WRK else _load
+    await load(server, path, body, jobs_each, min(1.0, seconds), inflight)  # warm-up
     for n in range(runs):
         if result.database == "postgres":
             await analyze_postgres()
-        tally, elapsed = await _load(server, path, body, jobs_each, seconds, inflight)
+        tally, elapsed = await load(server, path, body, jobs_each, seconds, inflight)
         rate = tally.jobs / elapsed
         result.values.append(rate)
         result.errors += sum(tally.errors.values())
@@ -229,6 +280,70 @@ async def _measure(
         )
         for message, count in tally.errors.most_common(5):
             print(f"    error x{count}: {message}", file=sys.stderr)
+
+
+@contextmanager
+def serve_ceiling(tmp: Path, dsn: str) -> Iterator[Server]:
+    """`bench/ceiling_app.py` under uvicorn on a free port (the same server jobgate uses)."""
+    port = _free_port()
+    log_path = tmp / "ceiling.log"
+    env = {**os.environ, "BENCH_CEILING_DSN": dsn}
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.ceiling_app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            env=env,
+            cwd=Path(__file__).parent.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(
+        base_url=f"http://127.0.0.1:{port}", key="-", log_path=log_path, pid=process.pid
+    )
+    try:
+        _wait_healthy(server, process)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def run_ceiling(*, seconds: float, inflight: int, runs: int) -> list[Result]:
+    """The FastAPI + asyncpg one-row-insert ceiling, on a fresh PostgreSQL database."""
+    result = Result(
+        benchmark=f"FastAPI+asyncpg insert ceiling ({inflight} in flight)",
+        database="postgres",
+        unit="POST/s",
+    )
+    url = await fresh_postgres()
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with temp_dir("ceiling") as tmp, serve_ceiling(tmp, dsn) as server:
+        await _measure(
+            server,
+            result,
+            "/v1/jobs",
+            SINGLE_BODY,
+            1,
+            seconds=seconds,
+            inflight=inflight,
+            runs=runs,
+        )
+    return [result]
 
 
 async def run(
