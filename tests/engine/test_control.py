@@ -61,6 +61,28 @@ async def test_cancel_running_async_stage_stops_within_a_second(engine: Engine) 
     assert "completed" not in types
 
 
+async def test_cancel_seen_twice_never_strands_the_stage(engine: Engine) -> None:
+    """Stages that report progress all the time see a cancel twice, from the lease
+    renewal and from a progress flush; each still ends `cancelled` at once, not when
+    its lease runs out (regression: the second interruption dropped the outcome)."""
+    engine.settings = engine.settings.model_copy(
+        update={"lease_s": 60.0, "event_flush_interval_s": 0.01}
+    )
+    await engine.start_worker(concurrency=8)
+    for _ in range(4):
+        ids = [await engine.submit("steps", {"steps": 10_000, "step_ms": 1}) for _ in range(8)]
+        for job_id in ids:
+            await engine.wait(
+                job_id, until=lambda s: engine.stage(s, "work")["status"] == "running"
+            )
+        await asyncio.sleep(0.2)
+        for job_id in ids:
+            await cancel(engine, job_id)
+        for job_id in ids:
+            snapshot = await engine.wait(job_id, timeout=10)
+            assert snapshot.job["status"] == "cancelled"
+
+
 async def test_cancel_running_thread_stage_cooperatively(engine: Engine) -> None:
     """A sync stage polling `check_cancelled()` stops; the job ends `cancelled`, artifacts gone."""
     await engine.start_worker()

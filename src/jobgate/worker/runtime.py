@@ -45,6 +45,8 @@ class TaskRuntime:
         # Set once the outcome is being written: a renewal that then misses the task
         # row saw the outcome commit, not a lost lease.
         self.finishing = False
+        # Set once the stage's runner was cancelled: it is cancelled at most once.
+        self.interrupted = False
         self.flusher: asyncio.Task[None] | None = None
         self.finish_requested = asyncio.Event()
 

@@ -161,7 +161,7 @@ class Worker:
                 if task in pending:
                     runtime.handing_back = True
                     runtime.cancel()
-                    task.cancel()
+                    self._interrupt(runtime)
             if pending:
                 await asyncio.wait(pending, timeout=5)
         for loop_task in self._loops[1:]:
@@ -356,7 +356,7 @@ class Worker:
                         )
                         runtime.lease_lost = True
                         runtime.cancel()
-                        self._running[runtime.task.task_id][1].cancel()
+                        self._interrupt(runtime)
                 elif runtime.task.job_id in stopping and not runtime.cancel_requested():
                     runtime.cancel()
                     self._stop_soon(runtime)
@@ -551,18 +551,29 @@ class Worker:
         After `cancel_grace_s` the stage's task is cancelled: a thread is abandoned, a
         process stage's child is killed with its process group.
         """
-        entry = self._running.get(runtime.task.task_id)
-        if entry is None:
+        if runtime.task.task_id not in self._running:
             return
         runtime.cancel()
         stage = self.registry.get(runtime.task.pipeline).stages[runtime.task.stage]
         if stage.is_async:
-            entry[1].cancel()
+            self._interrupt(runtime)
         else:
             asyncio.get_running_loop().call_later(
-                self.settings.cancel_grace_s,
-                lambda: entry[1].cancel() if not entry[1].done() else None,
+                self.settings.cancel_grace_s, self._interrupt, runtime
             )
+
+    def _interrupt(self, runtime: TaskRuntime) -> None:
+        """Cancel a stage's runner: once, and never while it writes its outcome.
+
+        A second `CancelledError` landing in the outcome's write would drop it, and the
+        task would stay leased until its lease ran out (a cancel seen by both the lease
+        renewal and a progress flush did exactly that).
+        """
+        entry = self._running.get(runtime.task.task_id)
+        if entry is None or entry[1].done() or runtime.finishing or runtime.interrupted:
+            return
+        runtime.interrupted = True
+        entry[1].cancel()
 
     async def _run(self, runtime: TaskRuntime) -> None:
         task = runtime.task
@@ -734,9 +745,7 @@ class Worker:
             except tasks.LeaseLost:
                 runtime.lease_lost = True
                 runtime.cancel()
-                entry = self._running.get(runtime.task.task_id)
-                if entry:
-                    entry[1].cancel()
+                self._interrupt(runtime)
                 return
             except Exception:
                 log.warning("flush_failed", exc_info=True)
