@@ -42,6 +42,7 @@ from jobgate.pipelines import Registry
 from jobgate.store import Database
 from jobgate.store.migrate import upgrade
 from jobgate.store.repositories import jobs
+from jobgate.transport import from_url
 from jobgate.worker import Worker
 
 INSERT_BATCH = 500
@@ -76,10 +77,18 @@ async def _count_done(db: Database) -> int:
         return int((await conn.execute(COUNT_DONE)).scalar_one())
 
 
+BROKERS = {
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
+    "redis": "redis://127.0.0.1:6379/0",
+}
+
+
 async def drain_once(
-    database: str, count: int, concurrency: int, time_limit_s: float
+    database: str, count: int, concurrency: int, time_limit_s: float, broker: str = ""
 ) -> tuple[float, str]:
-    """One run on a fresh database: (jobs/s, what happened)."""
+    """One run on a fresh database: (jobs/s, what happened). With `broker`, the worker
+    takes its tasks through that transport (tokens written to the outbox with the
+    backlog, published by the worker's relay once it starts)."""
     with temp_dir("drain") as tmp:
         url = sqlite_url(tmp) if database == "sqlite" else await fresh_postgres()
         settings = Settings(
@@ -89,7 +98,7 @@ async def drain_once(
             blobs_url=(tmp / "blobs").as_uri(),
             log_level="WARNING",
         )
-        db = Database(url)
+        db = Database(url, outbox=bool(broker))
         blobs = open_blob_store(settings.blobs_url)
         try:
             await db.create_all()
@@ -98,7 +107,12 @@ async def drain_once(
             if database == "postgres":
                 await analyze_postgres()
             worker = Worker(
-                settings=settings, db=db, blobs=blobs, registry=registry, concurrency=concurrency
+                settings=settings,
+                db=db,
+                blobs=blobs,
+                registry=registry,
+                concurrency=concurrency,
+                transport=from_url(BROKERS[broker], namespace="jobgatebench") if broker else None,
             )
             lost_before = EVENTS.counts["lease_lost"]
             started = time.perf_counter()
@@ -140,6 +154,23 @@ async def run(
                 result.values.append(value)
                 notes.append(note)
             result.note = "; ".join(notes)
+            results.append(result)
+    if "postgres" in databases:
+        for broker in BROKERS:
+            result = Result(
+                benchmark=f"drain noop, 1 worker x16, {broker} transport",
+                database="postgres",
+                unit="jobs/s",
+            )
+            try:
+                for n in range(runs):
+                    value, note = await drain_once("postgres", count, 16, time_limit_s, broker)
+                    log(f"drain postgres via {broker} run {n + 1}: {value:,.1f} jobs/s ({note})")
+                    result.values.append(value)
+                    result.note = "; ".join(filter(None, [result.note, note]))
+            except OSError as exc:
+                log(f"drain via {broker} skipped: {exc}")
+                continue
             results.append(result)
     return results
 
