@@ -104,6 +104,8 @@ class Worker:
         self._token_of: dict[int, Delivery] = {}
         self._settling: set[asyncio.Task[None]] = set()
         self._recheck = True
+        # Whether any concurrency cap applies: then a finished stage may free a waiting one.
+        self._capped = bool(settings.max_running_per_owner) or any(p.max_running for p in registry)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -537,12 +539,6 @@ class Worker:
             self._recheck = True  # a cap this stage held may let a waiting task run
         self._slot_freed.set()
         self._wakeup.set()
-
-    @property
-    def _capped(self) -> bool:
-        return bool(self.settings.max_running_per_owner) or any(
-            p.max_running for p in self.registry
-        )
 
     def _stop_soon(self, runtime: TaskRuntime) -> None:
         """Cancellation: async stages get `CancelledError` now; sync ones get the grace.
