@@ -11,7 +11,8 @@ from jobgate.auth import Principal
 from jobgate.auth.api_keys import authenticate_request
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, per request.
     state: AppState = request.app.state.jobgate
     return state
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -43,8 +44,11 @@ class Database:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             options["connect_args"] = {"timeout": 30}
         else:
-            options.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            options.update(pool_size=pool_size, max_overflow=pool_size)
         self.engine: AsyncEngine = create_async_engine(url, **options)
+        if not self.is_sqlite:
+            event.listen(self.engine.sync_engine.pool, "checkin", _note_checkin)
+            event.listen(self.engine.sync_engine.pool, "checkout", _ping_if_idle)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_on_connect)
@@ -93,6 +97,29 @@ class Database:
 
     async def aclose(self) -> None:
         await self.engine.dispose()
+
+
+# A pooled connection idle for longer than this is pinged before use. SQLAlchemy's
+# `pool_pre_ping` pings every checkout (BEGIN; SELECT; ROLLBACK on asyncpg: three round
+# trips per transaction); a connection back in use within a second is known to be alive,
+# and one that died since fails its statement, which invalidates the whole pool.
+IDLE_PING_S = 1.0
+_CHECKED_IN_AT = "jobgate_checked_in_at"
+
+
+def _note_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info[_CHECKED_IN_AT] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+    checked_in_at = record.info.get(_CHECKED_IN_AT)
+    if checked_in_at is None or time.monotonic() - checked_in_at < IDLE_PING_S:
+        return
+    try:
+        dbapi_connection.ping()
+    except Exception as exc:
+        # The pool drops this connection and checks out (or opens) another.
+        raise DisconnectionError(f"pooled connection is dead: {exc}") from exc
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -47,6 +47,11 @@ IdempotencyKey = Annotated[
 RECORDS_MAX_LIMIT = 1000
 
 
+def _request_hash(key: str | None, kind: str, fingerprint: Callable[[], Any]) -> str:
+    """What an Idempotency-Key is bound to; nothing to compute without a key."""
+    return "" if key is None else idempotency.request_hash(kind, fingerprint())
+
+
 def _too_many(raw: Any, key: str, limit: int) -> None:
     """Refuse more than `limit` items before validating any of them."""
     if isinstance(raw, dict) and isinstance(raw.get(key), list) and len(raw[key]) > limit:
@@ -69,11 +74,10 @@ def _too_many(raw: Any, key: str, limit: int) -> None:
 )
 async def submit_job(
     request: Request,
-    response: Response,
     state: StateDep,
     principal: CurrentPrincipal,
     idempotency_key: IdempotencyKey = None,
-) -> dict[str, Any]:
+) -> Response:
     """Create a job from JSON (files by `sha256`) or multipart (files streamed in)."""
     principal.require_write()
     submission = await submit.read_submission(request, state)
@@ -93,16 +97,18 @@ async def submit_job(
             [new_job],
             uploads=submission.uploads,
             key=key,
-            request_hash=idempotency.request_hash("job", submission.fingerprint),
+            request_hash=_request_hash(key, "job", lambda: submission.fingerprint),
         )
     except BaseException:
         await submission.discard(state)
         raise
     if not snapshots:
         raise NotFound("the job this Idempotency-Key created no longer exists")
-    response.status_code = 200 if replayed else 202
-    response.headers["Location"] = f"/v1/jobs/{snapshots[0].job['id']}"
-    return views.job(snapshots[0])
+    return views.respond(
+        views.job(snapshots[0]),
+        200 if replayed else 202,
+        {"Location": f"/v1/jobs/{snapshots[0].job['id']}"},
+    )
 
 
 @router.post(
@@ -118,11 +124,10 @@ async def submit_job(
 )
 async def submit_batch(
     request: Request,
-    response: Response,
     state: StateDep,
     principal: CurrentPrincipal,
     idempotency_key: IdempotencyKey = None,
-) -> dict[str, Any]:
+) -> Response:
     """Create every job of `{"jobs": [...]}`, or none; errors are located `["jobs", i, ...]`."""
     principal.require_write()
     raw = await submit.read_json_body(request, state)
@@ -137,10 +142,9 @@ async def submit_batch(
         principal,
         new_jobs,
         key=key,
-        request_hash=idempotency.request_hash("batch", batch.model_dump(mode="json")),
+        request_hash=_request_hash(key, "batch", lambda: batch.model_dump(mode="json")),
     )
-    response.status_code = 200 if replayed else 202
-    return {"jobs": [views.job(s) for s in snapshots]}
+    return views.respond({"jobs": [views.job(s) for s in snapshots]}, 200 if replayed else 202)
 
 
 @router.post(
@@ -228,11 +232,11 @@ async def list_jobs(
     summary="Read a job",
     responses=problem_responses(401, 404),
 )
-async def get_job(job_id: str, state: StateDep, principal: CurrentPrincipal) -> dict[str, Any]:
+async def get_job(job_id: str, state: StateDep, principal: CurrentPrincipal) -> Response:
     """One job."""
     async with state.db.read() as conn:
         snapshot = await job_repo.get(conn, job_id, owner=principal.owner_filter())
-    return views.job(snapshot)
+    return views.respond(views.job(snapshot))
 
 
 @router.post(

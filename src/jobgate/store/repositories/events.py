@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Update, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from jobgate.store import pg
 from jobgate.store.tables import events, jobs
 
 Event = tuple[str, dict[str, Any]]
@@ -47,15 +48,15 @@ async def append(
         return 0
     job_values = job_values or {}
     params = {f"v_{name}": value for name, value in job_values.items()}
-    last = (
-        await conn.execute(_bump(tuple(job_values)), {"job_id": job_id, "n": len(items), **params})
-    ).scalar_one()
-    if items:
-        first = last - len(items) + 1
-        await conn.execute(
-            _INSERT, [row(job_id, first + i, item, at=at) for i, item in enumerate(items)]
-        )
-    return int(last)
+    (bumped,) = await pg.fetch(
+        conn, _bump(tuple(job_values)), {"job_id": job_id, "n": len(items), **params}
+    )
+    last = int(bumped["last_seq"])
+    first = last - len(items) + 1
+    await pg.insert_rows(
+        conn, events, [row(job_id, first + i, item, at=at) for i, item in enumerate(items)]
+    )
+    return last
 
 
 def row(job_id: str, seq: int, item: Event, *, at: float) -> dict[str, Any]:

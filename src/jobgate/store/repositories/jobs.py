@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Float, String, bindparam, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.errors import Conflict, NotFound
 from jobgate.pipelines import Pipeline, Registry
+from jobgate.store import pg
 from jobgate.store.repositories import events, scheduling, tasks
-from jobgate.store.tables import artifacts, jobs, owner_clocks, stages
+from jobgate.store.tables import artifacts, jobs, outbox, owner_clocks, stages
 from jobgate.store.tables import events as event_table
 from jobgate.store.tables import tasks as task_table
 
@@ -152,15 +152,28 @@ async def create(
             {"job_id": job.id, "seq": i + 1, "type": kind, "data": data, "created_at": at}
             for i, (kind, data) in enumerate(first_events)
         )
-    await conn.execute(_INSERT_JOBS, job_rows)
-    await conn.execute(_INSERT_STAGES, stage_rows)
-    if event_rows:
-        await conn.execute(_INSERT_EVENTS, event_rows)
-    if task_rows:
-        await conn.execute(_INSERT_TASKS, task_rows)
-        await tasks.notify_ready(
-            conn, [(row["queue"], row["available_at"]) for row in task_rows], at=at
+    ready = [(row["queue"], row["available_at"]) for row in task_rows]
+    if conn.dialect.name == "postgresql":
+        tokens, wake = tasks.ready_tokens(conn, ready, at=at)
+        await pg.insert_many(
+            conn,
+            [
+                (jobs, job_rows),
+                (stages, stage_rows),
+                (event_table, event_rows),
+                (task_table, task_rows),
+                (outbox, tokens),
+            ],
+            notify=tasks.CHANNEL if wake else None,
         )
+    else:
+        await conn.execute(_INSERT_JOBS, job_rows)
+        await conn.execute(_INSERT_STAGES, stage_rows)
+        if event_rows:
+            await conn.execute(_INSERT_EVENTS, event_rows)
+        if task_rows:
+            await conn.execute(_INSERT_TASKS, task_rows)
+            await tasks.notify_ready(conn, ready, at=at)
     # Map stages whose item list is empty (no files) finish at once.
     finished_early = False
     for job in new_jobs:
@@ -179,21 +192,27 @@ async def create(
     return [JobSnapshot(job={**row, **unset}, stages=by_job[row["id"]]) for row in job_rows]
 
 
-@functools.cache
-def _advance_clock(dialect: str) -> Any:
+def _advance_clock_sqlite() -> Any:
     """Upsert: the owner's clock becomes max(clock, :b_at) + :b_span; returns it."""
-    pg = dialect == "postgresql"
-    greatest = func.greatest if pg else func.max
     start = bindparam("b_at", type_=Float)
     span = bindparam("b_span", type_=Float)
-    upsert = (postgresql if pg else sqlite).insert(owner_clocks)
     return (
-        upsert.values(owner=bindparam("b_owner", type_=String), clock=start + span)
+        sqlite.insert(owner_clocks)
+        .values(owner=bindparam("b_owner", type_=String), clock=start + span)
         .on_conflict_do_update(
-            index_elements=["owner"], set_={"clock": greatest(owner_clocks.c.clock, start) + span}
+            index_elements=["owner"], set_={"clock": func.max(owner_clocks.c.clock, start) + span}
         )
         .returning(owner_clocks.c.clock)
     )
+
+
+_ADVANCE_CLOCK_SQLITE = _advance_clock_sqlite()
+# The same on PostgreSQL, as plain SQL for the driver (see `store/pg.py`).
+_ADVANCE_CLOCK_PG = (
+    "INSERT INTO owner_clocks (owner, clock) VALUES ($1, $2::float8 + $3::float8) "
+    "ON CONFLICT (owner) DO UPDATE "
+    "SET clock = greatest(owner_clocks.clock, $2::float8) + $3::float8 RETURNING clock"
+)
 
 
 async def _fair_keys(
@@ -216,12 +235,14 @@ async def _fair_keys(
         # One statement moves the owner's clock past these jobs and returns where it
         # ends; the upsert's row lock orders concurrent submits of one owner.
         span = len(ids) * stride_s
-        end = (
-            await conn.execute(
-                _advance_clock(conn.dialect.name),
-                {"b_owner": owner, "b_at": at, "b_span": span},
-            )
-        ).scalar_one()
+        if conn.dialect.name == "postgresql":
+            end = await (await pg.driver(conn)).fetchval(_ADVANCE_CLOCK_PG, owner, at, span)
+        else:
+            end = (
+                await conn.execute(
+                    _ADVANCE_CLOCK_SQLITE, {"b_owner": owner, "b_at": at, "b_span": span}
+                )
+            ).scalar_one()
         start = float(end) - span
         keys.update((job_id, start + i * stride_s) for i, job_id in enumerate(ids))
     return keys

@@ -13,6 +13,7 @@ from sqlalchemy import Float, String, bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.pipelines import Pipeline, Registry
+from jobgate.store import pg
 from jobgate.store.repositories import events, scheduling, tasks
 from jobgate.store.repositories.tasks import DEFAULT_AGING_S, Claimed, Report
 from jobgate.store.tables import jobs, records, stages
@@ -55,7 +56,8 @@ async def complete(
     if task.item_index is not None:
         await _record_item(conn, task, pipeline, "succeeded", data=output, error=None, at=at)
         return
-    await conn.execute(
+    await pg.fetch(
+        conn,
         _STAGE_SUCCEEDED,
         {"b_job_id": task.job_id, "b_stage": task.stage, "b_output": output, "b_at": at},
     )

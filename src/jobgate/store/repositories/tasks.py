@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
+    BigInteger,
     Float,
     Integer,
     String,
+    any_,
     bindparam,
     case,
     cast,
@@ -32,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.errors import JobgateError
 from jobgate.pipelines import Registry, Stage
+from jobgate.store import pg
 from jobgate.store.database import OUTBOX
 from jobgate.store.repositories import events
 from jobgate.store.tables import events as event_table
@@ -117,15 +121,27 @@ async def notify_ready(
     On PostgreSQL, listening workers and relays are woken when (and only if) the
     transaction commits, if any of them is due at once.
     """
-    if not ready:
-        return
-    options = conn.sync_connection.get_execution_options() if conn.sync_connection else {}
-    if options.get(OUTBOX, False):
-        await conn.execute(
-            insert(outbox), [{"queue": queue, "available_at": due} for queue, due in ready]
-        )
-    if conn.dialect.name == "postgresql" and any(due <= at for _, due in ready):
+    tokens, wake = ready_tokens(conn, ready, at=at)
+    if tokens:
+        await conn.execute(insert(outbox), tokens)
+    if wake:
         await conn.execute(_NOTIFY)
+
+
+def ready_tokens(
+    conn: AsyncConnection, ready: Sequence[tuple[str, float]], *, at: float
+) -> tuple[list[dict[str, Any]], bool]:
+    """What `notify_ready` writes: the outbox rows, and whether to NOTIFY `CHANNEL`."""
+    if not ready:
+        return [], False
+    options = conn.sync_connection.get_execution_options() if conn.sync_connection else {}
+    tokens = (
+        [{"queue": queue, "available_at": due} for queue, due in ready]
+        if options.get(OUTBOX, False)
+        else []
+    )
+    wake = conn.dialect.name == "postgresql" and any(due <= at for _, due in ready)
+    return tokens, wake
 
 
 def sort_key(fair_key: float, priority: int, aging_s: float) -> float:
@@ -243,6 +259,22 @@ _LEASE_NEXT = _LEASE.where(
     task_table.c.id.in_(_BEST_READY.with_only_columns(task_table.c.id).scalar_subquery())
 )
 _LEASE_IDS = _LEASE.where(task_table.c.id.in_(bindparam("b_ids", expanding=True)))
+# The same with arrays instead of expanding IN lists, for PostgreSQL's fast path.
+_LEASE_NEXT_PG = _LEASE.where(
+    task_table.c.id.in_(
+        select(task_table.c.id)
+        .where(
+            task_table.c.queue == any_(bindparam("b_queues", type_=ARRAY(String))),
+            task_table.c.pipeline == any_(bindparam("b_pipelines", type_=ARRAY(String))),
+            *_READY[2:],
+        )
+        .order_by(task_table.c.sort_key, task_table.c.id)
+        .limit(bindparam("b_limit", type_=Integer))
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+)
+_LEASE_IDS_PG = _LEASE.where(task_table.c.id == any_(bindparam("b_ids", type_=ARRAY(BigInteger))))
 # Mark a stage running; returns a row only if that changed it (a new run or attempt).
 _STAGE_RUNNING = (
     update(stages)
@@ -363,10 +395,10 @@ async def claim(
         )
         if not ids:
             return []
-        statement = _LEASE_IDS
+        statement = _LEASE_IDS_PG if conn.dialect.name == "postgresql" else _LEASE_IDS
         params: dict[str, Any] = {"b_ids": ids, **lease}
     else:
-        statement = _LEASE_NEXT
+        statement = _LEASE_NEXT_PG if conn.dialect.name == "postgresql" else _LEASE_NEXT
         params = {
             "b_queues": list(queues),
             "b_pipelines": list(pipelines),
@@ -374,30 +406,29 @@ async def claim(
             "b_limit": limit,
             **lease,
         }
-    task_rows = list((await conn.execute(statement, params)).mappings().all())
+    task_rows = await pg.fetch(conn, statement, params)
     if not task_rows:
         return []
     task_rows = sorted(task_rows, key=lambda r: (r["sort_key"], r["id"]))
     # Mark each stage running (one statement, which also says whether that changed it).
     started: dict[str, list[events.Event]] = {}
     for row in task_rows:
-        changed = (
-            await conn.execute(
-                _STAGE_RUNNING,
-                {
-                    "b_job_id": row["job_id"],
-                    "b_stage": row["stage"],
-                    "b_attempt": row["attempt"],
-                    "b_at": at,
-                },
-            )
-        ).first()
+        changed = await pg.fetch(
+            conn,
+            _STAGE_RUNNING,
+            {
+                "b_job_id": row["job_id"],
+                "b_stage": row["stage"],
+                "b_attempt": row["attempt"],
+                "b_at": at,
+            },
+        )
         items = started.setdefault(row["job_id"], [])
-        if changed is not None:
+        if changed:
             items.append(
                 (
                     "stage_update",
-                    {"stage": row["stage"], "status": "running", "attempt": changed[0]},
+                    {"stage": row["stage"], "status": "running", "attempt": changed[0]["attempt"]},
                 )
             )
     # Mark each job running, hand out its event numbers and read what its stages need,
@@ -406,23 +437,17 @@ async def claim(
     event_rows: list[dict[str, Any]] = []
     for job_id, items in started.items():
         current = next(r["stage"] for r in task_rows if r["job_id"] == job_id)
-        job = (
-            (
-                await conn.execute(
-                    _JOB_RUNNING,
-                    {"b_job_id": job_id, "b_at": at, "b_stage": current, "b_events": len(items)},
-                )
-            )
-            .mappings()
-            .one()
+        (job,) = await pg.fetch(
+            conn,
+            _JOB_RUNNING,
+            {"b_job_id": job_id, "b_at": at, "b_stage": current, "b_events": len(items)},
         )
         job_rows[job_id] = job
         first = job["last_seq"] - len(items) + 1
         event_rows.extend(
             events.row(job_id, first + i, item, at=at) for i, item in enumerate(items)
         )
-    if event_rows:
-        await conn.execute(_INSERT_EVENTS, event_rows)
+    await pg.insert_rows(conn, event_table, event_rows)
     claimed: list[Claimed] = []
     for row in task_rows:
         job = job_rows[row["job_id"]]
@@ -484,7 +509,7 @@ async def hold(conn: AsyncConnection, task: Claimed) -> JobState:
 _TAKE = (
     delete(task_table)
     .where(
-        task_table.c.id == bindparam("b_task_id", type_=Integer),
+        task_table.c.id == bindparam("b_task_id", type_=BigInteger),
         task_table.c.lease_token == bindparam("b_token", type_=String),
     )
     .returning(task_table.c.job_id)
@@ -506,10 +531,10 @@ async def take(conn: AsyncConnection, task: Claimed) -> JobState:
     """Delete the task row if the lease is still ours (or raise `LeaseLost`); lock its job."""
     params = {"b_task_id": task.task_id, "b_token": task.lease_token}
     if conn.dialect.name == "postgresql":
-        row = (await conn.execute(_TAKE_AND_LOCK, params)).first()
-        if row is None:
+        rows = await pg.fetch(conn, _TAKE_AND_LOCK, params)
+        if not rows:
             raise LeaseLost()
-        return JobState(status=row.status, cancel_requested=bool(row.cancel_requested))
+        return JobState(status=rows[0]["status"], cancel_requested=rows[0]["cancel_requested"])
     if (await conn.execute(_TAKE, params)).first() is None:
         raise LeaseLost()
     return await lock_job(conn, task.job_id)
@@ -519,8 +544,8 @@ async def lock_job(conn: AsyncConnection, job_id: str) -> JobState:
     """Hold the job's row until commit and read its state (which, held, cannot change
     under the caller). SQLite has one writer anyway, so only PostgreSQL locks."""
     query = _JOB_STATE if conn.dialect.name == "sqlite" else _LOCK_JOB
-    row = (await conn.execute(query, {"b_job_id": job_id})).one()
-    return JobState(status=row.status, cancel_requested=bool(row.cancel_requested))
+    (row,) = await pg.fetch(conn, query, {"b_job_id": job_id})
+    return JobState(status=row["status"], cancel_requested=bool(row["cancel_requested"]))
 
 
 async def flush(

@@ -1,0 +1,159 @@
+"""`Database` and the fast path on the real PostgreSQL: the pool outlives dead
+connections; plain-SQL inserts store what SQLAlchemy stores, in the same transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.engine import make_url
+
+from jobgate.store import database as database_module
+from jobgate.store import pg
+from jobgate.store.database import Database
+from jobgate.store.tables import jobs, outbox
+
+pytestmark = pytest.mark.service("postgres")
+POOLED = 3
+
+
+async def _backend_pids(db: Database, count: int) -> set[int]:
+    """Hold `count` pooled connections at once; their server pids."""
+    pids: set[int] = set()
+    entered = asyncio.Barrier(count)
+
+    async def one() -> None:
+        async with db.write() as conn:
+            pids.add(int(await conn.scalar(text("SELECT pg_backend_pid()"))))
+            await entered.wait()
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return pids
+
+
+async def _terminate(url: str, pids: set[int]) -> None:
+    parsed = make_url(url)
+    admin = await asyncpg.connect(
+        host=parsed.host, port=parsed.port, user=parsed.username, database=parsed.database
+    )
+    try:
+        for pid in pids:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+
+
+async def test_idle_pooled_connections_killed_by_the_server_are_replaced(
+    postgres_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server drops every pooled connection (a restart, an idle timeout, an admin):
+    the next transactions after a pause all succeed, on new connections."""
+    monkeypatch.setattr(database_module, "IDLE_PING_S", 0.05)
+    db = Database(postgres_db_url)
+    try:
+        killed = await _backend_pids(db, POOLED)
+        assert len(killed) == POOLED
+        await _terminate(postgres_db_url, killed)
+        await asyncio.sleep(0.1)
+        fresh = await _backend_pids(db, POOLED)
+        assert fresh.isdisjoint(killed)
+    finally:
+        await db.aclose()
+
+
+def _job_row(job_id: str, **changes: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": job_id,
+        "pipeline": "noop",
+        "pipeline_version": "1",
+        "owner": "alice",
+        "status": "queued",
+        "cancel_requested": False,
+        "priority": 0,
+        "params": {"n": 1, "nested": {"xs": [1.5, None, "é"]}},
+        "files": [],
+        "correlation_id": None,
+        "webhook": None,
+        "estimated_usd": 0.0,
+        "actual_usd": 0.0,
+        "budget_usd": 1.0,
+        "progress": 0.0,
+        "records_expected": 0,
+        "records_succeeded": 0,
+        "records_failed": 0,
+        "last_seq": 1,
+        "fair_key": 100.0,
+        "created_at": 100.0,
+    }
+    row.update(changes)
+    return row
+
+
+async def test_fast_path_inserts_store_what_sqlalchemy_stores(postgres_db_url: str) -> None:
+    """The same rows through `pg.insert_many` and through SQLAlchemy read back equal,
+    JSON None (stored as JSON null) and SQL NULLs included, constant columns or not."""
+    db = Database(postgres_db_url)
+    varied = [
+        _job_row("pg-1", priority=5, correlation_id="c"),
+        _job_row("pg-2", params={}, webhook={"url": "https://x.test"}),
+        _job_row("pg-3", fair_key=7.25),
+    ]
+    try:
+        async with db.write() as conn:
+            await conn.execute(insert(jobs), [{**r, "id": "sa" + r["id"][2:]} for r in varied])
+            await pg.insert_many(
+                conn, [(jobs, varied), (outbox, [{"queue": "q", "available_at": 1.0}] * 3)]
+            )
+        async with db.read() as conn:
+            stored = {r["id"]: dict(r) for r in (await conn.execute(select(jobs))).mappings()}
+            null_kinds = (
+                await conn.execute(
+                    text(
+                        "SELECT left(id, 2), webhook IS NULL, count(*) FROM jobs"
+                        " WHERE webhook IS NULL OR webhook = 'null'::jsonb GROUP BY 1, 2"
+                    )
+                )
+            ).all()
+            tokens = (await conn.execute(select(outbox.c.queue))).scalars().all()
+    finally:
+        await db.aclose()
+    for n in (1, 2, 3):
+        assert {**stored[f"pg-{n}"], "id": None} == {**stored[f"sa-{n}"], "id": None}
+    assert stored["pg-2"]["webhook"] == {"url": "https://x.test"}
+    # None is stored the way SQLAlchemy stores it (JSON null or SQL NULL alike)
+    assert sorted(tuple(r)[1:] for r in null_kinds if r[0] == "pg") == sorted(
+        tuple(r)[1:] for r in null_kinds if r[0] == "sa"
+    )
+    assert sum(r[2] for r in null_kinds) == 4
+    assert tokens == ["q", "q", "q"]  # every column constant: still one row each
+
+
+class Abandoned(Exception):
+    """Raised to roll a transaction back."""
+
+
+async def test_fast_path_inserts_commit_and_roll_back_with_the_transaction(
+    postgres_db_url: str,
+) -> None:
+    db = Database(postgres_db_url)
+    try:
+        seen_inside = None
+        with contextlib.suppress(Abandoned):
+            async with db.write() as conn:
+                await pg.insert_many(conn, [(jobs, [_job_row("gone")])])
+                # SQLAlchemy's next statement sees the row: one transaction
+                seen_inside = await conn.scalar(select(func.count()).select_from(jobs))
+                raise Abandoned
+        assert seen_inside == 1
+        async with db.write() as conn:
+            await conn.execute(insert(jobs), [_job_row("kept-sa")])
+            await pg.insert_many(conn, [(jobs, [_job_row("kept-pg")])])
+        async with db.read() as conn:
+            ids = set((await conn.execute(select(jobs.c.id))).scalars())
+    finally:
+        await db.aclose()
+    assert ids == {"kept-sa", "kept-pg"}
