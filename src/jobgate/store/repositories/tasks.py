@@ -15,12 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
-    ARRAY,
     BigInteger,
     Float,
     Integer,
     String,
-    any_,
     bindparam,
     case,
     cast,
@@ -259,22 +257,54 @@ _LEASE_NEXT = _LEASE.where(
     task_table.c.id.in_(_BEST_READY.with_only_columns(task_table.c.id).scalar_subquery())
 )
 _LEASE_IDS = _LEASE.where(task_table.c.id.in_(bindparam("b_ids", expanding=True)))
-# The same with arrays instead of expanding IN lists, for PostgreSQL's fast path.
-_LEASE_NEXT_PG = _LEASE.where(
-    task_table.c.id.in_(
-        select(task_table.c.id)
-        .where(
-            task_table.c.queue == any_(bindparam("b_queues", type_=ARRAY(String))),
-            task_table.c.pipeline == any_(bindparam("b_pipelines", type_=ARRAY(String))),
-            *_READY[2:],
-        )
-        .order_by(task_table.c.sort_key, task_table.c.id)
-        .limit(bindparam("b_limit", type_=Integer))
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
+# PostgreSQL, one statement (see `store/pg.py`): lease the tasks, mark their stages
+# running (a stage's event only if that changed it), mark their jobs running and hand
+# out the events' numbers, write the events, and return each task with its job's fields.
+# $1 worker, $2 token prefix, $3 lease expiry, $4 now; then the pick's own parameters.
+_CLAIM_PG = """
+WITH leased AS (
+    UPDATE tasks SET attempt = attempt + 1, deliveries = deliveries + 1,
+        leased_by = $1, lease_token = $2 || id::text, lease_expires_at = $3
+    WHERE id IN ({pick})
+    RETURNING *
+), by_stage AS (
+    SELECT job_id, stage, max(attempt) AS attempt, min(sort_key) AS sort_key
+    FROM leased GROUP BY job_id, stage
+), started AS (
+    UPDATE stages s SET status = 'running', attempt = greatest(s.attempt, b.attempt),
+        started_at = coalesce(s.started_at, $4), error = 'null'::jsonb
+    FROM by_stage b
+    WHERE s.job_id = b.job_id AND s.name = b.stage
+        AND (s.status <> 'running' OR s.attempt < b.attempt)
+    RETURNING s.job_id, s.name, s.attempt, b.sort_key
+), per_job AS (
+    SELECT l.job_id, (array_agg(l.stage ORDER BY l.sort_key, l.id))[1] AS stage,
+        (SELECT count(*) FROM started s WHERE s.job_id = l.job_id) AS n
+    FROM leased l GROUP BY l.job_id
+), job_rows AS (
+    UPDATE jobs j SET status = CASE WHEN j.status = 'queued' THEN 'running' ELSE j.status END,
+        started_at = coalesce(j.started_at, $4), stage = p.stage, last_seq = j.last_seq + p.n
+    FROM per_job p WHERE j.id = p.job_id
+    RETURNING j.id, j.params, j.files, j.budget_usd, j.actual_usd, j.cancel_requested,
+        j.last_seq, p.n
+), logged AS (
+    INSERT INTO events (job_id, seq, type, data, created_at)
+    SELECT s.job_id,
+        j.last_seq - j.n + row_number() OVER (PARTITION BY s.job_id ORDER BY s.sort_key, s.name),
+        'stage_update',
+        jsonb_build_object('stage', s.name, 'status', 'running', 'attempt', s.attempt), $4
+    FROM started s JOIN job_rows j ON j.id = s.job_id
 )
-_LEASE_IDS_PG = _LEASE.where(task_table.c.id == any_(bindparam("b_ids", type_=ARRAY(BigInteger))))
+SELECT l.*, j.params, j.files, j.budget_usd, j.actual_usd, j.cancel_requested
+FROM leased l JOIN job_rows j ON j.id = l.job_id
+ORDER BY l.sort_key, l.id
+"""
+_CLAIM_NEXT_PG = _CLAIM_PG.format(
+    pick="SELECT id FROM tasks WHERE queue = ANY($5::text[]) AND pipeline = ANY($6::text[])"
+    " AND lease_token IS NULL AND available_at <= $4 ORDER BY sort_key, id LIMIT $7"
+    " FOR UPDATE SKIP LOCKED"
+)
+_CLAIM_IDS_PG = _CLAIM_PG.format(pick="SELECT unnest($5::bigint[])")
 # Mark a stage running; returns a row only if that changed it (a new run or attempt).
 _STAGE_RUNNING = (
     update(stages)
@@ -384,21 +414,64 @@ async def claim(
     if limit <= 0:
         return []
     pipeline_caps = {p.name: p.max_running for p in registry if p.max_running}
-    lease = {
-        "b_prefix": uuid.uuid4().hex[:20] + "-",
-        "b_expires": at + lease_s,
-        "b_worker": worker_id,
-    }
+    ids: list[int] | None = None
     if max_running_per_owner or pipeline_caps:
         ids = await _pick_under_caps(
             conn, queues, pipelines, limit, at, max_running_per_owner, pipeline_caps
         )
         if not ids:
             return []
-        statement = _LEASE_IDS_PG if conn.dialect.name == "postgresql" else _LEASE_IDS
-        params: dict[str, Any] = {"b_ids": ids, **lease}
+    if conn.dialect.name == "postgresql":
+        prefix = uuid.uuid4().hex[:20] + "-"
+        driver = await pg.driver(conn)
+        lease_args = (worker_id, prefix, at + lease_s, at)
+        if ids is None:
+            records = await driver.fetch(
+                _CLAIM_NEXT_PG, *lease_args, list(queues), list(pipelines), limit
+            )
+        else:
+            records = await driver.fetch(_CLAIM_IDS_PG, *lease_args, ids)
+        task_rows: list[dict[str, Any]] = [dict(r) for r in records]
+        job_rows: dict[str, Any] = {row["job_id"]: row for row in task_rows}
     else:
-        statement = _LEASE_NEXT_PG if conn.dialect.name == "postgresql" else _LEASE_NEXT
+        task_rows, job_rows = await _lease_and_start(
+            conn, ids, worker_id, queues, pipelines, limit, lease_s, at
+        )
+    if not task_rows:
+        return []
+    claimed: list[Claimed] = []
+    for row in task_rows:
+        job = job_rows[row["job_id"]]
+        stage = registry.get(row["pipeline"]).stages[row["stage"]]
+        task = Claimed.from_rows(row, job)
+        task.outputs = await outputs(conn, task.job_id, stage.after)
+        if stage.is_map and task.item_index is not None:
+            task.item, task.item_key = _item(stage, task.item_index, job["files"], task.outputs)
+        claimed.append(task)
+    return claimed
+
+
+async def _lease_and_start(
+    conn: AsyncConnection,
+    ids: list[int] | None,
+    worker_id: str,
+    queues: Sequence[str],
+    pipelines: Sequence[str],
+    limit: int,
+    lease_s: float,
+    at: float,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`_CLAIM_PG`'s work in several statements, for SQLite: the leased task rows (best
+    first) and each one's job row."""
+    lease = {
+        "b_prefix": uuid.uuid4().hex[:20] + "-",
+        "b_expires": at + lease_s,
+        "b_worker": worker_id,
+    }
+    if ids is not None:
+        statement, params = _LEASE_IDS, {"b_ids": ids, **lease}
+    else:
+        statement = _LEASE_NEXT
         params = {
             "b_queues": list(queues),
             "b_pipelines": list(pipelines),
@@ -406,58 +479,50 @@ async def claim(
             "b_limit": limit,
             **lease,
         }
-    task_rows = await pg.fetch(conn, statement, params)
-    if not task_rows:
-        return []
-    task_rows = sorted(task_rows, key=lambda r: (r["sort_key"], r["id"]))
+    result = await conn.execute(statement, params)
+    task_rows = sorted((dict(r) for r in result.mappings()), key=lambda r: (r["sort_key"], r["id"]))
     # Mark each stage running (one statement, which also says whether that changed it).
     started: dict[str, list[events.Event]] = {}
     for row in task_rows:
-        changed = await pg.fetch(
-            conn,
-            _STAGE_RUNNING,
-            {
-                "b_job_id": row["job_id"],
-                "b_stage": row["stage"],
-                "b_attempt": row["attempt"],
-                "b_at": at,
-            },
-        )
-        items = started.setdefault(row["job_id"], [])
-        if changed:
-            items.append(
-                (
-                    "stage_update",
-                    {"stage": row["stage"], "status": "running", "attempt": changed[0]["attempt"]},
-                )
+        changed = (
+            await conn.execute(
+                _STAGE_RUNNING,
+                {
+                    "b_job_id": row["job_id"],
+                    "b_stage": row["stage"],
+                    "b_attempt": row["attempt"],
+                    "b_at": at,
+                },
             )
+        ).first()
+        items = started.setdefault(row["job_id"], [])
+        if changed is not None:
+            running = {"stage": row["stage"], "status": "running", "attempt": changed[0]}
+            items.append(("stage_update", running))
     # Mark each job running, hand out its event numbers and read what its stages need,
     # all in one statement per job.
     job_rows: dict[str, Any] = {}
     event_rows: list[dict[str, Any]] = []
     for job_id, items in started.items():
         current = next(r["stage"] for r in task_rows if r["job_id"] == job_id)
-        (job,) = await pg.fetch(
-            conn,
-            _JOB_RUNNING,
-            {"b_job_id": job_id, "b_at": at, "b_stage": current, "b_events": len(items)},
+        job = (
+            (
+                await conn.execute(
+                    _JOB_RUNNING,
+                    {"b_job_id": job_id, "b_at": at, "b_stage": current, "b_events": len(items)},
+                )
+            )
+            .mappings()
+            .one()
         )
         job_rows[job_id] = job
         first = job["last_seq"] - len(items) + 1
         event_rows.extend(
             events.row(job_id, first + i, item, at=at) for i, item in enumerate(items)
         )
-    await pg.insert_rows(conn, event_table, event_rows)
-    claimed: list[Claimed] = []
-    for row in task_rows:
-        job = job_rows[row["job_id"]]
-        stage = registry.get(row["pipeline"]).stages[row["stage"]]
-        task = Claimed.from_rows(row, job)
-        task.outputs = await outputs(conn, job["id"], stage.after)
-        if stage.is_map and task.item_index is not None:
-            task.item, task.item_key = _item(stage, task.item_index, job["files"], task.outputs)
-        claimed.append(task)
-    return claimed
+    if event_rows:
+        await conn.execute(_INSERT_EVENTS, event_rows)
+    return task_rows, job_rows
 
 
 async def _running(conn: AsyncConnection) -> tuple[dict[str, int], dict[str, int]]:
