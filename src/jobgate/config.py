@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(
         60.0, gt=0, description="heartbeats of a worker its PostgreSQL connection vouches for"
     )
+    worker_group_commit: int = Field(
+        2, ge=0, description="transactions writing finished stages together at once (0: one each)"
+    )
 
     sse_heartbeat_s: float = Field(30.0, gt=0)
     sse_max_per_job: int = Field(10, ge=1)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from jobgate.store.repositories import tasks
 from tests.engine.conftest import Engine
 
 
@@ -303,3 +306,35 @@ async def test_max_running_per_owner_leaves_room_for_others(engine: Engine) -> N
     other_span = (await engine.wait(other)).job["result"]
     assert _max_overlap(busy_spans) == 1
     assert _max_overlap([*busy_spans, other_span]) == 2
+
+
+async def test_a_write_that_fails_after_the_report_loses_no_message_and_no_cost(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A progress flush or outcome whose transaction fails after the report's rows were
+    sent (so they roll back) puts the whole report back: the retry stores every message
+    and every cent, once."""
+    real = tasks.apply_report
+    failures = 0
+
+    async def apply_then_fail(conn: Any, task: Any, report: Any, *, at: float) -> None:
+        nonlocal failures
+        await real(conn, task, report, at=at)
+        if failures < 2 and report.events:
+            failures += 1
+            raise RuntimeError("the connection dropped mid-transaction")
+
+    monkeypatch.setattr(tasks, "apply_report", apply_then_fail)
+    await engine.start_worker()
+    job_id = await engine.submit(
+        "steps", {"steps": 6, "step_ms": 40, "cost_per_step": 0.5, "message_every": 1}
+    )
+    snapshot = await engine.wait(job_id)
+    assert failures == 2
+    assert snapshot.job["status"] == "succeeded"
+    assert snapshot.job["actual_usd"] == pytest.approx(3.0)
+    log = await engine.events(job_id)
+    assert [e["seq"] for e in log] == list(range(1, len(log) + 1))
+    messages = [e["data"]["text"] for e in log if e["type"] == "message"]
+    assert messages == [f"step {n} of 6" for n in range(1, 7)]
+    assert sum(e["data"]["delta_usd"] for e in log if e["type"] == "cost_update") == 3.0

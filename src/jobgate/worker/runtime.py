@@ -127,7 +127,7 @@ class TaskRuntime:
     def take_report(self) -> tasks.Report:
         """Everything buffered since the last call, as one `Report`."""
         with self._lock:
-            report = tasks.Report(events=self._events)
+            report = tasks.Report(events=self._events, buffered=len(self._events))
             self._events = []
             if self._cost_delta:
                 actual = self.task.actual_usd + self._cost_delta
@@ -145,7 +145,7 @@ class TaskRuntime:
                 self._cost_delta = 0.0
             if self._progress is not None and self.task.item_index is None:
                 fraction, message = self._progress
-                report.progress = fraction
+                report.progress, report.progress_message = fraction, message
                 data: dict[str, Any] = {"stage": self.task.stage, "stage_progress": fraction}
                 if message is not None:
                     data["message"] = message
@@ -154,10 +154,15 @@ class TaskRuntime:
             return report
 
     def put_back(self, report: tasks.Report) -> None:
-        """Return a report that could not be written, so the next flush retries it."""
+        """Return a report that could not be written, so the next flush retries it.
+
+        Its cost and progress events are not kept: the next report makes them again, from
+        the cost and progress put back here (merged with what came since)."""
         with self._lock:
-            self._events = report.events + self._events
+            self._events = report.events[: report.buffered] + self._events
             self._cost_delta += report.cost_delta
+            if self._progress is None and report.progress is not None:
+                self._progress = (report.progress, report.progress_message)
 
     async def flush(self) -> None:
         """Write what is buffered (renewing the lease); raises `LeaseLost`."""
@@ -174,6 +179,7 @@ class TaskRuntime:
         except Exception:
             self.put_back(report)
             raise
+        self.task.actual_usd += report.cost_delta  # now in the store
         if stop:
             self.cancel()
 

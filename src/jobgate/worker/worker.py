@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from jobgate.transport.base import Delivery, Transport
 from jobgate.transport.outbox import OutboxRelay
 from jobgate.transport.wakeups import PostgresWakeups
 from jobgate.worker import executors, liveness
+from jobgate.worker.group_commit import GroupCommit, Regroup
 from jobgate.worker.processes import ProcessDied, ProcessPool
 from jobgate.worker.runtime import TaskRuntime
 
@@ -106,6 +108,8 @@ class Worker:
         self._recheck = True
         # Whether any concurrency cap applies: then a finished stage may free a waiting one.
         self._capped = bool(settings.max_running_per_owner) or any(p.max_running for p in registry)
+        groups = settings.worker_group_commit
+        self._group = GroupCommit(db, writers=groups) if groups else None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -638,6 +642,7 @@ class Worker:
                         at=now(),
                         aging_s=self.settings.priority_aging_s,
                     ),
+                    grouped=True,
                 )
             finally:
                 await _stop(runtime.flusher)
@@ -689,9 +694,17 @@ class Worker:
             asyncio.get_running_loop().call_later(retry_in, self.wake)
 
     async def _write(
-        self, runtime: TaskRuntime, outcome: Callable[[Any, tasks.Report], Awaitable[T]]
+        self,
+        runtime: TaskRuntime,
+        outcome: Callable[[Any, tasks.Report], Awaitable[T]],
+        *,
+        grouped: bool = False,
     ) -> T | None:
         """Write a task's outcome, retrying transient store errors until the lease ends.
+
+        Args:
+            grouped: first try it in a group transaction with other outcomes ready now
+                (`group_commit.py`); alone if the group's transaction fails.
 
         Returns:
             What the outcome returned, or None when it could not be written.
@@ -707,11 +720,21 @@ class Worker:
         while True:
             report = runtime.take_report()
             try:
+                if grouped and self._group is not None:
+                    grouped = False
+                    written: T = await self._group.write(
+                        runtime.task.job_id,
+                        runtime.task.task_id,
+                        functools.partial(_with_report, outcome, report),
+                    )
+                    return written
                 async with self.db.write() as conn:
                     return await outcome(conn, report)
             except tasks.LeaseLost:
                 log.warning("outcome_dropped_lease_lost")
                 return None
+            except Regroup:
+                runtime.put_back(report)  # and write it alone, at once
             except Exception:
                 runtime.put_back(report)
                 if now() > runtime.task.lease_expires_at:
@@ -759,6 +782,12 @@ class Worker:
             content_type=info["content_type"],
             path=path,
         )
+
+
+def _with_report(
+    outcome: Callable[[Any, tasks.Report], Awaitable[T]], report: tasks.Report, conn: Any
+) -> Awaitable[T]:
+    return outcome(conn, report)
 
 
 async def _stop(task: asyncio.Task[None] | None) -> None:

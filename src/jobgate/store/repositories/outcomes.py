@@ -6,6 +6,7 @@ Every function here first checks the caller still holds the task's lease
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,34 @@ _STAGE_SUCCEEDED = (
     )
 )
 
+# PostgreSQL, one statement (see `store/pg.py`): `tasks.take` (the task deleted if the
+# lease is still ours, then the job's row locked) and `_STAGE_SUCCEEDED`. The stage's
+# row is updated only after the job's is locked, the order every outcome and cancel
+# takes. $1 task id, $2 lease token, $3 output (JSON text), $4 now, $5 stage.
+_TAKE_AND_SUCCEED_PG = """
+WITH taken AS (
+    DELETE FROM tasks WHERE id = $1 AND lease_token = $2 RETURNING job_id
+), locked AS (
+    SELECT id, status, cancel_requested FROM jobs
+    WHERE id IN (SELECT job_id FROM taken) FOR UPDATE
+), succeeded AS (
+    UPDATE stages SET status = 'succeeded', output = $3::text::jsonb, progress = 1.0,
+        finished_at = $4, error = 'null'::jsonb
+    WHERE job_id IN (SELECT id FROM locked) AND name = $5
+)
+SELECT status, cancel_requested FROM locked"""
+
+
+async def _take_and_succeed(
+    conn: AsyncConnection, task: Claimed, output: Any, *, at: float
+) -> tasks.JobState:
+    row = await (await pg.driver(conn)).fetchrow(
+        _TAKE_AND_SUCCEED_PG, task.task_id, task.lease_token, json.dumps(output), at, task.stage
+    )
+    if row is None:
+        raise tasks.LeaseLost()
+    return tasks.JobState(status=row["status"], cancel_requested=row["cancel_requested"])
+
 
 async def complete(
     conn: AsyncConnection,
@@ -50,17 +79,19 @@ async def complete(
     Raises:
         LeaseLost: the lease is gone; nothing was written.
     """
-    job = await tasks.take(conn, task)
-    await tasks.apply_report(conn, task, report, at=at)
     pipeline = registry.get(task.pipeline)
-    if task.item_index is not None:
-        await _record_item(conn, task, pipeline, "succeeded", data=output, error=None, at=at)
-        return
-    await pg.fetch(
-        conn,
-        _STAGE_SUCCEEDED,
-        {"b_job_id": task.job_id, "b_stage": task.stage, "b_output": output, "b_at": at},
-    )
+    if conn.dialect.name == "postgresql" and task.item_index is None and not report:
+        job = await _take_and_succeed(conn, task, output, at=at)
+    else:
+        job = await tasks.take(conn, task)
+        await tasks.apply_report(conn, task, report, at=at)
+        if task.item_index is not None:
+            await _record_item(conn, task, pipeline, "succeeded", data=output, error=None, at=at)
+            return
+        await conn.execute(
+            _STAGE_SUCCEEDED,
+            {"b_job_id": task.job_id, "b_stage": task.stage, "b_output": output, "b_at": at},
+        )
     succeeded = {"stage": task.stage, "status": "succeeded", "attempt": task.attempt}
     await scheduling.advance(
         conn,

@@ -105,6 +105,10 @@ class Report:
     events: list[events.Event] = field(default_factory=list)
     progress: float | None = None
     cost_delta: float = 0.0
+    # For putting an unwritten report back: how many of `events` were buffered as they
+    # are (the rest are made from the cost and the progress), and the progress message.
+    buffered: int = 0
+    progress_message: str | None = None
 
     def __bool__(self) -> bool:
         return bool(self.events) or self.progress is not None or self.cost_delta != 0.0
@@ -642,13 +646,14 @@ async def flush(
 
 
 async def apply_report(conn: AsyncConnection, task: Claimed, report: Report, *, at: float) -> None:
+    """Write a report's cost, progress and events. `report` itself is left as it is: if
+    the transaction fails, the caller puts it back whole, to be written again."""
     if report.cost_delta:
         await conn.execute(
             update(jobs)
             .where(jobs.c.id == task.job_id)
             .values(actual_usd=jobs.c.actual_usd + report.cost_delta)
         )
-        task.actual_usd += report.cost_delta
     if report.progress is not None and task.item_index is None:
         await conn.execute(
             update(stages)
@@ -661,7 +666,6 @@ async def apply_report(conn: AsyncConnection, task: Claimed, report: Report, *, 
                 data.setdefault("progress", overall)
     if report.events:
         await events.append(conn, task.job_id, report.events, at=at)
-    report.events, report.progress, report.cost_delta = [], None, 0.0
 
 
 async def job_progress(conn: AsyncConnection, job_id: str, stage: str) -> float:
@@ -684,10 +688,18 @@ async def renew(
     """
     if not tokens:
         return set(), set()
+    # Rows are locked in (job, task) order, the order a worker's group commit takes
+    # them in (`worker/group_commit.py`), so the two never deadlock.
+    mine = (
+        select(task_table.c.id)
+        .where(task_table.c.lease_token.in_(tokens))
+        .order_by(task_table.c.job_id, task_table.c.id)
+        .with_for_update()
+    )
     held = (
         await conn.execute(
             update(task_table)
-            .where(task_table.c.lease_token.in_(tokens))
+            .where(task_table.c.id.in_(mine.scalar_subquery()))
             .values(lease_expires_at=at + lease_s)
             .returning(task_table.c.lease_token, task_table.c.job_id)
         )

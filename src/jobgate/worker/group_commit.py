@@ -1,0 +1,102 @@
+"""Group commit: stage outcomes that are ready together are written in one transaction.
+
+A busy worker finishes many short stages at once; writing each outcome in its own
+transaction spends more on BEGIN, COMMIT and the pool than on the outcome itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from jobgate.store import Database
+from jobgate.store.repositories.tasks import LeaseLost
+
+log = structlog.get_logger("jobgate.worker")
+
+Write = Callable[[AsyncConnection], Awaitable[Any]]
+
+
+class Regroup(Exception):
+    """The group's transaction failed: write this outcome alone."""
+
+
+@dataclass
+class _Pending:
+    order: tuple[str, int]  # (job id, task id)
+    write: Write
+    done: asyncio.Future[Any]
+
+
+class GroupCommit:
+    """Queues outcome writes; each transaction takes every write queued so far.
+
+    Up to `writers` transactions are written at once; outcomes that arrive while they
+    all are wait for the next, so a lone outcome is written at once and a burst costs
+    one transaction per batch. A batch runs in (job, task) order, the order in which
+    lease renewals lock tasks too, so batches and renewals never deadlock each other.
+    (A claim locks the jobs of the tasks it takes; with two jobs of parallel branches,
+    one claiming while the other completes in two processes, PostgreSQL may find a
+    deadlock: it aborts one side after `deadlock_timeout`, and a batch then retries
+    its outcomes one by one.)
+
+    Each write must raise `LeaseLost` before it writes anything (every outcome checks
+    its lease first), so one lost lease leaves the rest of the batch to commit. Any other
+    error rolls the whole batch back, and each of its callers gets `Regroup`.
+    """
+
+    def __init__(self, db: Database, *, writers: int = 2, max_batch: int = 64) -> None:
+        self.db = db
+        self.writers = writers
+        self.max_batch = max_batch
+        self._queue: list[_Pending] = []
+        self._writing: set[asyncio.Task[None]] = set()
+
+    async def write(self, job_id: str, task_id: int, write: Write) -> Any:
+        """Run `write` in the next group transaction; what it returned, once committed.
+
+        Raises:
+            LeaseLost: from `write`; it wrote nothing.
+            Regroup: the group's transaction failed; nothing of this write is stored.
+        """
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending((job_id, task_id), write, done))
+        if len(self._writing) < self.writers:
+            writer = asyncio.create_task(self._write_queued(), name="jobgate-group-commit")
+            self._writing.add(writer)
+            writer.add_done_callback(self._writing.discard)
+        return await done
+
+    async def _write_queued(self) -> None:
+        while self._queue:
+            batch = sorted(self._queue[: self.max_batch], key=lambda p: p.order)
+            del self._queue[: self.max_batch]
+            await self._write_batch(batch)
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        outcomes: list[tuple[_Pending, Any, BaseException | None]] = []
+        try:
+            async with self.db.write() as conn:
+                for pending in batch:
+                    try:
+                        outcomes.append((pending, await pending.write(conn), None))
+                    except LeaseLost as exc:
+                        outcomes.append((pending, None, exc))
+        except Exception as exc:
+            log.warning("group_commit_failed", outcomes=len(batch), error=repr(exc))
+            for pending in batch:
+                if not pending.done.done():
+                    pending.done.set_exception(Regroup())
+            return
+        for pending, result, error in outcomes:
+            if pending.done.done():  # its caller was cancelled
+                continue
+            if error is None:
+                pending.done.set_result(result)
+            else:
+                pending.done.set_exception(error)
