@@ -19,6 +19,10 @@ from pathlib import Path
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
+from jobgate.ids import uuid7
+from jobgate.pipelines import Registry
+from jobgate.store.repositories import jobs
+
 DATABASES = ("sqlite", "postgres")
 # Where a fresh `jobgate_bench` database is dropped and created (any database of the
 # server will do for that); JOBGATE_BENCH_PG_URL overrides it.
@@ -64,6 +68,21 @@ class EventCounter(logging.Filter):
 # `lease_lost` fires spuriously when a lease renewal races a task's completion (see
 # bench/RESULTS.md); it is counted and reported per run instead of printed.
 EVENTS = EventCounter(quiet=frozenset({"lease_lost"}))
+
+
+def new_job(registry: Registry, pipeline: str, params: dict[str, object]) -> jobs.NewJob:
+    """A job of `pipeline` for owner `bench`, as the API's submit would make it."""
+    p = registry.get(pipeline)
+    return jobs.NewJob(
+        id=uuid7(),
+        pipeline=p,
+        owner="bench",
+        params=p.validate_params(params),
+        files=[],
+        priority=0,
+        budget_usd=1.0,
+        estimated_usd=0.0,
+    )
 
 
 def log(message: str) -> None:

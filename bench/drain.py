@@ -32,12 +32,13 @@ from bench._common import (
     analyze_postgres,
     fresh_postgres,
     log,
+    new_job,
     sqlite_url,
     temp_dir,
 )
 from jobgate.blobs import open_blob_store
 from jobgate.config import Settings
-from jobgate.ids import now, uuid7
+from jobgate.ids import now
 from jobgate.pipelines import Registry
 from jobgate.store import Database
 from jobgate.store.migrate import upgrade
@@ -52,22 +53,8 @@ COUNT_DONE = text("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
 
 async def insert_noop_jobs(db: Database, registry: Registry, count: int) -> None:
     """`count` queued `noop` jobs, `INSERT_BATCH` per transaction."""
-    noop = registry.get("noop")
-    params = noop.validate_params({})
     for start in range(0, count, INSERT_BATCH):
-        batch = [
-            jobs.NewJob(
-                id=uuid7(),
-                pipeline=noop,
-                owner="bench",
-                params=params,
-                files=[],
-                priority=0,
-                budget_usd=1.0,
-                estimated_usd=0.0,
-            )
-            for _ in range(min(INSERT_BATCH, count - start))
-        ]
+        batch = [new_job(registry, "noop", {}) for _ in range(min(INSERT_BATCH, count - start))]
         async with db.write() as conn:
             await jobs.create(conn, batch, at=now())
 

@@ -19,10 +19,10 @@ import time
 
 from sqlalchemy import select
 
-from bench._common import Result, fresh_postgres, log, sqlite_url, temp_dir
+from bench._common import Result, fresh_postgres, log, new_job, sqlite_url, temp_dir
 from jobgate.blobs import open_blob_store
 from jobgate.config import Settings
-from jobgate.ids import now, uuid7
+from jobgate.ids import now
 from jobgate.pipelines import Registry
 from jobgate.store import Database
 from jobgate.store.repositories import jobs
@@ -36,18 +36,7 @@ POLL_S = 0.002
 async def _submit(
     db: Database, registry: Registry, pipeline: str, params: dict[str, object]
 ) -> str:
-    p = registry.get(pipeline)
-    stored = p.validate_params(params)
-    job = jobs.NewJob(
-        id=uuid7(),
-        pipeline=p,
-        owner="bench",
-        params=stored,
-        files=[],
-        priority=0,
-        budget_usd=1.0,
-        estimated_usd=0.0,
-    )
+    job = new_job(registry, pipeline, params)
     async with db.write() as conn:
         await jobs.create(conn, [job], at=now())
     return job.id
