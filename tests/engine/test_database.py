@@ -11,11 +11,14 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
+from jobgate.pipelines import Registry
 from jobgate.store import database as database_module
 from jobgate.store import pg
 from jobgate.store.database import Database
-from jobgate.store.tables import jobs, outbox
+from jobgate.store.repositories import jobs as job_repo
+from jobgate.store.tables import events, jobs, outbox, owner_clocks, tasks
 
 pytestmark = pytest.mark.service("postgres")
 POOLED = 3
@@ -157,3 +160,79 @@ async def test_fast_path_inserts_commit_and_roll_back_with_the_transaction(
     finally:
         await db.aclose()
     assert ids == {"kept-sa", "kept-pg"}
+
+
+async def test_a_one_statement_submit_on_autocommit_is_all_or_nothing(
+    postgres_db_url: str,
+) -> None:
+    """On an autocommit connection a submit is one statement: when any of its rows is
+    refused, none is stored and the owner's fair-share clock does not move."""
+    db = Database(postgres_db_url)
+    registry = Registry.from_paths([])
+    noop = registry.get("noop")
+
+    def job(job_id: str) -> job_repo.NewJob:
+        return job_repo.NewJob(
+            id=job_id,
+            pipeline=noop,
+            owner="alice",
+            params=noop.validate_params({}),
+            files=[],
+            priority=0,
+            budget_usd=1.0,
+            estimated_usd=0.0,
+        )
+
+    async def counts() -> tuple[float, int, int, int]:
+        async with db.read() as conn:
+            clock = await conn.scalar(select(owner_clocks.c.clock))
+            return (
+                float(clock),
+                await conn.scalar(select(func.count()).select_from(jobs)),
+                await conn.scalar(select(func.count()).select_from(tasks)),
+                await conn.scalar(select(func.count()).select_from(events)),
+            )
+
+    try:
+        assert not job_repo.needs_transaction([job("a"), job("b")])
+        async with db.autocommit() as conn:
+            await job_repo.create(conn, [job("first")], at=100.0)
+        before = await counts()
+        with pytest.raises(IntegrityError):  # SQLAlchemy's, as for its own statements
+            async with db.autocommit() as conn:
+                await job_repo.create(conn, [job("second"), job("first")], at=200.0)
+        assert await counts() == before
+        async with db.autocommit() as conn:
+            (snapshot,) = await job_repo.create(conn, [job("third")], at=300.0)
+        async with db.read() as conn:
+            stored = await conn.scalar(select(jobs.c.fair_key).where(jobs.c.id == "third"))
+        assert snapshot.job["fair_key"] == stored == 300.0  # the clock started at now
+    finally:
+        await db.aclose()
+
+
+async def test_a_fast_path_statement_on_a_dead_connection_retires_the_pool(
+    postgres_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no idle ping in the way, a plain-SQL statement that finds its connection dead
+    fails once, and makes SQLAlchemy drop the pool: the next writes get new connections
+    (a dead one handed out again would fail every autocommit write it is given)."""
+    monkeypatch.setattr(database_module, "IDLE_PING_S", 3600.0)
+    db = Database(postgres_db_url)
+    try:
+        killed = await _backend_pids(db, POOLED)
+        await _terminate(postgres_db_url, killed)
+        await asyncio.sleep(0.1)
+        failures = 0
+        for n in range(POOLED + 2):
+            try:
+                async with db.autocommit() as conn:
+                    await pg.insert_many(conn, [(jobs, [_job_row(f"after-{n}")])])
+            except (OSError, asyncpg.InterfaceError, asyncpg.PostgresError):
+                failures += 1
+        async with db.read() as conn:
+            stored = (await conn.execute(select(jobs.c.id))).scalars().all()
+    finally:
+        await db.aclose()
+    assert failures == 1
+    assert len(stored) == POOLED + 1

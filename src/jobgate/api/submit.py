@@ -424,10 +424,19 @@ async def commit(
         IdempotencyConflict: the key was used with a different request.
     """
     settings = state.settings
+    # Jobs with no key, upload or file to record are one insert statement on PostgreSQL:
+    # written with no BEGIN/COMMIT around it.
+    single_statement = (
+        key is None
+        and not uploads
+        and not state.db.is_sqlite
+        and not any(job.files for job in new_jobs)
+        and not job_repo.needs_transaction(new_jobs)
+    )
     for attempt in range(2):
         at = now()
         try:
-            async with state.db.write() as conn:
+            async with state.db.autocommit() if single_statement else state.db.write() as conn:
                 if key is not None:
                     found = await idempotency.lookup(
                         conn, owner=principal.id, key=key, at=at, ttl_s=settings.idempotency_ttl_s

@@ -70,6 +70,19 @@ class Database:
             yield conn
 
     @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """PostgreSQL: a connection on which each statement commits on its own.
+
+        For a write that is a single statement (atomic by itself), it saves the
+        `BEGIN` and `COMMIT` round trips of `write()`.
+        """
+        if self.is_sqlite:
+            raise RuntimeError("autocommit() is for PostgreSQL; use write()")
+        async with self.engine.connect() as conn:
+            options = {"isolation_level": "AUTOCOMMIT", _WRITE: True, OUTBOX: self.outbox}
+            yield await conn.execution_options(**options)
+
+    @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A read-only transaction."""
         async with self._transaction(write=False) as conn:

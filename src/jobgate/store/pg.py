@@ -15,8 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg.exceptions as asyncpg_errors
 from sqlalchemy import JSON, Executable, Insert, Null, Table, insert
 from sqlalchemy.dialects.postgresql import asyncpg
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 _ASYNCPG = asyncpg.dialect()  # type: ignore[no-untyped-call]
@@ -27,7 +29,8 @@ Shape = tuple[tuple[Table, tuple[str, ...], tuple[bool, ...]], ...]
 
 
 async def driver(conn: AsyncConnection) -> Any:
-    """The asyncpg connection under `conn`, with `conn`'s transaction begun.
+    """The asyncpg connection under `conn`, with `conn`'s transaction begun (none on a
+    `Database.autocommit()` connection).
 
     SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its first statement; a
     statement sent straight to the driver before that would run outside the
@@ -35,12 +38,56 @@ async def driver(conn: AsyncConnection) -> Any:
     """
     fairy = await conn.get_raw_connection()
     adapted: Any = fairy.dbapi_connection
+    asyncpg_connection: Any = fairy.driver_connection
+    if adapted.isolation_level == "autocommit":  # `Database.autocommit()`
+        return asyncpg_connection
     if adapted._transaction is None:  # the adapter has no public "begin"
         await adapted._start_transaction()
-    asyncpg_connection: Any = fairy.driver_connection
     if not asyncpg_connection.is_in_transaction():
         raise RuntimeError("the SQLAlchemy connection has no transaction under way")
     return asyncpg_connection
+
+
+# The server or the network dropped the connection (a restart, an admin, a timeout).
+_DISCONNECTS = (
+    OSError,
+    asyncpg_errors.InterfaceError,
+    asyncpg_errors.PostgresConnectionError,
+    asyncpg_errors.OperatorInterventionError,
+)
+
+
+async def _call(conn: AsyncConnection, method: str, sql: str, *args: Any) -> Any:
+    """`driver(conn).<method>(sql, *args)`, with failures SQLAlchemy would have seen.
+
+    A lost connection makes SQLAlchemy drop its pool (as it does when one of its own
+    statements hits one), so dead connections are not handed out again; a refused
+    row is SQLAlchemy's `IntegrityError`, like everywhere else.
+    """
+    try:
+        return await getattr(await driver(conn), method)(sql, *args)
+    except _DISCONNECTS:
+        await conn.invalidate()
+        await conn.engine.dispose(close=False)
+        raise
+    except asyncpg_errors.IntegrityConstraintViolationError as exc:
+        raise IntegrityError(sql, args, exc) from exc
+
+
+async def records(conn: AsyncConnection, sql: str, *args: Any) -> list[Any]:
+    """The rows of plain SQL run on `driver(conn)`."""
+    found: list[Any] = await _call(conn, "fetch", sql, *args)
+    return found
+
+
+async def record(conn: AsyncConnection, sql: str, *args: Any) -> Any:
+    """The first row (or None) of plain SQL run on `driver(conn)`."""
+    return await _call(conn, "fetchrow", sql, *args)
+
+
+async def value(conn: AsyncConnection, sql: str, *args: Any) -> Any:
+    """The first value of the first row (or None) of plain SQL run on `driver(conn)`."""
+    return await _call(conn, "fetchval", sql, *args)
 
 
 @functools.cache
@@ -51,16 +98,27 @@ def _column_type(table: Table, column: str) -> tuple[str, bool]:
     return ("TEXT", True) if compiled == "JSONB" else (compiled, False)
 
 
+# With a clock (see `insert_many`): these columns hold offsets from the clock's start.
+CLOCKED = frozenset({("jobs", "fair_key"), ("tasks", "sort_key")})
+# $1 owner, $2 now, $3 span: the owner's fair-share clock moves to max(clock, now) + span.
+_CLOCK_CTE = (
+    "clock AS (INSERT INTO owner_clocks (owner, clock) VALUES ($1, $2::FLOAT + $3::FLOAT) "
+    "ON CONFLICT (owner) DO UPDATE "
+    "SET clock = greatest(owner_clocks.clock, $2::FLOAT) + $3::FLOAT "
+    "RETURNING clock - $3::FLOAT AS start)"
+)
+
+
 @functools.cache
-def _insert_sql(shape: Shape, notify: str | None) -> str:
+def _insert_sql(shape: Shape, notify: str | None, clock: bool = False) -> str:
     """`WITH i0 AS (INSERT ... SELECT ... FROM unnest(...)), i1 AS (...) SELECT ...`.
 
     A column whose value is the same in every row is one scalar parameter, not an
     array; a table whose every column is such gets its row count from
     `generate_series`.
     """
-    parts: list[str] = []
-    number = 0
+    parts: list[str] = [_CLOCK_CTE] if clock else []
+    number = 3 if clock else 0
     for n, (table, columns, constant) in enumerate(shape):
         arrays: list[str] = []
         aliases: list[str] = []
@@ -69,12 +127,15 @@ def _insert_sql(shape: Shape, notify: str | None) -> str:
             number += 1
             sql_type, is_json = _column_type(table, column)
             cast = "::JSONB" if is_json else ""
+            start = (
+                "(SELECT start FROM clock) + " if clock and (table.name, column) in CLOCKED else ""
+            )
             if is_constant:
-                selects.append(f"${number}::{sql_type}{cast}")
+                selects.append(f"{start}${number}::{sql_type}{cast}")
             else:
                 arrays.append(f"${number}::{sql_type}[]")
                 aliases.append(f"u{number}")
-                selects.append(f"u{number}{cast}")
+                selects.append(f"{start}u{number}{cast}")
         if arrays:
             source = f"unnest({', '.join(arrays)}) AS u({', '.join(aliases)})"
         else:
@@ -83,7 +144,9 @@ def _insert_sql(shape: Shape, notify: str | None) -> str:
         # Table and column names come from `tables.py`; values only ever as parameters.
         insert = f"INSERT INTO {table.name} ({', '.join(columns)}) "
         parts.append(f"i{n} AS ({insert}SELECT {', '.join(selects)} FROM {source})")  # noqa: S608
-    final = f"SELECT pg_notify('{notify}', '')" if notify else "SELECT 1"
+    final = "SELECT (SELECT start FROM clock)" if clock else "SELECT NULL"
+    if notify:
+        final += f", pg_notify('{notify}', '')"
     return f"WITH {', '.join(parts)} {final}"
 
 
@@ -107,22 +170,32 @@ def _table_args(table: Table, rows: Rows) -> tuple[tuple[str, ...], tuple[bool, 
 
 
 async def insert_many(
-    conn: AsyncConnection, inserts: Sequence[tuple[Table, Rows]], *, notify: str | None = None
-) -> None:
+    conn: AsyncConnection,
+    inserts: Sequence[tuple[Table, Rows]],
+    *,
+    notify: str | None = None,
+    clock: tuple[str, float, float] | None = None,
+) -> float | None:
     """Insert rows into several tables in one statement (one round trip).
 
     Every row of a table has the same keys. `notify` names a channel to `NOTIFY` in
-    the same statement (delivered when the transaction commits).
+    the same statement (delivered when the transaction commits). `clock` is
+    `(owner, now, span)`: the same statement moves that owner's fair-share clock to
+    `max(clock, now) + span`, and the `CLOCKED` columns' values count from where the
+    clock started (`clock - span`), which is returned.
     """
     shape: list[tuple[Table, tuple[str, ...], tuple[bool, ...]]] = []
-    args: list[Any] = []
+    args: list[Any] = list(clock) if clock else []
     for table, rows in inserts:
         if rows:
             columns, constant, table_args = _table_args(table, rows)
             shape.append((table, columns, constant))
             args.extend(table_args)
-    if shape:
-        await (await driver(conn)).execute(_insert_sql(tuple(shape), notify), *args)
+    if not shape:
+        return None
+    sql = _insert_sql(tuple(shape), notify, clock is not None)
+    start = await value(conn, sql, *args)
+    return None if start is None else float(start)
 
 
 @functools.cache
@@ -195,5 +268,4 @@ async def fetch(
         for name in plan.names
     ]
     # SQLAlchemy set the connection's JSON codec up: JSON results arrive decoded.
-    records = await (await driver(conn)).fetch(plan.sql, *args)
-    return [dict(record) for record in records]
+    return [dict(row) for row in await records(conn, plan.sql, *args)]

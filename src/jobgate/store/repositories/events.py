@@ -91,7 +91,8 @@ async def _append_pg(
         json.dumps(value) if isinstance(jobs.c[name].type, JSON) else value
         for name, value in job_values.items()
     ]
-    last = await (await pg.driver(conn)).fetchval(
+    last = await pg.value(
+        conn,
         _append_pg_sql(tuple(job_values)),
         job_id,
         len(items),

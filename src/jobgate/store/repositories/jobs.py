@@ -73,7 +73,13 @@ async def create(
     Returns:
         The new jobs as they are now stored, without reading them back.
     """
-    fair_keys = await _fair_keys(conn, new_jobs, at=at, stride_s=stride_s)
+    pg_clock = _one_clock(conn, new_jobs, at=at, stride_s=stride_s)
+    if pg_clock is not None:
+        # The insert statement moves the owner's clock itself; keys are offsets from
+        # where it starts, made absolute below.
+        fair_keys = {job.id: i * stride_s for i, job in enumerate(new_jobs)}
+    else:
+        fair_keys = await _fair_keys(conn, new_jobs, at=at, stride_s=stride_s)
     job_rows: list[dict[str, Any]] = []
     stage_rows: list[dict[str, Any]] = []
     event_rows: list[dict[str, Any]] = []
@@ -155,7 +161,7 @@ async def create(
     ready = [(row["queue"], row["available_at"]) for row in task_rows]
     if conn.dialect.name == "postgresql":
         tokens, wake = tasks.ready_tokens(conn, ready, at=at)
-        await pg.insert_many(
+        start = await pg.insert_many(
             conn,
             [
                 (jobs, job_rows),
@@ -165,7 +171,11 @@ async def create(
                 (outbox, tokens),
             ],
             notify=tasks.CHANNEL if wake else None,
+            clock=pg_clock,
         )
+        if start is not None:
+            for row in job_rows:
+                row["fair_key"] += start
     else:
         await conn.execute(_INSERT_JOBS, job_rows)
         await conn.execute(_INSERT_STAGES, stage_rows)
@@ -215,6 +225,35 @@ _ADVANCE_CLOCK_PG = (
 )
 
 
+def _one_clock(
+    conn: AsyncConnection, new_jobs: Sequence[NewJob], *, at: float, stride_s: float
+) -> tuple[str, float, float] | None:
+    """On PostgreSQL, for jobs of one owner: `(owner, now, span)` for `pg.insert_many`,
+    which then moves the owner's clock in the insert statement itself."""
+    owner = new_jobs[0].owner if new_jobs else None
+    if (
+        conn.dialect.name != "postgresql"
+        or stride_s <= 0
+        or owner is None
+        or any(job.owner != owner for job in new_jobs)
+    ):
+        return None
+    return owner, at, len(new_jobs) * stride_s
+
+
+def needs_transaction(new_jobs: Sequence[NewJob]) -> bool:
+    """Whether `create` writes these jobs in more than one statement on PostgreSQL
+    (several owners, or a map stage over files with no files, finished at once); if
+    not, it may run on an autocommit connection (`Database.autocommit()`)."""
+    if any(job.owner != new_jobs[0].owner for job in new_jobs):
+        return True
+    return any(
+        not stage.after and stage.is_map and not job.files
+        for job in new_jobs
+        for stage in job.pipeline.stages.values()
+    )
+
+
 async def _fair_keys(
     conn: AsyncConnection, new_jobs: Sequence[NewJob], *, at: float, stride_s: float
 ) -> dict[str, float]:
@@ -236,7 +275,7 @@ async def _fair_keys(
         # ends; the upsert's row lock orders concurrent submits of one owner.
         span = len(ids) * stride_s
         if conn.dialect.name == "postgresql":
-            end = await (await pg.driver(conn)).fetchval(_ADVANCE_CLOCK_PG, owner, at, span)
+            end = await pg.value(conn, _ADVANCE_CLOCK_PG, owner, at, span)
         else:
             end = (
                 await conn.execute(

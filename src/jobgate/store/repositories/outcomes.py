@@ -56,8 +56,14 @@ SELECT status, cancel_requested FROM locked"""
 async def _take_and_succeed(
     conn: AsyncConnection, task: Claimed, output: Any, *, at: float
 ) -> tasks.JobState:
-    row = await (await pg.driver(conn)).fetchrow(
-        _TAKE_AND_SUCCEED_PG, task.task_id, task.lease_token, json.dumps(output), at, task.stage
+    row = await pg.record(
+        conn,
+        _TAKE_AND_SUCCEED_PG,
+        task.task_id,
+        task.lease_token,
+        json.dumps(output),
+        at,
+        task.stage,
     )
     if row is None:
         raise tasks.LeaseLost()

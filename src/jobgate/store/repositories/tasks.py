@@ -427,14 +427,13 @@ async def claim(
             return []
     if conn.dialect.name == "postgresql":
         prefix = uuid.uuid4().hex[:20] + "-"
-        driver = await pg.driver(conn)
         lease_args = (worker_id, prefix, at + lease_s, at)
         if ids is None:
-            records = await driver.fetch(
-                _CLAIM_NEXT_PG, *lease_args, list(queues), list(pipelines), limit
+            records = await pg.records(
+                conn, _CLAIM_NEXT_PG, *lease_args, list(queues), list(pipelines), limit
             )
         else:
-            records = await driver.fetch(_CLAIM_IDS_PG, *lease_args, ids)
+            records = await pg.records(conn, _CLAIM_IDS_PG, *lease_args, ids)
         task_rows: list[dict[str, Any]] = [dict(r) for r in records]
         job_rows: dict[str, Any] = {row["job_id"]: row for row in task_rows}
     else:
