@@ -1,10 +1,11 @@
 """PostgreSQL's fast path: hot statements as plain SQL on the asyncpg connection.
 
 Through SQLAlchemy a statement costs ~0.3 ms of Python on top of asyncpg's own work
-on a 2-core machine, more than the server spends running it. The hottest writes (a
-submit's inserts) run here instead, on the driver connection under the SQLAlchemy
-one, inside the transaction `Database.write()` opened: same tables, same values,
-one round trip for many rows of many tables.
+on a 2-core machine, more than the server spends running it. The hottest statements
+(a submit's inserts, a claim, a finished stage, an event append) run here instead, on
+the driver connection under the SQLAlchemy one, inside the transaction
+`Database.write()` opened (or on a `Database.autocommit()` connection): same tables,
+same values, one round trip for many rows of many tables. `docs/performance.md`.
 """
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ async def driver(conn: AsyncConnection) -> Any:
     return asyncpg_connection
 
 
-# The server or the network dropped the connection (a restart, an admin, a timeout).
+# The server or the network dropped the connection (a restart, an admin, a timeout);
+# not a cancelled query (also "operator intervention"), whose connection lives on.
 _DISCONNECTS = (
     OSError,
     asyncpg_errors.InterfaceError,
     asyncpg_errors.PostgresConnectionError,
-    asyncpg_errors.OperatorInterventionError,
+    asyncpg_errors.AdminShutdownError,
+    asyncpg_errors.CrashShutdownError,
+    asyncpg_errors.CannotConnectNowError,
 )
 
 
