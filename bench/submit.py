@@ -117,24 +117,22 @@ def serve(tmp: Path, database_url: str, *, postgres: bool) -> Iterator[Server]:
     lines = _run_cli(["keys", "create", "--owner", "bench", "--role", "admin"], env, tmp)
     key = lines.strip().splitlines()[-1].strip()
     port = _free_port()
-    log_path = tmp / "serve.log"
+    command = [
+        *_jobgate(),
+        *("serve", "--host", "127.0.0.1", "--port", str(port), "--worker-concurrency", "0"),
+    ]
+    with _running(command, env, tmp, tmp / "serve.log", port, key) as server:
+        yield server
+
+
+@contextmanager
+def _running(
+    command: list[str], env: dict[str, str], cwd: Path, log_path: Path, port: int, key: str
+) -> Iterator[Server]:
+    """`command` as a server on `port`, logging to `log_path`: yielded once it answers
+    `/healthz`, terminated (then killed) at the end."""
     with log_path.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                *_jobgate(),
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--worker-concurrency",
-                "0",
-            ],
-            env=env,
-            cwd=tmp,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
     server = Server(
         base_url=f"http://127.0.0.1:{port}", key=key, log_path=log_path, pid=process.pid
     )
@@ -286,41 +284,15 @@ async def _measure(
 def serve_ceiling(tmp: Path, dsn: str) -> Iterator[Server]:
     """`bench/ceiling_app.py` under uvicorn on a free port (the same server jobgate uses)."""
     port = _free_port()
-    log_path = tmp / "ceiling.log"
     env = {**os.environ, "BENCH_CEILING_DSN": dsn}
-    with log_path.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "bench.ceiling_app:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            env=env,
-            cwd=Path(__file__).parent.parent,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(
-        base_url=f"http://127.0.0.1:{port}", key="-", log_path=log_path, pid=process.pid
-    )
-    try:
-        _wait_healthy(server, process)
+    command = [
+        *(sys.executable, "-m", "uvicorn", "bench.ceiling_app:app"),
+        *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
+        "--no-access-log",
+    ]
+    repo = Path(__file__).parent.parent
+    with _running(command, env, repo, tmp / "ceiling.log", port, "-") as server:
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 async def run_ceiling(*, seconds: float, inflight: int, runs: int) -> list[Result]:

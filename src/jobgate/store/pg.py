@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg.exceptions as asyncpg_errors
-from sqlalchemy import JSON, Executable, Insert, Null, Table, insert
+from sqlalchemy import JSON, Executable, Null, Table
 from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -200,22 +200,6 @@ async def insert_many(
     sql = _insert_sql(tuple(shape), notify, clock is not None)
     start = await value(conn, sql, *args)
     return None if start is None else float(start)
-
-
-@functools.cache
-def _insert(table: Table) -> Insert:
-    return insert(table)
-
-
-async def insert_rows(conn: AsyncConnection, table: Table, rows: Rows) -> None:
-    """Insert rows into one table: `insert_many` on PostgreSQL, else SQLAlchemy's
-    executemany."""
-    if not rows:
-        return
-    if conn.dialect.name == "postgresql":
-        await insert_many(conn, [(table, rows)])
-    else:
-        await conn.execute(_insert(table), list(rows))
 
 
 @dataclass(frozen=True)

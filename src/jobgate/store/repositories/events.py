@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, Update, bindparam, select, update
+from sqlalchemy import JSON, Update, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.store import pg
@@ -16,6 +16,7 @@ from jobgate.store.tables import events, jobs
 Event = tuple[str, dict[str, Any]]
 
 # Statements on the hot path are built once: building one costs more than running it.
+_INSERT = insert(events)
 
 
 @functools.cache
@@ -50,14 +51,15 @@ async def append(
     if conn.dialect.name == "postgresql":
         return await _append_pg(conn, job_id, items, at=at, job_values=job_values)
     params = {f"v_{name}": value for name, value in job_values.items()}
-    (bumped,) = await pg.fetch(
-        conn, _bump(tuple(job_values)), {"job_id": job_id, "n": len(items), **params}
+    bumped = await conn.execute(
+        _bump(tuple(job_values)), {"job_id": job_id, "n": len(items), **params}
     )
-    last = int(bumped["last_seq"])
-    first = last - len(items) + 1
-    await pg.insert_rows(
-        conn, events, [row(job_id, first + i, item, at=at) for i, item in enumerate(items)]
-    )
+    last = int(bumped.scalar_one())
+    if items:
+        first = last - len(items) + 1
+        await conn.execute(
+            _INSERT, [row(job_id, first + i, item, at=at) for i, item in enumerate(items)]
+        )
     return last
 
 

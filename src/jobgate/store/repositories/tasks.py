@@ -426,8 +426,7 @@ async def claim(
         if not ids:
             return []
     if conn.dialect.name == "postgresql":
-        prefix = uuid.uuid4().hex[:20] + "-"
-        lease_args = (worker_id, prefix, at + lease_s, at)
+        lease_args = (worker_id, _lease_prefix(), at + lease_s, at)
         if ids is None:
             records = await pg.records(
                 conn, _CLAIM_NEXT_PG, *lease_args, list(queues), list(pipelines), limit
@@ -454,6 +453,11 @@ async def claim(
     return claimed
 
 
+def _lease_prefix() -> str:
+    """A claim's random prefix; each lease token is it and the task id."""
+    return uuid.uuid4().hex[:20] + "-"
+
+
 async def _lease_and_start(
     conn: AsyncConnection,
     ids: list[int] | None,
@@ -467,7 +471,7 @@ async def _lease_and_start(
     """`_CLAIM_PG`'s work in several statements, for SQLite: the leased task rows (best
     first) and each one's job row."""
     lease = {
-        "b_prefix": uuid.uuid4().hex[:20] + "-",
+        "b_prefix": _lease_prefix(),
         "b_expires": at + lease_s,
         "b_worker": worker_id,
     }
