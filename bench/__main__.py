@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bench import _common, drain, latency, submit
+from bench import _common, auth, drain, latency, submit
 from bench._common import DATABASES, Result, log
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -27,7 +27,9 @@ END = "<!-- results:end -->"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     summary = (__doc__ or "").split("\n")[0]
     parser = argparse.ArgumentParser(prog="python -m bench", description=summary)
-    parser.add_argument("--only", choices=["drain", "submit", "latency"], help="run one part only")
+    parser.add_argument(
+        "--only", choices=["drain", "submit", "latency", "auth"], help="run one part only"
+    )
     parser.add_argument("--db", choices=[*DATABASES, "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test")
     parser.add_argument("--runs", type=int, default=_common.RUNS, help="runs per figure")
@@ -94,6 +96,8 @@ async def main(args: argparse.Namespace) -> list[Result]:
         )
     if args.only in (None, "latency"):
         results += await latency.run(databases, samples=40 if args.quick else 200, runs=args.runs)
+    if args.only in (None, "auth") and "postgres" in databases:
+        results += await auth.run(seconds=1.5 if args.quick else 5.0, inflight=16, runs=args.runs)
     return results
 
 

@@ -109,9 +109,12 @@ def _run_cli(args: list[str], env: dict[str, str], cwd: Path) -> str:
 
 
 @contextmanager
-def serve(tmp: Path, database_url: str, *, postgres: bool) -> Iterator[Server]:
-    """`jobgate serve --worker-concurrency 0` on a free port, with an admin key."""
-    env = _env(tmp, database_url)
+def serve(
+    tmp: Path, database_url: str, *, postgres: bool, settings: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """`jobgate serve --worker-concurrency 0` on a free port, with an admin key;
+    `settings` are more `JOBGATE_*` environment variables."""
+    env = {**_env(tmp, database_url), **(settings or {})}
     if postgres:
         _run_cli(["db", "upgrade"], env, tmp)
     lines = _run_cli(["keys", "create", "--owner", "bench", "--role", "admin"], env, tmp)

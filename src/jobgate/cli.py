@@ -197,7 +197,16 @@ def serve(
         _print_welcome(settings, asyncio.run(ensure_admin_key(settings)), host, port)
     application = create_app(settings, worker_concurrency=worker_concurrency)
     # Our middleware writes the access log, and our logging config renders uvicorn's.
-    uvicorn.run(application, host=host, port=port, log_config=None, access_log=False)
+    # No proxy_headers: uvicorn would believe X-Forwarded-For from FORWARDED_ALLOW_IPS
+    # (even "*"); JOBGATE_TRUSTED_PROXIES alone decides that (docs/limits.md).
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+    )
 
 
 @app.command()

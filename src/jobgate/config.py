@@ -6,6 +6,7 @@ import time, so that tests and embedders can build their own.
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,19 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SIGNING_KEY = "dev-only-signing-key-change-me"
+MIN_SECRET_CHARS = 32
+# Secrets copied from documentation: refused in prod however long they are.
+WELL_KNOWN_JWT_SECRETS = frozenset(
+    {
+        "secret",
+        "changeme",
+        "change-me",
+        "your-jwt-secret",
+        "your-super-secret-jwt-token-with-at-least-32-characters-long",
+        "super-secret-jwt-token-with-at-least-32-characters-long",
+        DEV_SIGNING_KEY,
+    }
+)
 
 
 class Settings(BaseSettings):
@@ -32,19 +46,38 @@ class Settings(BaseSettings):
     bus_url: str = ""
     blobs_url: str = ""
     limits_url: str = "memory://"
+    limits_namespace: str = Field("jobgate-limits", min_length=1)
     pipelines: str = ""
     public_url: str = "http://127.0.0.1:8000"
 
     signing_key: str = DEV_SIGNING_KEY
     signed_url_ttl_s: int = Field(3600, ge=1)
     stream_token_ttl_s: int = Field(300, ge=1)
+    auth_jwt_secret: str = ""
+    auth_jwks_url: str = ""
+    auth_supabase_url: str = Field(
+        "", description="derives auth_jwks_url and auth_issuer unless they are set"
+    )
+    auth_audience: str = ""
+    auth_issuer: str = ""
+    auth_leeway_s: float = Field(30.0, ge=0)
+    auth_roles_claim: str = Field("roles", min_length=1, description="a name or a dotted path")
+    auth_jwks_min_refresh_s: float = Field(60.0, ge=0)
+    auth_jwks_cache_s: float = Field(600.0, gt=0)
 
     max_jobs_per_request: int = Field(100, ge=1)
     max_upload_bytes: int = Field(100_000_000, ge=1)
     max_upload_parts: int = Field(100, ge=1)
     list_max_limit: int = Field(50, ge=1)
     job_budget_usd: float = Field(2000.0, ge=0)
+    user_monthly_budget_usd: float = Field(
+        0.0, ge=0, description="what one owner's jobs of a calendar month (UTC) may cost; 0: no cap"
+    )
     idempotency_ttl_s: int = Field(86_400, ge=1)
+    rate_limit_submit: str = Field("", description="jobs per user, e.g. 60/minute; empty: none")
+    max_active_jobs_per_user: int = Field(0, ge=0, description="queued+running; 0: unlimited")
+    rate_limit_ip: str = Field("", description="/v1 requests per client IP; empty: none")
+    trusted_proxies: str = Field("", description="comma-separated IPs/CIDRs whose XFF is used")
 
     worker_concurrency: int = Field(4, ge=0)
     worker_queues: str = "default"
@@ -87,6 +120,30 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
+    @field_validator("rate_limit_submit", "rate_limit_ip")
+    @classmethod
+    def _one_rate_limit(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            # Imported here: `limits` is slow to import and most commands never need it.
+            from limits import parse_many
+
+            try:
+                items = parse_many(value)
+            except ValueError:
+                items = []
+            if len(items) != 1 or items[0].amount < 1:
+                raise ValueError(f"{value!r} is not one rate limit like '60/minute' or '5/hour'")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)  # ValueError names the part
+        return value
+
     @model_validator(mode="after")
     def _defaults_and_secrets(self) -> Settings:
         if not self.database_url:
@@ -98,6 +155,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "JOBGATE_SIGNING_KEY must be set to a random value of at least 32 characters "
                 "when JOBGATE_ENV=prod"
+            )
+        if self.env == "prod" and self.auth_jwt_secret and _weak_secret(self.auth_jwt_secret):
+            raise ValueError(
+                "JOBGATE_AUTH_JWT_SECRET must be at least 32 characters and not an example "
+                "from documentation when JOBGATE_ENV=prod"
             )
         return self
 
@@ -117,6 +179,10 @@ class Settings(BaseSettings):
     @property
     def pipeline_paths(self) -> list[str]:
         return [p.strip() for p in self.pipelines.split(",") if p.strip()]
+
+
+def _weak_secret(secret: str) -> bool:
+    return len(secret) < MIN_SECRET_CHARS or secret.strip().lower() in WELL_KNOWN_JWT_SECRETS
 
 
 @lru_cache

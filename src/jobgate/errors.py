@@ -15,6 +15,7 @@ JobgateError
 │   ├── NotFound                    404 not-found
 │   ├── Conflict                    409 conflict
 │   ├── IdempotencyConflict         409 idempotency-conflict
+│   ├── RateLimited                 429 rate-limited (with `retry_after` and headers)
 │   └── Unavailable                 503 unavailable
 └── StageError                  raised inside stage code, seen by the worker
     ├── JobCancelled                the job was cancelled (`ctx.check_cancelled()`)
@@ -23,6 +24,7 @@ JobgateError
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -47,6 +49,8 @@ class RequestError(JobgateError):
     status = 400
     slug = "malformed-request"
     title = "Malformed request"
+    headers: Mapping[str, str] | None = None
+    """Headers the problem answer carries (e.g. `Retry-After`)."""
 
     def __init__(self, message: str | None = None, *, errors: list[dict[str, Any]] | None = None):
         super().__init__(message)
@@ -121,6 +125,24 @@ class IdempotencyConflict(RequestError):
     """This Idempotency-Key was already used with a different request."""
 
     status, slug, title = 409, "idempotency-conflict", "Idempotency conflict"
+
+
+class RateLimited(RequestError):
+    """Too many requests; try again later."""
+
+    status, slug, title = 429, "rate-limited", "Too many requests"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after: int = 1,
+        headers: Mapping[str, str] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message, errors=errors)
+        self.retry_after = max(1, retry_after)
+        self.headers = {**(headers or {}), "Retry-After": str(self.retry_after)}
 
 
 class Unavailable(RequestError):

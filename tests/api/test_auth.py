@@ -179,3 +179,27 @@ async def test_a_500_carries_the_request_id_and_no_internals(
     body = expect_problem(response, 500, "internal-error")
     assert body["request_id"] == "req-500"
     assert "secret" not in response.text
+
+
+async def test_key_hashes_are_compared_in_constant_time(
+    app: FastAPI, make_key: MakeKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored hash is matched with `hmac.compare_digest`, never with `==`, so the
+    time an answer takes tells nothing about how much of a guessed key was right."""
+    api_keys.clear_cache()
+    _, key = await make_key()
+    compared: list[tuple[str, str]] = []
+    real = api_keys.hmac.compare_digest
+
+    def spy(a: str, b: str) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(api_keys.hmac, "compare_digest", spy)
+    principal = await api_keys.verify(state_of(app).db, key)
+    assert principal.id == "user-1"
+    assert (api_keys.hash_key(key), api_keys.hash_key(key)) in compared
+    guess = key[:12] + "x" * (len(key) - 12)  # right prefix, wrong rest
+    with pytest.raises(api_keys.Unauthenticated):
+        await api_keys.verify(state_of(app).db, guess)
+    assert any(b == api_keys.hash_key(guess) for _, b in compared)

@@ -43,7 +43,8 @@ def job_row(owner: str, status: str, actual_usd: float) -> dict[str, Any]:
 
 
 async def test_me_shows_identity_limits_and_usage(app: FastAPI, make_client: MakeClient) -> None:
-    """`/v1/me` counts the caller's own jobs only: active, total, and money spent."""
+    """`/v1/me` counts the caller's own jobs only: active, total, money spent (in all and
+    this month)."""
     async with state_of(app).db.write() as conn:
         await conn.execute(
             insert(jobs),
@@ -53,6 +54,7 @@ async def test_me_shows_identity_limits_and_usage(app: FastAPI, make_client: Mak
                 job_row("kim", "succeeded", 2.5),
                 job_row("kim", "failed", 0.25),
                 job_row("lee", "running", 100.0),
+                {**job_row("kim", "succeeded", 7.0), "created_at": now() - 32 * 86400},
             ],
         )
     kim = await make_client("kim", ["user"])
@@ -61,7 +63,14 @@ async def test_me_shows_identity_limits_and_usage(app: FastAPI, make_client: Mak
     body = response.json()
     assert body["id"] == "kim"
     assert body["roles"] == ["user"]
-    assert body["usage"] == {"active_jobs": 2, "jobs_total": 4, "spent_usd": 4.0}
+    assert body["usage"] == {
+        "active_jobs": 2,
+        "jobs_total": 5,
+        "spent_usd": 11.0,
+        "month_spent_usd": 4.0,  # the 7.0 job is from an earlier month
+        "submits_in_window": None,  # no submit limit configured
+        "submit_remaining": None,
+    }
     settings = state_of(app).settings
     assert body["limits"]["max_jobs_per_request"] == settings.max_jobs_per_request
     assert body["limits"]["max_upload_bytes"] == settings.max_upload_bytes
@@ -72,7 +81,14 @@ async def test_me_without_jobs(make_client: MakeClient) -> None:
     """A caller without jobs has zero usage."""
     viewer = await make_client("new", ["viewer"])
     usage = (await viewer.get("/v1/me")).json()["usage"]
-    assert usage == {"active_jobs": 0, "jobs_total": 0, "spent_usd": 0.0}
+    assert usage == {
+        "active_jobs": 0,
+        "jobs_total": 0,
+        "spent_usd": 0.0,
+        "month_spent_usd": 0.0,
+        "submits_in_window": None,
+        "submit_remaining": None,
+    }
 
 
 async def test_workers_is_admin_only(

@@ -64,8 +64,13 @@ def run_cli(*args: str, env: dict[str, str]) -> str:
 
 
 def start_server(
-    tmp_path: Path, database_url: str | None, *, worker_concurrency: int = 4
+    tmp_path: Path,
+    database_url: str | None,
+    *,
+    worker_concurrency: int = 4,
+    settings: dict[str, str] | None = None,
 ) -> Server:
+    """`jobgate serve` on a free port, with an admin key; `settings` are more env vars."""
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("JOBGATE_")},
@@ -73,6 +78,7 @@ def start_server(
         "JOBGATE_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "JOBGATE_LOG_FORMAT": "json",
         "JOBGATE_WORKER_POLL_INTERVAL_S": "0.1",
+        **(settings or {}),
     }
     if database_url:
         env["JOBGATE_DATABASE_URL"] = database_url

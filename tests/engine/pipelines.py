@@ -212,4 +212,32 @@ napper.stage(name="sleep")(_nap)
 capped.stage(name="sleep")(_nap)
 
 
-ALL = (napper, capped, fan, diamond, mapper, threads, slow, cancellable, proc, proc_slow)
+# Two branches that spend in parallel: each alone stays under the job's budget.
+spenders = Pipeline("spenders")
+
+
+async def _spend(ctx: StageContext) -> dict[str, int]:
+    steps = int(ctx.params.get("steps", 8))
+    for step in range(1, steps + 1):
+        await asyncio.sleep(ctx.params.get("step_s", 0.05))
+        ctx.add_cost(float(ctx.params.get("cost", 1.0)), item=f"step {step}")
+    return {"steps": steps}
+
+
+spenders.stage(name="east")(_spend)
+spenders.stage(name="west")(_spend)
+
+
+ALL = (
+    napper,
+    capped,
+    fan,
+    diamond,
+    mapper,
+    threads,
+    slow,
+    cancellable,
+    proc,
+    proc_slow,
+    spenders,
+)

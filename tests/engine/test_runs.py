@@ -202,6 +202,25 @@ async def test_budget_exceeded_fails_the_job_past_its_budget_by_one_step(engine:
     assert engine.stage(snapshot, "work")["attempt"] == 1
 
 
+async def test_parallel_stages_share_the_jobs_budget(engine: Engine) -> None:
+    """Two branches spending at once: each sees the other's cost, and the job fails
+    `budget_exceeded` with both stopped, though each alone would stay under budget."""
+    await engine.start_worker(concurrency=4)
+    job_id = await engine.submit(
+        "spenders", {"steps": 16, "step_s": 0.05, "cost": 1.0}, budget_usd=20.0
+    )
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "failed"
+    assert snapshot.job["error"]["type"] == "budget_exceeded"
+    # Each branch alone would spend 16; both 32. A branch learns the other's cost at
+    # each flush (0.1 s, two steps here), so the job passes 20 by a few steps at most.
+    assert 20.0 < snapshot.job["actual_usd"] <= 26.0
+    assert {engine.stage(snapshot, n)["status"] for n in ("east", "west")} <= {
+        "failed",
+        "cancelled",
+    }
+
+
 async def test_higher_priority_is_claimed_first(engine: Engine) -> None:
     """With both waiting, a priority-10 job runs before an earlier priority-0 one."""
     low = await engine.submit("noop", {"n": "low"}, priority=0)

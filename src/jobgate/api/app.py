@@ -8,9 +8,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from jobgate import __version__
-from jobgate.api import middleware, problems
+from jobgate.api import middleware, problems, schemas
+from jobgate.api.limits import IpRateLimitMiddleware, RateLimits
 from jobgate.api.routes import ROUTERS
 from jobgate.api.state import AppState
+from jobgate.auth import jwt
 from jobgate.blobs import open_blob_store
 from jobgate.config import Settings
 from jobgate.pipelines import Registry
@@ -48,7 +50,9 @@ def create_app(
             pool_size=settings.database_pool_size,
         )
         blobs = open_blob_store(settings.blobs_url)
-        state = AppState(settings=settings, db=db, blobs=blobs, registry=registry)
+        verifier = jwt.from_settings(settings)
+        state = AppState(settings=settings, db=db, blobs=blobs, registry=registry, jwt=verifier)
+        state.limits = RateLimits.from_settings(settings)
         app.state.jobgate = state
         transport = from_url(settings.transport_url, namespace=settings.transport_namespace)
         worker = None
@@ -79,6 +83,9 @@ def create_app(
             if relay is not None:
                 await relay.aclose()
                 await relay.transport.aclose()
+            if verifier is not None:
+                await verifier.aclose()
+            await state.limits.aclose()
             await blobs.aclose()
             await db.aclose()
 
@@ -89,7 +96,11 @@ def create_app(
         lifespan=lifespan,
     )
     problems.install(app)
+    if settings.rate_limit_ip:
+        # Inside the request-id middleware, ahead of routing and so of authentication.
+        app.add_middleware(IpRateLimitMiddleware)
     middleware.install(app, settings)
     for router in ROUTERS:
         app.include_router(router)
+    schemas.document_problems_only(app)
     return app

@@ -11,6 +11,8 @@ Key contracts:
 - One `http_request` access line per request with method, path, status and
   duration — never the query string: signed URLs carry their tokens there.
 - Metrics are labelled by route template (`/v1/jobs/{job_id}`), never the raw path.
+- An answer given before the request's body was read to its end says
+  `Connection: close`, so the server stops reading a refused upload at once.
 - The middleware wraps the whole stack, outside Starlette's `ServerErrorMiddleware`,
   so even a 500 gets the header, the log line and the metrics.
 """
@@ -47,6 +49,17 @@ def request_id_from(scope: Scope) -> str:
     return uuid7()
 
 
+def has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (a non-zero length, or chunks)."""
+    headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+    for name, value in headers:
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+        if name == b"transfer-encoding":
+            return True
+    return False
+
+
 def route_template(scope: Scope) -> str:
     """The path template of the route that answered, or `<unmatched>`."""
     route = scope.get("route")
@@ -69,6 +82,14 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+        body_read = not has_body(scope)
+
+        async def receive_tracking() -> Message:
+            nonlocal body_read
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_read = True
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -80,13 +101,18 @@ class RequestContextMiddleware:
                     if name.lower() != header[0]
                 ]
                 headers.append(header)
+                if not body_read:
+                    # Refused before its body was read (too large, unauthenticated,
+                    # ...): closing is the only way to stop the server reading and
+                    # discarding the rest, which could be gigabytes.
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
         started = time.perf_counter()
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, receive_tracking, send_with_id)
             finally:
                 _record(scope, status, time.perf_counter() - started)
 

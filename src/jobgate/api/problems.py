@@ -41,7 +41,14 @@ def problem(
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """A problem+json response for `request`."""
+    """A problem+json response for `request`.
+
+    It also carries `request.state.response_headers`: headers a route set for every
+    answer it may give (the RateLimit headers of a submit), errors included.
+    """
+    carried = getattr(request.state, "response_headers", None)
+    if carried:
+        headers = {**carried, **(headers or {})}
     body: dict[str, Any] = {
         "type": PROBLEM_BASE + slug,
         "title": title,
@@ -61,9 +68,17 @@ def _clean_loc(loc: tuple[Any, ...] | list[Any]) -> list[Any]:
 
 async def _on_request_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestError)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    headers = dict(exc.headers or {})
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return problem(
-        request, exc.status, exc.slug, exc.title, exc.message, errors=exc.errors, headers=headers
+        request,
+        exc.status,
+        exc.slug,
+        exc.title,
+        exc.message,
+        errors=exc.errors,
+        headers=headers or None,
     )
 
 

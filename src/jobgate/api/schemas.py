@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 Role = Literal["admin", "user", "viewer"]
@@ -63,6 +64,47 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         }
         for status in statuses
     }
+
+
+def document_problems_only(app: FastAPI) -> None:
+    """Make `app`'s OpenAPI document say what its errors really are.
+
+    Every 4xx/5xx answer is `application/problem+json`, but FastAPI documents the
+    `model=` of a response as `application/json` too, and adds its own 422 shape
+    (`HTTPValidationError`) to routes with parameters. Both are rewritten to the one
+    problem document, so clients and schema checkers see the truth.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            for item in document.get("paths", {}).values():
+                for operation in item.values():
+                    _problems_only(operation.get("responses", {}))
+            document.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+            document.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+_PROBLEM_CONTENT = {
+    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+}
+
+
+def _problems_only(responses: dict[str, Any]) -> None:
+    for status, response in responses.items():
+        if status[:1] not in ("4", "5"):
+            continue
+        content = response.get("content", {})
+        if "application/problem+json" in content:
+            response["content"] = {"application/problem+json": content["application/problem+json"]}
+        elif status == "422":
+            response["content"] = dict(_PROBLEM_CONTENT)
+            response["description"] = _PROBLEM_DESCRIPTIONS.get(422, "Validation error")
 
 
 # -- health ----------------------------------------------------------------------------
@@ -160,8 +202,13 @@ class Limits(BaseModel):
     job_budget_usd: float
     list_max_limit: int
     sse_max_per_job: int
-    max_active_jobs_per_user: int | None = None
-    rate_limit_submit: str | None = None
+    max_active_jobs_per_user: int | None = Field(None, description="null: unlimited")
+    rate_limit_submit: str | None = Field(
+        None, description="jobs per sliding window, e.g. 60/minute; null: no limit"
+    )
+    monthly_budget_usd: float | None = Field(
+        None, description="what the caller's jobs of a calendar month may cost; null: no cap"
+    )
 
 
 class Usage(BaseModel):
@@ -170,6 +217,15 @@ class Usage(BaseModel):
     active_jobs: int
     jobs_total: int
     spent_usd: float
+    month_spent_usd: float = Field(
+        0.0, description="what the caller's jobs created this calendar month (UTC) cost so far"
+    )
+    submits_in_window: int | None = Field(
+        None, description="jobs submitted in the current sliding window; null: no submit limit"
+    )
+    submit_remaining: int | None = Field(
+        None, description="jobs that may still be submitted now; null: no submit limit"
+    )
 
 
 class Me(BaseModel):

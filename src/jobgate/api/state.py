@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from jobgate.api.limits import RateLimits
+from jobgate.auth.jwt import JwtVerifier
 from jobgate.blobs.base import BlobStore
 from jobgate.config import Settings
 from jobgate.pipelines import Registry
@@ -13,10 +15,16 @@ from jobgate.store import Database
 
 @dataclass
 class AppState:
-    """The app's backends. `wake` tells in-process workers that new tasks are ready."""
+    """The app's backends. `wake` tells in-process workers that new tasks are ready.
+
+    `jwt` verifies bearer JWTs; None when no JWT secret or JWKS is configured.
+    `limits` holds the rate limits and quotas (`api/limits.py`).
+    """
 
     settings: Settings
     db: Database
     blobs: BlobStore
     registry: Registry
     wake: Callable[[], None] = field(default=lambda: None)
+    jwt: JwtVerifier | None = None
+    limits: RateLimits = field(default_factory=RateLimits)

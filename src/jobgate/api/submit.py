@@ -1,7 +1,8 @@
 """Submissions: from a request body to validated `NewJob`s, then one transaction.
 
-The checks run in API.md's order (after authentication and role): the body's form
-(400), its content (413, 415, 422), then the budget (422 `budget-exceeded`). A
+The checks run in API.md's order (after authentication, role and the rate limits of
+`api/limits.py`): the body's form (400), its content (413, 415, 422), then the budget
+(422 `budget-exceeded`). A
 refused submission leaves nothing: files it streamed in are deleted by the caller
 (`Form.discard`), and rows are written only in `commit`'s single transaction.
 """
@@ -11,8 +12,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from fastapi import HTTPException
@@ -403,6 +405,47 @@ async def prepare_many(
     return new_jobs
 
 
+async def check_monthly_budget(
+    state: AppState, owner: str, new_jobs: Sequence[NewJob], *, batch: bool = False
+) -> None:
+    """Hold `new_jobs` to the owner's monthly spend cap (`JOBGATE_USER_MONTHLY_BUDGET_USD`).
+
+    The estimates together must fit what the owner's jobs of this month have left;
+    then each job's budget is lowered to that, so a job stops when the month's money
+    runs out. (Jobs running at once may each spend what is left: the cap can be
+    passed by their number times that; docs/security.md.)
+
+    Raises:
+        BudgetExceeded: the estimates do not fit what is left this month.
+    """
+    cap = state.settings.user_monthly_budget_usd
+    if cap <= 0:
+        return
+    async with state.db.read() as conn:
+        spent = await job_repo.spent_since(conn, owner, month_start(now()))
+    left = max(0.0, cap - spent)
+    estimated = sum(job.estimated_usd for job in new_jobs)
+    if estimated > left + 1e-9 or left <= 0:
+        raise BudgetExceeded(
+            f"the monthly spend cap of {cap:.4f} USD has {left:.4f} USD left; "
+            f"the estimated cost is {estimated:.4f} USD",
+            errors=[
+                {
+                    "loc": ["jobs"] if batch else ["budget_usd"],
+                    "msg": "Estimated cost over what the monthly spend cap leaves",
+                }
+            ],
+        )
+    for job in new_jobs:
+        job.budget_usd = min(job.budget_usd, left)
+
+
+def month_start(at: float) -> float:
+    """The epoch seconds at which `at`'s calendar month (UTC) began."""
+    day = datetime.fromtimestamp(at, UTC)
+    return day.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
 # -- writing ---------------------------------------------------------------------------
 
 
@@ -414,8 +457,12 @@ async def commit(
     uploads: Sequence[UploadedFile] = (),
     key: str | None = None,
     request_hash: str = "",
+    reserve: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[list[JobSnapshot], bool]:
     """Write the jobs (and their key) in one transaction, or replay the key's jobs.
+
+    `reserve` (taking rate-limit slots) is awaited once, after the key's lookup found no
+    replay and before anything is written; what it raises leaves nothing written.
 
     Returns:
         The jobs, and whether they are a replay of an earlier request with this key.
@@ -433,6 +480,10 @@ async def commit(
         and not any(job.files for job in new_jobs)
         and not job_repo.needs_transaction(new_jobs)
     )
+    if reserve is not None and key is None:
+        # No replay possible: take the slots before holding any lock (SQLite's writer).
+        await reserve()
+        reserve = None
     for attempt in range(2):
         at = now()
         try:
@@ -447,6 +498,10 @@ async def commit(
                                 "this Idempotency-Key was used with a different request"
                             )
                         return await job_repo.load(conn, found.job_ids), True
+                if reserve is not None:
+                    # After the lookup, so that a replay does not count.
+                    await reserve()
+                    reserve = None
                 await blob_repo.add(
                     conn,
                     (

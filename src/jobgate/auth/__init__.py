@@ -1,4 +1,4 @@
-"""Who is calling: API keys (and, later, JWTs), and what their roles allow."""
+"""Who is calling: API keys and JWTs, and what their roles allow."""
 
 from jobgate.auth.principal import ROLES, Principal
 

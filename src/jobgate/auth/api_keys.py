@@ -286,15 +286,16 @@ def bearer_token(request: Request) -> str:
 
 
 async def authenticate_token(state: AppState, token: str) -> Principal:
-    """The principal a bearer token stands for: an API key (`jg_...`) or, later, a JWT.
+    """The principal a bearer token stands for: an API key (`jg_...`) or a JWT.
 
     Raises:
-        Unauthenticated: the token is not valid.
+        Unauthenticated: the token is not valid, or it is a JWT and none is configured.
     """
     if token.startswith(KEY_PREFIX):
         return await verify(state.db, token)
-    # JWTs (HS256 / JWKS) slot in here; until then every other token is refused.
-    raise Unauthenticated(AUTH_FAILED)
+    if state.jwt is None:
+        raise Unauthenticated(AUTH_FAILED)
+    return await state.jwt.verify(token)
 
 
 async def authenticate_request(request: Request, state: AppState) -> Principal:

@@ -171,7 +171,7 @@ class TaskRuntime:
             return
         try:
             async with self._worker.db.write() as conn:
-                stop = await tasks.flush(
+                flushed = await tasks.flush(
                     conn, self.task, report, lease_s=self._worker.settings.lease_s, at=now()
                 )
         except tasks.LeaseLost:
@@ -179,8 +179,11 @@ class TaskRuntime:
         except Exception:
             self.put_back(report)
             raise
-        self.task.actual_usd += report.cost_delta  # now in the store
-        if stop:
+        # The stored cost includes parallel stages' reports, so the next `report_cost`
+        # checks the budget against the whole job's spending, not this stage's alone.
+        with self._lock:
+            self.task.actual_usd = flushed.actual_usd
+        if flushed.stop:
             self.cancel()
 
     def _mark_dirty(self) -> None:

@@ -44,12 +44,18 @@ def content_disposition(filename: str) -> str:
 async def get_blob(
     sha256: str,
     state: StateDep,
-    exp: Annotated[int, Query()],
-    name: Annotated[str, Query(max_length=1024)],
-    ct: Annotated[str, Query(max_length=255)],
-    sig: Annotated[str, Query(max_length=128)],
+    exp: Annotated[int | None, Query()] = None,
+    name: Annotated[str | None, Query(max_length=1024)] = None,
+    ct: Annotated[str | None, Query(max_length=255)] = None,
+    sig: Annotated[str | None, Query(max_length=128)] = None,
 ) -> FileResponse:
-    """The blob's bytes, with `Range` support, if the signature is genuine and live."""
+    """The blob's bytes, with `Range` support, if the signature is genuine and live.
+
+    A URL missing any signed part is refused like a tampered one (403), not as a
+    malformed query, so a probe learns nothing from which parts it left out.
+    """
+    if exp is None or name is None or ct is None or sig is None:
+        raise Forbidden("this download URL is invalid or expired")
     valid = is_sha256(sha256) and verify_blob_signature(
         key=state.settings.signing_key,
         sha256=sha256,

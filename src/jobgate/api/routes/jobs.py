@@ -1,7 +1,8 @@
 """`/v1/jobs`: submit (one or many), read, list, cancel, retry, and records.
 
-Every route authenticates first, then checks the role, then reads the body: FastAPI
-body parameters are not used because FastAPI parses them before dependencies run.
+Every route authenticates first, then checks the role, then (submits) the rate limits,
+then reads the body: FastAPI body parameters are not used because FastAPI parses them
+before dependencies run.
 Another owner's job is answered 404, exactly like an unknown one.
 """
 
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from jobgate.api import submit, views
+from jobgate.api import limits, submit, views
 from jobgate.api.deps import CurrentPrincipal, StateDep
 from jobgate.api.models import (
     SUBMIT_FORM_SCHEMA,
@@ -61,6 +62,12 @@ def _too_many(raw: Any, key: str, limit: int) -> None:
         )
 
 
+def _batch_size(raw: Any) -> int:
+    """The jobs a batch body asks for, counted before it is validated (rate limits come first)."""
+    jobs = raw.get("jobs") if isinstance(raw, dict) else None
+    return len(jobs) if isinstance(jobs, list) else 1
+
+
 @router.post(
     "",
     status_code=202,
@@ -68,7 +75,7 @@ def _too_many(raw: Any, key: str, limit: int) -> None:
     summary="Submit a job",
     responses={
         200: {"model": Job, "description": "An Idempotency-Key replay: the first job"},
-        **problem_responses(400, 401, 403, 404, 409, 413, 415, 422),
+        **problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429),
     },
     openapi_extra=request_body(JobSubmit, multipart=SUBMIT_FORM_SCHEMA),
 )
@@ -80,6 +87,7 @@ async def submit_job(
 ) -> Response:
     """Create a job from JSON (files by `sha256`) or multipart (files streamed in)."""
     principal.require_write()
+    quota = await limits.check_submit(request, state, principal)
     submission = await submit.read_submission(request, state)
     try:
         key = submit.check_idempotency_key(idempotency_key)
@@ -91,6 +99,7 @@ async def submit_job(
             correlation_id=submit.correlation_header(request),
         )
         submit.check_budget(new_job)
+        await submit.check_monthly_budget(state, principal.id, [new_job])
         snapshots, replayed = await submit.commit(
             state,
             principal,
@@ -98,6 +107,7 @@ async def submit_job(
             uploads=submission.uploads,
             key=key,
             request_hash=_request_hash(key, "job", lambda: submission.fingerprint),
+            reserve=quota.reservation,
         )
     except BaseException:
         await submission.discard(state)
@@ -107,7 +117,7 @@ async def submit_job(
     return views.respond(
         views.job(snapshots[0]),
         200 if replayed else 202,
-        {"Location": f"/v1/jobs/{snapshots[0].job['id']}"},
+        {"Location": f"/v1/jobs/{snapshots[0].job['id']}", **quota.headers()},
     )
 
 
@@ -118,7 +128,7 @@ async def submit_job(
     summary="Submit many jobs, all or nothing",
     responses={
         200: {"model": JobBatch, "description": "An Idempotency-Key replay"},
-        **problem_responses(400, 401, 403, 404, 409, 413, 415, 422),
+        **problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429),
     },
     openapi_extra=request_body(JobBatchSubmit),
 )
@@ -130,21 +140,27 @@ async def submit_batch(
 ) -> Response:
     """Create every job of `{"jobs": [...]}`, or none; errors are located `["jobs", i, ...]`."""
     principal.require_write()
+    quota = await limits.check_submit(request, state, principal)
     raw = await submit.read_json_body(request, state)
+    quota.require(_batch_size(raw))
     _too_many(raw, "jobs", state.settings.max_jobs_per_request)
     batch = submit.parse_model(JobBatchSubmit, raw)
     key = submit.check_idempotency_key(idempotency_key)
     new_jobs = await submit.prepare_many(
         state, principal, batch.jobs, correlation_id=submit.correlation_header(request)
     )
+    await submit.check_monthly_budget(state, principal.id, new_jobs, batch=True)
     snapshots, replayed = await submit.commit(
         state,
         principal,
         new_jobs,
         key=key,
         request_hash=_request_hash(key, "batch", lambda: batch.model_dump(mode="json")),
+        reserve=quota.reservation,
     )
-    return views.respond({"jobs": [views.job(s) for s in snapshots]}, 200 if replayed else 202)
+    return views.respond(
+        {"jobs": [views.job(s) for s in snapshots]}, 200 if replayed else 202, quota.headers()
+    )
 
 
 @router.post(

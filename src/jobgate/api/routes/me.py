@@ -6,9 +6,12 @@ from fastapi import APIRouter
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from jobgate.api import submit
 from jobgate.api.deps import CurrentPrincipal, StateDep
 from jobgate.api.schemas import Limits, Me, Usage, problem_responses
 from jobgate.config import Settings
+from jobgate.ids import now
+from jobgate.store.repositories import jobs as job_repo
 from jobgate.store.tables import jobs
 
 ACTIVE_STATUSES = ("queued", "running")
@@ -24,9 +27,9 @@ def limits_of(settings: Settings) -> Limits:
         job_budget_usd=settings.job_budget_usd,
         list_max_limit=settings.list_max_limit,
         sse_max_per_job=settings.sse_max_per_job,
-        # Read defensively: these settings arrive with the limits piece.
-        max_active_jobs_per_user=getattr(settings, "max_active_jobs_per_user", None),
-        rate_limit_submit=getattr(settings, "rate_limit_submit", None) or None,
+        max_active_jobs_per_user=settings.max_active_jobs_per_user or None,
+        rate_limit_submit=settings.rate_limit_submit or None,
+        monthly_budget_usd=settings.user_monthly_budget_usd or None,
     )
 
 
@@ -42,7 +45,12 @@ async def usage_of(conn: AsyncConnection, owner: str) -> Usage:
             ).where(jobs.c.owner == owner)
         )
     ).one()
-    return Usage(active_jobs=int(row.active), jobs_total=int(row.total), spent_usd=float(row.spent))
+    return Usage(
+        active_jobs=int(row.active),
+        jobs_total=int(row.total),
+        spent_usd=float(row.spent),
+        month_spent_usd=await job_repo.spent_since(conn, owner, submit.month_start(now())),
+    )
 
 
 @router.get("", response_model=Me, responses=problem_responses(401))
@@ -50,6 +58,10 @@ async def me(state: StateDep, principal: CurrentPrincipal) -> Me:
     """The caller's id and roles, its limits and its usage."""
     async with state.db.read() as conn:
         usage = await usage_of(conn, principal.id)
+    window = await state.limits.submit_window(principal.id)
+    if window is not None:
+        usage.submits_in_window = window.limit - window.remaining
+        usage.submit_remaining = window.remaining
     return Me(
         id=principal.id,
         roles=sorted(principal.roles),

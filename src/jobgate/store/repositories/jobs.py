@@ -331,6 +331,28 @@ async def owned_ids(conn: AsyncConnection, ids: Sequence[str], owner: str | None
     return [row[0] for row in await conn.execute(query)]
 
 
+_COUNT_ACTIVE = (
+    select(func.count())
+    .select_from(jobs)
+    .where(jobs.c.owner == bindparam("owner"), jobs.c.status.in_(sorted(ACTIVE)))
+)
+
+
+async def spent_since(conn: AsyncConnection, owner: str, since: float) -> float:
+    """What `owner`'s jobs created at or after `since` have cost so far, in USD."""
+    total = await conn.scalar(
+        select(func.coalesce(func.sum(jobs.c.actual_usd), 0.0)).where(
+            jobs.c.owner == owner, jobs.c.created_at >= since
+        )
+    )
+    return float(total or 0.0)
+
+
+async def count_active(conn: AsyncConnection, owner: str) -> int:
+    """How many of `owner`'s jobs are queued or running."""
+    return int((await conn.execute(_COUNT_ACTIVE, {"owner": owner})).scalar_one())
+
+
 async def search(
     conn: AsyncConnection,
     *,

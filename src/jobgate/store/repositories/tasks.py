@@ -12,7 +12,7 @@ import random
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -620,10 +620,20 @@ async def lock_job(conn: AsyncConnection, job_id: str) -> JobState:
     return JobState(status=row["status"], cancel_requested=bool(row["cancel_requested"]))
 
 
+class Flushed(NamedTuple):
+    """What a flush learnt of its job."""
+
+    stop: bool  # cancel requested, or the job already finished
+    actual_usd: float  # the job's cost in the store, every stage's reports included
+
+
 async def flush(
     conn: AsyncConnection, task: Claimed, report: Report, *, lease_s: float, at: float
-) -> bool:
-    """Renew the lease and record progress, cost and events. Returns the cancel flag.
+) -> Flushed:
+    """Renew the lease and record progress, cost and events.
+
+    Returns the job's stop flag and its stored cost, which includes what parallel
+    stages of the job reported: each stage checks the job's budget against it.
 
     Raises:
         LeaseLost: the lease is gone; nothing was written.
@@ -642,10 +652,13 @@ async def flush(
     await apply_report(conn, task, report, at=at)
     flag = (
         await conn.execute(
-            select(jobs.c.cancel_requested, jobs.c.status).where(jobs.c.id == task.job_id)
+            select(jobs.c.cancel_requested, jobs.c.status, jobs.c.actual_usd).where(
+                jobs.c.id == task.job_id
+            )
         )
     ).one()
-    return bool(flag.cancel_requested) or flag.status != "running"
+    stop = bool(flag.cancel_requested) or flag.status != "running"
+    return Flushed(stop=stop, actual_usd=float(flag.actual_usd))
 
 
 async def apply_report(conn: AsyncConnection, task: Claimed, report: Report, *, at: float) -> None:

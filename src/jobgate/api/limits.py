@@ -1,0 +1,425 @@
+"""Rate limits and quotas: per-user submits, per-IP requests, and the active-jobs cap.
+
+Key contracts (docs/limits.md has the why of each):
+
+- The submit limit (`JOBGATE_RATE_LIMIT_SUBMIT`) is a moving window per user, kept by
+  `limits` in memory or in Redis. A submit is *checked* without counting after
+  authentication and role, and its slots are *taken* (one atomic `hit` of cost n) only
+  once every other check has passed and the Idempotency-Key lookup found no replay, just
+  before its rows are written. So a refused request and a replay never count, and
+  concurrent submits cannot together pass the limit: the take refuses the loser (429,
+  nothing written, nothing counted).
+- The active-jobs cap (`JOBGATE_MAX_ACTIVE_JOBS_PER_USER`) is one count at the check;
+  submits of one owner that are in flight together may pass it together.
+- The IP limit (`JOBGATE_RATE_LIMIT_IP`) counts every `/v1` request it lets through, before
+  authentication is attempted, by `client_ip` (X-Forwarded-For only from trusted proxies).
+- Storage failures fail open: the request goes through, a warning is logged, and the
+  storage is left alone for `STORAGE_RETRY_S`.
+- With no limit configured there is no storage and no I/O at all.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import structlog
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from jobgate import ids
+from jobgate.api import problems
+from jobgate.api.client_ip import Network, client_ip, ip_bucket, trusted_networks
+from jobgate.config import Settings
+from jobgate.errors import RateLimited
+from jobgate.store.repositories import idempotency
+from jobgate.store.repositories import jobs as job_repo
+
+if TYPE_CHECKING:
+    from jobgate.api.state import AppState
+    from jobgate.auth import Principal
+    from jobgate.store import Database
+
+T = TypeVar("T")
+
+STORAGE_TIMEOUT_S = 0.5
+"""A Redis call slower than this counts as a storage failure (and fails open)."""
+STORAGE_RETRY_S = 1.0
+"""After a storage failure, limits are not enforced for this long before trying again."""
+ACTIVE_RETRY_AFTER_S = 5
+"""Retry-After of an active-jobs refusal: a hint, as nobody knows when jobs finish."""
+
+log = structlog.get_logger("jobgate.limits")
+
+
+# -- windows -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """A moving window as seen at one moment: its size, its free slots, when a slot frees."""
+
+    limit: int
+    remaining: int
+    reset_at: float
+    """When the oldest entry leaves the window (the moment it was seen, if it is empty)."""
+
+    def after_taking(self, cost: int, at: float, expiry: float) -> Window:
+        """This window once `cost` slots were taken at `at`."""
+        reset_at = self.reset_at if self.remaining < self.limit else at + expiry
+        return Window(self.limit, max(0, self.remaining - cost), reset_at)
+
+    def reset_in(self, now: float) -> int:
+        """Whole seconds, rounded up, until a slot frees (0 when nothing is taken)."""
+        return max(0, math.ceil(self.reset_at - now))
+
+    def headers(self, now: float | None = None) -> dict[str, str]:
+        """`RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`."""
+        now = time.time() if now is None else now
+        return {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_in(now)),
+        }
+
+    def refusal(self, detail: str) -> RateLimited:
+        """A 429 telling when a slot frees (Retry-After at least 1 s)."""
+        now = time.time()
+        return RateLimited(detail, retry_after=self.reset_in(now), headers=self.headers(now))
+
+
+# -- storage -----------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    """A moving-window limiter, the storage errors that fail open, and how to close it."""
+
+    limiter: MovingWindowRateLimiter
+    errors: tuple[type[Exception], ...]
+    aclose: Callable[[], Awaitable[None]]
+
+
+async def _nothing() -> None:
+    return None
+
+
+def open_backend(url: str, *, namespace: str) -> Backend:
+    """The moving-window limiter over the storage `url` names.
+
+    Args:
+        url: `memory://` (this process only) or `redis://host:port/db` / `rediss://...`
+            (shared by every process that uses it).
+        namespace: prefix of the keys in Redis.
+
+    Raises:
+        ValueError: the URL names no known storage.
+    """
+    scheme, separator, _ = url.partition("://")
+    scheme = scheme.lower()
+    if separator and scheme == "memory":
+        return Backend(MovingWindowRateLimiter(MemoryStorage()), (), _nothing)
+    if separator and scheme in ("redis", "rediss"):
+        from redis.asyncio import ConnectionPool
+        from redis.exceptions import RedisError
+
+        pool = ConnectionPool.from_url(
+            url, socket_connect_timeout=STORAGE_TIMEOUT_S, socket_timeout=STORAGE_TIMEOUT_S
+        )
+        # Our own pool (`limits` passes it to redis-py), so that shutdown can close it.
+        options: dict[str, Any] = {"connection_pool": pool}
+        storage: Storage = RedisStorage(
+            f"async+{url}", implementation="redispy", key_prefix=namespace, **options
+        )
+        return Backend(MovingWindowRateLimiter(storage), (RedisError, OSError), pool.aclose)
+    raise ValueError(f"unknown limits URL {url!r}: use memory:// or redis://host:port/db")
+
+
+def _item(limit: str) -> RateLimitItem | None:
+    return parse(limit) if limit.strip() else None
+
+
+# -- the limits of one process -----------------------------------------------------------
+
+
+class RateLimits:
+    """The rate limits and quotas of one API process, built once from the settings.
+
+    Args:
+        submit: jobs per user in a moving window (None: no limit).
+        ip: `/v1` requests per client IP in a moving window (None: no limit).
+        max_active_jobs: queued+running jobs per owner (0: unlimited).
+        trusted_proxies: peers whose X-Forwarded-For is believed.
+        backend: where windows are kept (needed when `submit` or `ip` is set).
+    """
+
+    def __init__(
+        self,
+        *,
+        submit: RateLimitItem | None = None,
+        ip: RateLimitItem | None = None,
+        max_active_jobs: int = 0,
+        trusted_proxies: Sequence[Network] = (),
+        backend: Backend | None = None,
+    ) -> None:
+        if (submit or ip) and backend is None:
+            raise ValueError("a rate limit needs a storage backend")
+        self.submit = submit
+        self.ip = ip
+        self.max_active_jobs = max_active_jobs
+        self.trusted_proxies = tuple(trusted_proxies)
+        self._backend = backend
+        self._retry_at = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RateLimits:
+        """The limits `settings` configure; storage is opened only if a rate limit is set."""
+        submit, ip = _item(settings.rate_limit_submit), _item(settings.rate_limit_ip)
+        backend = None
+        if submit or ip:
+            backend = open_backend(settings.limits_url, namespace=settings.limits_namespace)
+        return cls(
+            submit=submit,
+            ip=ip,
+            max_active_jobs=settings.max_active_jobs_per_user,
+            trusted_proxies=trusted_networks(settings.trusted_proxies),
+            backend=backend,
+        )
+
+    async def aclose(self) -> None:
+        """Close the storage's connections."""
+        if self._backend is not None:
+            await self._backend.aclose()
+
+    @property
+    def checks_submits(self) -> bool:
+        """Whether a submit needs any check at all."""
+        return self.submit is not None or self.max_active_jobs > 0
+
+    async def submit_window(self, owner: str) -> Window | None:
+        """`owner`'s submit window now; None without a submit limit or when storage fails."""
+        if self.submit is None:
+            return None
+        return await self._window(self.submit, "submit", owner)
+
+    async def take_submits(self, owner: str, cost: int) -> bool:
+        """Take `cost` submit slots at once, or none (False) if they are not all free."""
+        if self.submit is None:
+            return True
+        return await self._take(self.submit, cost, "submit", owner)
+
+    async def admit_submit(self, db: Database, owner: str) -> SubmitQuota:
+        """Read `owner`'s submit window and active jobs, counting nothing."""
+        window = await self.submit_window(owner)
+        active = None
+        if self.max_active_jobs > 0:
+            async with db.read() as conn:
+                active = await job_repo.count_active(conn, owner)
+        return SubmitQuota(self, owner, window, active)
+
+    async def admit_ip(self, scope: Scope) -> Window | None:
+        """Count one request from the scope's client: None if admitted, else its window."""
+        if self.ip is None:
+            return None
+        key = ip_bucket(client_ip(scope, self.trusted_proxies))
+        if await self._take(self.ip, 1, "ip", key):
+            return None
+        now = time.time()
+        window = await self._window(self.ip, "ip", key)
+        return window or Window(self.ip.amount, 0, now + 1)
+
+    async def _window(self, item: RateLimitItem, *key: str) -> Window | None:
+        assert self._backend is not None
+        limiter = self._backend.limiter
+        stats = await self._guard(lambda: limiter.get_window_stats(item, *key), None, "window")
+        if stats is None:
+            return None
+        now = time.time()
+        remaining = max(0, stats.remaining)
+        # An empty window has no oldest entry: `limits` then reports a time to ignore.
+        reset_at = stats.reset_time if remaining < item.amount else now
+        return Window(item.amount, remaining, reset_at)
+
+    async def _take(self, item: RateLimitItem, cost: int, *key: str) -> bool:
+        assert self._backend is not None
+        limiter = self._backend.limiter
+        return await self._guard(lambda: limiter.hit(item, *key, cost=cost), True, "take")
+
+    async def _guard(self, call: Callable[[], Awaitable[T]], fallback: T, operation: str) -> T:
+        """`call()`, or `fallback` (fail open) while the storage fails."""
+        assert self._backend is not None
+        if time.monotonic() < self._retry_at:
+            return fallback
+        try:
+            return await call()
+        except self._backend.errors as exc:
+            # Fail open: refusing every submit because Redis blinked would turn a
+            # limiter hiccup into an outage. Back off, so a dead Redis costs one
+            # timeout per STORAGE_RETRY_S rather than one per request.
+            self._retry_at = time.monotonic() + STORAGE_RETRY_S
+            log.warning(
+                "rate_limit_storage_failed",
+                operation=operation,
+                error=type(exc).__name__,
+                detail=str(exc),
+                retry_in_s=STORAGE_RETRY_S,
+            )
+            return fallback
+
+
+# -- one submit request ------------------------------------------------------------------
+
+
+@dataclass
+class SubmitQuota:
+    """One submit request's limits: checked before its body is read, taken before it is written.
+
+    Attributes:
+        window: the owner's submit window at the check (None: no limit, or storage down).
+        active: the owner's queued+running jobs at the check (None: no cap).
+        cost: jobs this request submits (`require` sets it).
+        deferred: refused at the check, but with an Idempotency-Key already used: left to
+            the key lookup (a replay passes, counting nothing) and to the take.
+        taken: whether `reserve` took the slots.
+    """
+
+    limits: RateLimits
+    owner: str
+    window: Window | None = None
+    active: int | None = None
+    cost: int = 1
+    deferred: bool = False
+    taken: bool = False
+    taken_at: float = field(default=0.0, repr=False)
+
+    def require(self, cost: int) -> None:
+        """Refuse a request of `cost` jobs that the window or the active cap cannot take.
+
+        Raises:
+            RateLimited: 429, with Retry-After and the window's RateLimit headers.
+        """
+        self.cost = cost
+        if self.deferred:
+            return
+        window = self.window
+        if window is not None and cost > window.remaining:
+            if cost > window.limit:
+                detail = f"{cost} jobs are more than the submit limit of {window.limit} allows"
+            else:
+                detail = (
+                    f"submit limit reached: {cost} needed, {window.remaining} of "
+                    f"{window.limit} left; a slot frees in {max(1, window.reset_in(time.time()))} s"
+                )
+            raise window.refusal(detail)
+        cap = self.limits.max_active_jobs
+        if self.active is not None and self.active + cost > cap:
+            raise RateLimited(
+                f"{self.active} of at most {cap} jobs are queued or running; "
+                f"{cost} more would pass the cap",
+                retry_after=ACTIVE_RETRY_AFTER_S,
+                headers=self.headers(),
+            )
+
+    @property
+    def reservation(self) -> Callable[[], Awaitable[None]] | None:
+        """`reserve`, when there is a window to take slots from."""
+        return self.reserve if self.window is not None else None
+
+    async def reserve(self) -> None:
+        """Take the request's slots, atomically across processes.
+
+        Raises:
+            RateLimited: another request took them since the check (nothing is taken).
+        """
+        at = time.time()
+        if await self.limits.take_submits(self.owner, self.cost):
+            self.taken, self.taken_at = True, at
+            return
+        window = await self.limits.submit_window(self.owner) or self.window
+        assert window is not None
+        raise window.refusal(
+            f"submit limit reached: {self.cost} needed, {window.remaining} of {window.limit} left"
+        )
+
+    def headers(self) -> dict[str, str]:
+        """The RateLimit headers of this request's answer (none without a window)."""
+        if self.window is None:
+            return {}
+        window = self.window
+        if self.taken and self.limits.submit is not None:
+            expiry = self.limits.submit.get_expiry()
+            window = window.after_taking(self.cost, self.taken_at, expiry)
+        return window.headers()
+
+
+async def check_submit(request: Request, state: AppState, principal: Principal) -> SubmitQuota:
+    """Check one job against the caller's submit limit and active cap (429 if refused).
+
+    The answer to this request carries the window's RateLimit headers from here on,
+    whatever it turns out to be (`problems.problem` adds `request.state.response_headers`).
+    """
+    limits = state.limits
+    if not limits.checks_submits:
+        return SubmitQuota(limits, principal.id)
+    quota = await limits.admit_submit(state.db, principal.id)
+    request.state.response_headers = quota.headers()
+    try:
+        quota.require(1)
+    except RateLimited:
+        # A retry of a submit that went through is a replay (or a 409): neither counts,
+        # so let it reach the key lookup. Anything else is refused by the take (429).
+        if not await _key_is_known(request, state, principal.id):
+            raise
+        quota.deferred = True
+    return quota
+
+
+async def _key_is_known(request: Request, state: AppState, owner: str) -> bool:
+    key = request.headers.get("idempotency-key")
+    if not key or len(key) > idempotency.MAX_KEY_LENGTH:
+        return False
+    async with state.db.read() as conn:
+        found = await idempotency.lookup(
+            conn, owner=owner, key=key, at=ids.now(), ttl_s=state.settings.idempotency_ttl_s
+        )
+    return found is not None
+
+
+# -- the IP limit ------------------------------------------------------------------------
+
+
+def _is_v1(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+class IpRateLimitMiddleware:
+    """Count every `/v1` request against its client IP's limit before anything else runs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer 429 when the client's window is full, else pass the request on."""
+        if scope["type"] == "http" and _is_v1(scope["path"]):
+            limits: RateLimits = scope["app"].state.jobgate.limits
+            refused = await limits.admit_ip(scope)
+            if refused is not None:
+                request = Request(scope)
+                exc = refused.refusal("too many requests from this address")
+                response = problems.problem(
+                    request,
+                    exc.status,
+                    exc.slug,
+                    exc.title,
+                    exc.message,
+                    headers=dict(exc.headers or {}),
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
