@@ -1,14 +1,15 @@
 """The cost of authentication and rate limits on the submit path.
 
-One `jobgate serve --worker-concurrency 0` per variant, all on one fresh PostgreSQL
-database and all started before measuring; the runs then go round the variants in
-turn (run 1 of each, then run 2 of each, ...), so drift in the machine's speed hits
-every variant alike. Each answer must be 202.
+A `jobgate serve --worker-concurrency 0` per variant and run, on one fresh PostgreSQL
+database, one at a time; the runs go round the variants in turn (run 1 of each, then
+run 2 of each, ...), so drift in the machine's speed hits every variant alike. Each
+answer must be 202.
 
-Variants: an API key (the baseline), an HS256 JWT, an RS256 JWT verified against a
-JWKS served on loopback (cached after the first request), and the API key with the
-submit and per-IP limits on memory and on Redis storage (limits high enough never to
-refuse, so every request pays for the check and nothing else changes).
+The load comes from 100 users in turn (an API key or a JWT each), as a shared API sees
+it. Variants: API keys (the baseline), HS256 JWTs, RS256 JWTs verified against a JWKS
+served on loopback, and the per-user submit limit on memory and on Redis storage, with
+the per-IP limit on top in the last. The limits are set high enough never to refuse,
+so every request pays for the checks and nothing else changes.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -30,7 +32,12 @@ from bench.submit import SINGLE_BODY, Server, _measure, serve
 
 KID = "bench-rsa-1"
 HS_SECRET = "bench-hs256-secret-0123456789abcdef0123"
-NEVER_REFUSED = "1000000000/hour"
+USERS = 100
+# Per user: more than a run submits (about 1,000 jobs/s over 100 users), so nothing is
+# refused, and a window of realistic size (a moving window stores each entry).
+SUBMIT_LIMIT = "2000/minute"
+# One client address sends everything: the IP limit must let all of it through.
+IP_LIMIT = "1000000/minute"
 REDIS_LIMITS = "redis://127.0.0.1:6379/0"
 
 
@@ -38,7 +45,7 @@ REDIS_LIMITS = "redis://127.0.0.1:6379/0"
 class Variant:
     name: str
     settings: dict[str, str]
-    token: str | None = None  # None: the server's admin API key
+    credential: str = "key"  # "key", "hs256" or "rs256": what the users send
 
 
 @contextmanager
@@ -67,24 +74,44 @@ def jwks_server(document: dict[str, Any]) -> Iterator[str]:
         httpd.server_close()
 
 
-def _variants(jwks_url: str, private_key: rsa.RSAPrivateKey) -> list[Variant]:
-    claims = {"sub": "bench", "roles": ["admin"], "exp": int(time.time()) + 24 * 3600}
-    hs_token = jwt.encode(claims, HS_SECRET, algorithm="HS256")
-    rs_token = jwt.encode(claims, private_key, algorithm="RS256", headers={"kid": KID})
-    limits = {"JOBGATE_RATE_LIMIT_SUBMIT": NEVER_REFUSED, "JOBGATE_RATE_LIMIT_IP": NEVER_REFUSED}
+def _variants(jwks_url: str) -> list[Variant]:
+    submit = {"JOBGATE_RATE_LIMIT_SUBMIT": SUBMIT_LIMIT}
+    redis = {"JOBGATE_LIMITS_URL": REDIS_LIMITS}
     return [
         Variant("API key, no limits (baseline)", {}),
-        Variant("HS256 JWT, no limits", {"JOBGATE_AUTH_JWT_SECRET": HS_SECRET}, hs_token),
+        Variant("HS256 JWT, no limits", {"JOBGATE_AUTH_JWT_SECRET": HS_SECRET}, "hs256"),
+        Variant("RS256 JWT (cached JWKS), no limits", {"JOBGATE_AUTH_JWKS_URL": jwks_url}, "rs256"),
+        Variant("API key + submit limit, memory", {**submit, "JOBGATE_LIMITS_URL": "memory://"}),
+        Variant("API key + submit limit, Redis", {**submit, **redis}),
         Variant(
-            "RS256 JWT (cached JWKS), no limits", {"JOBGATE_AUTH_JWKS_URL": jwks_url}, rs_token
+            "RS256 JWT + submit limit, Redis",
+            {**submit, **redis, "JOBGATE_AUTH_JWKS_URL": jwks_url},
+            "rs256",
         ),
-        Variant("API key + limits, memory", {**limits, "JOBGATE_LIMITS_URL": "memory://"}),
-        Variant("API key + limits, Redis", {**limits, "JOBGATE_LIMITS_URL": REDIS_LIMITS}),
         Variant(
-            "RS256 JWT + limits, Redis",
-            {**limits, "JOBGATE_LIMITS_URL": REDIS_LIMITS, "JOBGATE_AUTH_JWKS_URL": jwks_url},
-            rs_token,
+            "API key + submit and IP limits, Redis",
+            {**submit, **redis, "JOBGATE_RATE_LIMIT_IP": IP_LIMIT},
         ),
+    ]
+
+
+def _credentials(variant: Variant, server: Server, private_key: rsa.RSAPrivateKey) -> list[str]:
+    """One bearer token for each of `USERS` users, of the variant's kind."""
+    owners = [f"bench-user-{n}" for n in range(USERS)]
+    if variant.credential == "key":
+        headers = {"Authorization": f"Bearer {server.key}"}
+        with httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as admin:
+            created = [
+                admin.post("/v1/api-keys", json={"owner": owner, "roles": ["user"]})
+                for owner in owners
+            ]
+        return [answer.json()["key"] for answer in created]
+    exp = int(time.time()) + 24 * 3600
+    if variant.credential == "hs256":
+        return [jwt.encode({"sub": o, "exp": exp}, HS_SECRET, algorithm="HS256") for o in owners]
+    return [
+        jwt.encode({"sub": o, "exp": exp}, private_key, algorithm="RS256", headers={"kid": KID})
+        for o in owners
     ]
 
 
@@ -94,19 +121,11 @@ async def run(*, seconds: float, inflight: int, runs: int) -> list[Result]:
     public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private_key.public_key()))
     document = {"keys": [{**public, "kid": KID, "alg": "RS256", "use": "sig"}]}
     url = await fresh_postgres()
-    with ExitStack() as stack:
-        jwks_url = stack.enter_context(jwks_server(document))
-        variants = _variants(jwks_url, private_key)
-        servers: list[Server] = []
-        for n, variant in enumerate(variants):
-            tmp = stack.enter_context(temp_dir(f"auth-{n}"))
-            server = stack.enter_context(serve(tmp, url, postgres=True, settings=variant.settings))
-            if variant.token is not None:
-                server.key = variant.token
-            servers.append(server)
+    with jwks_server(document) as jwks_url:
+        variants = _variants(jwks_url)
         results = [
             Result(
-                benchmark=f"HTTP submit noop, {v.name} ({inflight} in flight)",
+                benchmark=f"HTTP submit noop, {v.name} ({USERS} users, {inflight} in flight)",
                 database="postgres",
                 unit="jobs/s",
             )
@@ -114,17 +133,22 @@ async def run(*, seconds: float, inflight: int, runs: int) -> list[Result]:
         ]
         for round_no in range(runs):
             log(f"auth round {round_no + 1} of {runs}")
-            for server, result in zip(servers, results, strict=True):
-                await _measure(
-                    server,
-                    result,
-                    "/v1/jobs",
-                    SINGLE_BODY,
-                    1,
-                    seconds=seconds,
-                    inflight=inflight,
-                    runs=1,
-                )
+            for variant, result in zip(variants, results, strict=True):
+                with (
+                    temp_dir("auth") as tmp,
+                    serve(tmp, url, postgres=True, settings=variant.settings) as server,
+                ):
+                    server.tokens = _credentials(variant, server, private_key)
+                    await _measure(
+                        server,
+                        result,
+                        "/v1/jobs",
+                        SINGLE_BODY,
+                        1,
+                        seconds=seconds,
+                        inflight=inflight,
+                        runs=1,
+                    )
     baseline = results[0].median
     for result in results[1:]:
         cost = 1 - result.median / baseline

@@ -9,6 +9,7 @@ must be 202; anything else is counted as an error and printed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -41,6 +42,12 @@ class Server:
     key: str
     log_path: Path
     pid: int
+    tokens: list[str] = field(default_factory=list)
+    """Bearer tokens the load takes in turn (several users); empty: `key` alone."""
+
+    @property
+    def credentials(self) -> list[str]:
+        return self.tokens or [self.key]
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the server process used so far."""
@@ -176,10 +183,9 @@ async def _load(
     """Keep `inflight` POSTs in flight for `seconds`; (what came back, elapsed)."""
     tally = Tally()
     limits = httpx.Limits(max_connections=inflight, max_keepalive_connections=inflight)
-    headers = {"Authorization": f"Bearer {server.key}"}
-    async with httpx.AsyncClient(
-        base_url=server.base_url, headers=headers, limits=limits, timeout=60
-    ) as client:
+    headers = [{"Authorization": f"Bearer {token}"} for token in server.credentials]
+    turn = itertools.count()
+    async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=60) as client:
         server_cpu, client_cpu = server.cpu_s(), time.process_time()
         started = time.perf_counter()
         deadline = started + seconds
@@ -187,7 +193,8 @@ async def _load(
         async def one_lane() -> None:
             while time.perf_counter() < deadline:
                 try:
-                    response = await client.post(path, json=body)
+                    credential = headers[next(turn) % len(headers)]
+                    response = await client.post(path, json=body, headers=credential)
                 except httpx.HTTPError as exc:
                     tally.errors[f"{type(exc).__name__}: {exc}"] += 1
                     continue
@@ -216,11 +223,18 @@ async def _load_wrk(
     """The same load from `wrk` (one thread, `inflight` connections), when installed: a
     Python client spends more CPU per request than the servers measured here."""
     script = server.log_path.with_name("post.lua")
+    tokens = ", ".join(json.dumps(token) for token in server.credentials)
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(json.dumps(body))}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {server.key}"\n'
+        f"local tokens = {{{tokens}}}\n"
+        "local turn = 0\n"
+        "request = function()\n"
+        "  turn = turn % #tokens + 1\n"
+        '  wrk.headers["Authorization"] = "Bearer " .. tokens[turn]\n'
+        "  return wrk.format()\n"
+        "end\n"
     )
     server_cpu = server.cpu_s()
     process = await asyncio.create_subprocess_exec(

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from uuid import uuid4
 
 import httpx
 import jwt
@@ -29,6 +30,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from pydantic import ValidationError
 
 from jobgate.auth import api_keys
+from jobgate.auth import jwt as jwt_auth
 from jobgate.auth.api_keys import AUTH_FAILED
 from jobgate.auth.jwt import MAX_TOKEN_CHARS, JwtVerifier
 from jobgate.config import Settings
@@ -75,9 +77,13 @@ def jwk(private: PrivateKey, kid: str, alg: str) -> dict[str, Any]:
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
-    """Valid claims for `jwt-user-1`, with `overrides` (None removes a claim)."""
+    """Valid claims for `jwt-user-1`, with `overrides` (None removes a claim).
+
+    Each call's `jti` differs, so no two tokens are alike: a token already verified is
+    remembered (`VERIFIED_CACHE_S`), and most tests mean to verify afresh.
+    """
     at = int(time.time())
-    base: dict[str, Any] = {"sub": "jwt-user-1", "iat": at, "exp": at + 300}
+    base: dict[str, Any] = {"sub": "jwt-user-1", "iat": at, "exp": at + 300, "jti": uuid4().hex}
     base.update(overrides)
     return {name: value for name, value in base.items() if value is not None}
 
@@ -556,14 +562,15 @@ async def test_cached_keys_still_verify_while_the_jwks_host_fails(
 ) -> None:
     """A JWKS host answering 503 after the first fetch: the cached keys keep verifying."""
     app = await jwt_app(auth_jwks_cache_s=0.2, auth_jwks_min_refresh_s=0.1)
-    token = signed(keys.rsa, "RS256", "rsa-1")
-    assert (await call(app, token)).status_code == 200
+    assert (await call(app, signed(keys.rsa, "RS256", "rsa-1"))).status_code == 200
     server.failing = True
     await asyncio.sleep(0.25)
-    assert (await call(app, token)).status_code == 200  # stale: refreshed in the background
+    # Stale: refreshed in the background.
+    assert (await call(app, signed(keys.rsa, "RS256", "rsa-1"))).status_code == 200
     await wait_for(lambda: server.hits >= 2)
     await asyncio.sleep(0.05)
-    assert (await call(app, token)).status_code == 200  # the failed refresh dropped nothing
+    # The failed refresh dropped nothing.
+    assert (await call(app, signed(keys.rsa, "RS256", "rsa-1"))).status_code == 200
 
 
 async def test_cached_keys_still_verify_after_the_jwks_host_is_gone(
@@ -571,12 +578,11 @@ async def test_cached_keys_still_verify_after_the_jwks_host_is_gone(
 ) -> None:
     """A JWKS host that stopped (connection refused): the cached keys keep verifying."""
     app = await jwt_app(auth_jwks_cache_s=0.2, auth_jwks_min_refresh_s=0.1)
-    token = signed(keys.ed, "EdDSA", "ed-1")
-    assert (await call(app, token)).status_code == 200
+    assert (await call(app, signed(keys.ed, "EdDSA", "ed-1"))).status_code == 200
     server.stop()
     for _ in range(3):
         await asyncio.sleep(0.25)
-        assert (await call(app, token)).status_code == 200
+        assert (await call(app, signed(keys.ed, "EdDSA", "ed-1"))).status_code == 200
 
 
 async def test_a_rotated_in_key_is_accepted_after_one_refetch(
@@ -739,3 +745,28 @@ def test_prod_accepts_a_strong_jwt_secret_and_dev_anything() -> None:
     assert Settings(env="prod", signing_key="x" * 40, auth_jwt_secret=strong).auth_jwt_secret
     assert Settings(env="prod", signing_key="x" * 40).auth_jwt_secret == ""
     assert Settings(env="dev", auth_jwt_secret="secret").auth_jwt_secret == "secret"
+
+
+async def test_a_verified_token_is_remembered_but_never_past_its_ttl_or_exp(
+    jwt_app: Any, keys: Keys, server: JwksServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token is verified once and then taken on trust, for `VERIFIED_CACHE_S` at most
+    (a key taken off the JWKS stops working within it) and never past its `exp`."""
+    monkeypatch.setattr(jwt_auth, "VERIFIED_CACHE_S", 0.5)
+    app = await jwt_app(auth_jwks_min_refresh_s=0.0, auth_leeway_s=0)
+    token = signed(keys.rsa, "RS256", "rsa-1")
+    assert (await call(app, token)).status_code == 200
+    server.serve(jwk(keys.ec, "ec-1", "ES256"))  # the RSA key is withdrawn ...
+    await call(app, signed(keys.rsa, "RS256", "unknown"))  # ... and the JWKS refetched
+    assert server.hits == 2
+    assert (await call(app, token)).status_code == 200  # remembered
+    assert (await call(app, signed(keys.rsa, "RS256", "rsa-1"))).status_code == 401
+    await asyncio.sleep(0.6)
+    assert (await call(app, token)).status_code == 401  # the TTL ran out
+
+    server.serve(jwk(keys.rsa, "rsa-1", "RS256"))
+    monkeypatch.setattr(jwt_auth, "VERIFIED_CACHE_S", 60.0)
+    short = signed(keys.rsa, "RS256", "rsa-1", exp=int(time.time()) + 2)
+    assert (await call(app, short)).status_code == 200
+    await asyncio.sleep(max(0.0, int(time.time()) + 2 - time.time()) + 0.1)
+    assert (await call(app, short)).status_code == 401  # its exp passed

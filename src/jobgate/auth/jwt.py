@@ -10,6 +10,8 @@ Key contracts:
   `iss` when configured (then a token without them is refused).
 - Every failure raises `Unauthenticated(AUTH_FAILED)`, one message for all; the reason
   is logged at debug level, the token never.
+- A verified token is remembered for `VERIFIED_CACHE_S` (never past its `exp`), so
+  its signature is not checked again on every request.
 - The JWKS is fetched when first needed, one fetch at a time, and at most once per
   `auth_jwks_min_refresh_s` whatever asks for it (an unknown `kid`, a stale cache, a
   failed first fetch). Keys older than `auth_jwks_cache_s` are refreshed in the
@@ -46,6 +48,9 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 DEFAULT_ROLES = frozenset({"user"})
 FETCH_TIMEOUT_S = 5.0
 MAX_JWKS_BYTES = 1_000_000
+VERIFIED_CACHE_S = 60.0
+"""How long a verified token is taken on trust (never past its `exp`)."""
+VERIFIED_CACHE_MAX = 10_000
 SUPABASE_ISSUER_PATH = "/auth/v1"
 SUPABASE_JWKS_PATH = "/auth/v1/.well-known/jwks.json"
 
@@ -122,6 +127,7 @@ class JwtVerifier:
             required.append("iss")
         # Without a configured audience `aud` is not checked (PyJWT would refuse any).
         self._decoder = jwt.PyJWT({"require": required, "verify_aud": bool(audience)})
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     async def verify(self, token: str) -> Principal:
         """The principal a JWT stands for: `sub` and the roles of the roles claim.
@@ -130,13 +136,32 @@ class JwtVerifier:
             Unauthenticated: the token is malformed, not signed by a configured key, or
                 its claims do not hold (one message for every reason).
         """
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, valid_until = cached
+            if time.time() < valid_until:
+                return principal
+            del self._verified[token]
         try:
             claims = await self._claims(token)
             roles = _roles_from(claims, self._roles_claim)
         except _Rejected as exc:
             log.debug("jwt_rejected", reason=str(exc))
             raise Unauthenticated(AUTH_FAILED) from None
-        return Principal(id=claims["sub"], roles=roles)
+        principal = Principal(id=claims["sub"], roles=roles)
+        self._remember(token, principal, expires_at=float(claims["exp"]))
+        return principal
+
+    def _remember(self, token: str, principal: Principal, *, expires_at: float) -> None:
+        # A client sends the same token with every request until it expires: checking
+        # its signature once per VERIFIED_CACHE_S, not per request, takes the cost of
+        # a JWT down to that of an API key (bench/auth.py). The entry never outlives
+        # the token, and a key taken off the JWKS stops working within the TTL after
+        # the next fetch.
+        if len(self._verified) >= VERIFIED_CACHE_MAX:
+            self._verified.clear()  # crude, but bounded: the cache is an optimisation only
+        valid_until = min(expires_at + self._leeway_s, time.time() + VERIFIED_CACHE_S)
+        self._verified[token] = (principal, valid_until)
 
     async def aclose(self) -> None:
         """Stop a background JWKS refresh and close its HTTP client."""
