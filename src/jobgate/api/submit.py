@@ -1,10 +1,10 @@
 """Submissions: from a request body to validated `NewJob`s, then one transaction.
 
 The checks run in API.md's order (after authentication, role and the rate limits of
-`api/limits.py`): the body's form (400), its content (413, 415, 422), then the budget
-(422 `budget-exceeded`). A
-refused submission leaves nothing: files it streamed in are deleted by the caller
-(`Form.discard`), and rows are written only in `commit`'s single transaction.
+`api/limits.py`): the body's form (400), its content (413, 415, 422), then the budgets
+(422 `budget-exceeded`: the job's, then the owner's monthly cap). A refused submission
+leaves nothing: files it streamed in are deleted by the caller (`Form.discard`), and
+rows are written only in `commit`'s single transaction.
 """
 
 from __future__ import annotations
@@ -413,7 +413,7 @@ async def check_monthly_budget(
     The estimates together must fit what the owner's jobs of this month have left;
     then each job's budget is lowered to that, so a job stops when the month's money
     runs out. (Jobs running at once may each spend what is left: the cap can be
-    passed by their number times that; docs/security.md.)
+    passed by their number times that; docs/limits.md.)
 
     Raises:
         BudgetExceeded: the estimates do not fit what is left this month.
