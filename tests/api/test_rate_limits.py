@@ -484,3 +484,37 @@ async def test_redis_down_fails_open_with_a_warning(
     warnings = [e for e in logs if e["event"] == "rate_limit_storage_failed"]
     assert len(warnings) == 1
     assert warnings[0]["log_level"] == "warning"
+
+
+@pytest.mark.service("redis")
+@pytest.mark.timeout(180)
+async def test_limits_come_back_after_a_redis_restart(
+    app_factory: AppFactory, connect: Connect
+) -> None:
+    """Redis restarts mid-run: submits go on (fail open) while it is down, and once it
+    answers again the limit holds again, on the same app and its same connection pool."""
+    from tests.contract.test_transport_restart import _start, _stop
+
+    namespace = f"jobgate-test-{uuid.uuid4().hex}"
+    app = await app_factory(
+        limits_url=REDIS_URL, limits_namespace=namespace, rate_limit_submit="3/hour"
+    )
+    user = await connect(app)
+    before = [await submit(user) for _ in range(2)]
+    assert [a.headers["ratelimit-remaining"] for a in before] == ["2", "1"]
+    try:
+        await asyncio.to_thread(_stop, "redis")
+        during = await submit(user)
+        assert during.status_code == 202
+        assert "ratelimit-limit" not in during.headers
+    finally:
+        await asyncio.to_thread(_start, "redis")
+    # The restarted Redis kept nothing: a fresh window of 3, enforced again.
+    deadline = time.monotonic() + 30
+    while "ratelimit-limit" not in (answer := await submit(user)).headers:
+        assert answer.status_code == 202
+        assert time.monotonic() < deadline, "the limits never came back"
+        await asyncio.sleep(0.2)
+    after = [answer] + [await submit(user) for _ in range(3)]
+    statuses = [a.status_code for a in after]
+    assert statuses == [202, 202, 202, 429], statuses
