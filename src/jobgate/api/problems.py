@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobgate.errors import RequestError
+from jobgate.store.database import OUTAGE_TYPES, is_outage
 
 PROBLEM_BASE = "https://jobgate.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
@@ -28,6 +29,7 @@ _SLUG_BY_STATUS = {
     429: ("rate-limited", "Too many requests"),
     503: ("unavailable", "Service unavailable"),
 }
+STORE_RETRY_AFTER_S = 2
 log = structlog.get_logger("jobgate.api")
 
 
@@ -107,6 +109,21 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(request, exc.status_code, slug, title, detail, headers=headers)
 
 
+async def _on_store_error(request: Request, exc: Exception) -> JSONResponse:
+    if not is_outage(exc):
+        raise exc  # a real bug: on to the 500 handler
+    # The store is down or overloaded, not broken: say so, and when to come back.
+    log.warning("store_unavailable", path=request.url.path, error=type(exc).__name__)
+    return problem(
+        request,
+        503,
+        "unavailable",
+        "Service unavailable",
+        "the store cannot be reached just now; retry shortly",
+        headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+    )
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("request_failed", path=request.url.path, exc_info=exc)
     return problem(
@@ -123,4 +140,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestError, _on_request_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    for kind in OUTAGE_TYPES:
+        app.add_exception_handler(kind, _on_store_error)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from asyncpg import exceptions as asyncpg_errors
 from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -149,3 +151,41 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> N
 def _sqlite_on_begin(conn: Any) -> None:
     immediate = conn.get_execution_options().get(_WRITE, False)
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+OUTAGE_TYPES: tuple[type[Exception], ...] = (
+    sa_exc.DBAPIError,  # OperationalError, InterfaceError; others when the connection died
+    sa_exc.TimeoutError,
+    sa_exc.DisconnectionError,
+    ConnectionError,
+    asyncpg_errors.InterfaceError,
+    asyncpg_errors.PostgresConnectionError,
+    asyncpg_errors.AdminShutdownError,
+    asyncpg_errors.CrashShutdownError,
+    asyncpg_errors.CannotConnectNowError,
+)
+"""Exceptions that may mean the store is out of reach; `is_outage` decides."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc` means the store cannot be reached now (a retry may succeed), not
+    that a statement is wrong: refused or lost connections, a pool with no connection
+    free in time, a server shutting down, SQLite's lock timeout.
+
+    SQLAlchemy wraps driver errors (`DBAPIError.orig`, which the driver's own error
+    caused), so the whole chain is looked at.
+    """
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, sa_exc.DBAPIError):
+            if link.connection_invalidated or isinstance(
+                link, sa_exc.OperationalError | sa_exc.InterfaceError
+            ):
+                return True
+        elif isinstance(link, OUTAGE_TYPES):
+            return True
+        orig = getattr(link, "orig", None)
+        link = orig if isinstance(orig, BaseException) else (link.__cause__ or link.__context__)
+    return False
