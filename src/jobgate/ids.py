@@ -43,3 +43,9 @@ def parse_rfc3339(text: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
+
+
+def month_start(epoch: float) -> float:
+    """The epoch seconds at which `epoch`'s calendar month (UTC) began."""
+    day = datetime.fromtimestamp(epoch, UTC)
+    return day.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()

@@ -51,8 +51,14 @@ def create_app(
         )
         blobs = open_blob_store(settings.blobs_url)
         verifier = jwt.from_settings(settings)
-        state = AppState(settings=settings, db=db, blobs=blobs, registry=registry, jwt=verifier)
-        state.limits = RateLimits.from_settings(settings)
+        state = AppState(
+            settings=settings,
+            db=db,
+            blobs=blobs,
+            registry=registry,
+            jwt=verifier,
+            limits=RateLimits.from_settings(settings),
+        )
         app.state.jobgate = state
         transport = from_url(settings.transport_url, namespace=settings.transport_namespace)
         worker = None

@@ -410,16 +410,8 @@ class IpRateLimitMiddleware:
             limits: RateLimits = scope["app"].state.jobgate.limits
             refused = await limits.admit_ip(scope)
             if refused is not None:
-                request = Request(scope)
                 exc = refused.refusal("too many requests from this address")
-                response = problems.problem(
-                    request,
-                    exc.status,
-                    exc.slug,
-                    exc.title,
-                    exc.message,
-                    headers=dict(exc.headers or {}),
-                )
+                response = problems.from_error(Request(scope), exc)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

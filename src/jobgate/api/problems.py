@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jobgate.errors import RequestError
+from jobgate.errors import RequestError, Unavailable
 from jobgate.store.database import OUTAGE_TYPES, is_outage
 
 PROBLEM_BASE = "https://jobgate.dev/problems/"
@@ -68,8 +68,8 @@ def _clean_loc(loc: tuple[Any, ...] | list[Any]) -> list[Any]:
     return [part for part in loc if part != "body"] or ["body"]
 
 
-async def _on_request_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestError)
+def from_error(request: Request, exc: RequestError) -> JSONResponse:
+    """The problem answer of a refused request."""
     headers = dict(exc.headers or {})
     if exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
@@ -82,6 +82,11 @@ async def _on_request_error(request: Request, exc: Exception) -> JSONResponse:
         errors=exc.errors,
         headers=headers or None,
     )
+
+
+async def _on_request_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestError)
+    return from_error(request, exc)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -114,14 +119,9 @@ async def _on_store_error(request: Request, exc: Exception) -> JSONResponse:
         raise exc  # a real bug: on to the 500 handler
     # The store is down or overloaded, not broken: say so, and when to come back.
     log.warning("store_unavailable", path=request.url.path, error=type(exc).__name__)
-    return problem(
-        request,
-        503,
-        "unavailable",
-        "Service unavailable",
-        "the store cannot be reached just now; retry shortly",
-        headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
-    )
+    refusal = Unavailable("the store cannot be reached just now; retry shortly")
+    refusal.headers = {"Retry-After": str(STORE_RETRY_AFTER_S)}
+    return from_error(request, refusal)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -14,7 +14,6 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from fastapi import HTTPException
@@ -36,7 +35,7 @@ from jobgate.errors import (
     UnsupportedFileType,
     ValidationFailed,
 )
-from jobgate.ids import now, uuid7
+from jobgate.ids import month_start, now, uuid7
 from jobgate.observability import metrics
 from jobgate.pipelines import Pipeline, Registry
 from jobgate.pipelines.files import sanitize_filename
@@ -438,12 +437,6 @@ async def check_monthly_budget(
         )
     for job in new_jobs:
         job.budget_usd = min(job.budget_usd, left)
-
-
-def month_start(at: float) -> float:
-    """The epoch seconds at which `at`'s calendar month (UTC) began."""
-    day = datetime.fromtimestamp(at, UTC)
-    return day.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
 
 
 # -- writing ---------------------------------------------------------------------------

@@ -71,8 +71,7 @@ def _redacting(renderer: Any, redact: Callable[[str], str]) -> Callable[..., str
 
 def secrets_of(settings: Settings) -> list[str]:
     """The configured secret values that must never be logged."""
-    names = ("signing_key", "metrics_token", "auth_jwt_secret")
-    return [str(getattr(settings, name, "") or "") for name in names]
+    return [settings.signing_key, settings.metrics_token, settings.auth_jwt_secret]
 
 
 def use_json(settings: Settings) -> bool:
