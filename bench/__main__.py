@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bench import _common, auth, drain, latency, submit
+from bench import _common, auth, drain, latency, sse, submit
 from bench._common import DATABASES, Result, log
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -28,7 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     summary = (__doc__ or "").split("\n")[0]
     parser = argparse.ArgumentParser(prog="python -m bench", description=summary)
     parser.add_argument(
-        "--only", choices=["drain", "submit", "latency", "auth"], help="run one part only"
+        "--only",
+        choices=["drain", "submit", "latency", "auth", "sse"],
+        help="run one part only",
     )
     parser.add_argument("--db", choices=[*DATABASES, "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test")
@@ -98,6 +100,12 @@ async def main(args: argparse.Namespace) -> list[Result]:
         results += await latency.run(databases, samples=40 if args.quick else 200, runs=args.runs)
     if args.only in (None, "auth") and "postgres" in databases:
         results += await auth.run(seconds=1.5 if args.quick else 5.0, inflight=16, runs=args.runs)
+    if args.only in (None, "sse") and "postgres" in databases:
+        results += await sse.run(
+            streams=[1, 100, 1000] if args.quick else [1, 100, 10_000],
+            runs=1 if args.quick else args.runs,
+            buses=list(sse.BUSES),
+        )
     return results
 
 

@@ -2,7 +2,8 @@
 and talk to a running server (submit, list, read and cancel jobs).
 
 `serve`, `worker`, `db` and `keys` work on this machine's settings (`JOBGATE_*`);
-`submit` and `jobs` are HTTP clients of a server (`--url`, `--key`). Output meant for
+`submit`, `watch`, `status`, `cancel`, `download` (`jobgate/commands/`, on the SDK) and
+`jobs` are HTTP clients of a server (`--url`, `--api-key`). Output meant for
 people goes through rich; `--json` prints the server's JSON unchanged for scripts.
 Only `serve` and `worker` configure logging (stdout); everything else keeps stdout for
 its answer, so `KEY=$(jobgate keys create ...)` captures just the key.
@@ -11,11 +12,10 @@ its answer, so `KEY=$(jobgate keys create ...)` captures just the key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import mimetypes
 import os
 from collections.abc import Awaitable, Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 from urllib.parse import quote
@@ -29,6 +29,8 @@ from rich.table import Table
 
 from jobgate import __version__
 from jobgate.auth import api_keys
+from jobgate.commands import register as register_client_commands
+from jobgate.commands.options import parse_param as parse_param  # its old home
 from jobgate.config import Settings
 from jobgate.errors import JobgateError, Unauthenticated
 from jobgate.ids import now, rfc3339
@@ -72,7 +74,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="JOBGATE_URL", help="The server's base URL.")]
 KeyOpt = Annotated[
-    str | None, typer.Option("--key", envvar="JOBGATE_API_KEY", help="An API key (or a JWT).")
+    str | None,
+    typer.Option("--api-key", "--key", envvar="JOBGATE_API_KEY", help="An API key (or a JWT)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print raw JSON.")]
 
@@ -199,14 +202,26 @@ def serve(
     # Our middleware writes the access log, and our logging config renders uvicorn's.
     # No proxy_headers: uvicorn would believe X-Forwarded-For from FORWARDED_ALLOW_IPS
     # (even "*"); JOBGATE_TRUSTED_PROXIES alone decides that (docs/limits.md).
-    uvicorn.run(
-        application,
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            # uvicorn waits for every response to finish, and an event stream never
+            # would by itself: end them first (clients resume with Last-Event-ID).
+            state = getattr(application.state, "jobgate", None)
+            if state is not None:
+                state.streams.end_all()
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        application, host=host, port=port, log_config=None, access_log=False, proxy_headers=False
     )
+    server = Server(config)
+    # As `uvicorn.run` does: uvicorn raises the signal it stopped on again once it is
+    # down, and a clean stop by Ctrl-C or SIGINT is exit 0; one that never started, 3.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -221,9 +236,11 @@ def worker(
 ) -> None:
     """Run a worker until SIGTERM or Ctrl-C, then drain it and exit 0."""
     from jobgate.blobs import open_blob_store
+    from jobgate.bus import from_url as open_bus
     from jobgate.observability.logging import configure_logging
     from jobgate.pipelines import Registry
     from jobgate.transport import from_url
+    from jobgate.webhooks import WebhookSender
     from jobgate.worker import Worker
 
     settings = _settings()
@@ -232,7 +249,18 @@ def worker(
 
     async def run(db: Database) -> None:
         blobs = open_blob_store(settings.blobs_url)
+        # Streams in API processes learn of this worker's events through the bus.
+        bus = open_bus(
+            settings.bus_url,
+            database_url=settings.database_url,
+            namespace=settings.transport_namespace,
+        )
+        await bus.start()
+        db.on_changes = bus.publish
+        sender = WebhookSender(db, settings) if settings.webhook_concurrency > 0 else None
         try:
+            if sender is not None:
+                await sender.start()
             await Worker(
                 transport=from_url(settings.transport_url, namespace=settings.transport_namespace),
                 settings=settings,
@@ -244,6 +272,9 @@ def worker(
                 worker_id=worker_id,
             ).run()
         finally:
+            if sender is not None:  # after the drain, whose last job ends queue some
+                await sender.aclose()
+            await bus.aclose()
             await blobs.aclose()
 
     asyncio.run(_with_db(settings, run))
@@ -360,17 +391,6 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")]) ->
 # -- HTTP: submit and jobs -------------------------------------------------------------
 
 
-def parse_param(text: str) -> tuple[str, Any]:
-    """`k=v` as a pair; `v` is JSON when it parses as JSON, else the string itself."""
-    name, sep, raw = text.partition("=")
-    if not sep or not name:
-        raise typer.BadParameter(f"{text!r} is not NAME=VALUE", param_hint="--param")
-    try:
-        return name, json.loads(raw)
-    except ValueError:
-        return name, raw
-
-
 def _call(url: str, key: str | None, method: str, path: str, **kwargs: Any) -> Any:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
@@ -429,60 +449,6 @@ def _emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
         typer.echo(json.dumps(data, indent=2))
     else:
         human(data)
-
-
-@app.command()
-def submit(
-    pipeline: Annotated[str, typer.Argument(help="The pipeline's name.")],
-    param: Annotated[
-        list[str] | None, typer.Option(help="NAME=VALUE (VALUE as JSON if it parses).")
-    ] = None,
-    params_json: Annotated[
-        str | None, typer.Option("--params-json", help="All params as a JSON object.")
-    ] = None,
-    file: Annotated[
-        list[Path] | None,
-        typer.Option(exists=True, dir_okay=False, readable=True, help="A file (repeatable)."),
-    ] = None,
-    priority: Annotated[int | None, typer.Option(min=-100, max=100)] = None,
-    url: UrlOpt = DEFAULT_URL,
-    key: KeyOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Submit a job to a running server."""
-    params: dict[str, Any] = {}
-    if params_json is not None:
-        try:
-            loaded = json.loads(params_json)
-        except ValueError as exc:
-            raise typer.BadParameter(f"not JSON: {exc}", param_hint="--params-json") from exc
-        if not isinstance(loaded, dict):
-            raise typer.BadParameter("must be a JSON object", param_hint="--params-json")
-        params.update(loaded)
-    params.update(parse_param(p) for p in param or [])
-    if file:
-        form = {"pipeline": pipeline, "params": json.dumps(params)}
-        if priority is not None:
-            form["priority"] = str(priority)
-        with ExitStack() as stack:
-            parts = [
-                (
-                    "files",
-                    (
-                        path.name,
-                        stack.enter_context(path.open("rb")),
-                        mimetypes.guess_type(path.name)[0] or "application/octet-stream",
-                    ),
-                )
-                for path in file
-            ]
-            job = _call(url, key, "POST", "/v1/jobs", data=form, files=parts)
-    else:
-        body: dict[str, Any] = {"pipeline": pipeline, "params": params}
-        if priority is not None:
-            body["priority"] = priority
-        job = _call(url, key, "POST", "/v1/jobs", json=body)
-    _emit(job, as_json, _print_job)
 
 
 @jobs_app.command("list")
@@ -571,3 +537,7 @@ def workers_list(
         out.print(table)
 
     _emit(listing, as_json, human)
+
+
+# submit, watch, status, cancel, download: on the SDK (jobgate/commands/).
+register_client_commands(app)

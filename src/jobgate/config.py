@@ -7,6 +7,7 @@ import time, so that tests and embedders can build their own.
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SIGNING_KEY = "dev-only-signing-key-change-me"
 MIN_SECRET_CHARS = 32
+_HOST = re.compile(r"(?i)[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
 # Secrets copied from documentation: refused in prod however long they are.
 WELL_KNOWN_JWT_SECRETS = frozenset(
     {
@@ -109,8 +111,28 @@ class Settings(BaseSettings):
         2, ge=0, description="transactions writing finished stages together at once (0: one each)"
     )
 
+    webhook_timeout_s: float = Field(10.0, gt=0, description="one delivery attempt, all in")
+    webhook_retry_base_s: float = Field(30.0, gt=0)
+    webhook_retry_max_s: float = Field(3600.0, gt=0)
+    webhook_max_attempts: int = Field(8, ge=1)
+    webhook_poll_s: float = Field(
+        30.0,
+        gt=0,
+        description="how often senders look for deliveries no process woke them for",
+    )
+    webhook_concurrency: int = Field(
+        16, ge=0, description="deliveries sent at once by this process (0: it sends none)"
+    )
+    webhook_allow_private: bool = False
+    webhook_allowlist: str = Field(
+        "", description="comma-separated hosts or CIDRs a webhook may target even if private"
+    )
+
     sse_heartbeat_s: float = Field(30.0, gt=0)
     sse_max_per_job: int = Field(10, ge=1)
+    sse_poll_s: float = Field(
+        5.0, gt=0, description="how often open streams check the store, whatever the bus says"
+    )
     metrics_token: str = ""
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: str = "INFO"
@@ -136,12 +158,33 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} is not one rate limit like '60/minute' or '5/hour'")
         return value
 
+    @field_validator("bus_url")
+    @classmethod
+    def _bus(cls, value: str) -> str:
+        value = value.strip()
+        scheme = value.partition("://")[0].lower()
+        if value not in ("", "memory", "postgres", "postgresql") and scheme not in (
+            "redis",
+            "rediss",
+        ):
+            raise ValueError(f"{value!r} is not 'memory', 'postgres' or a redis:// URL")
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: str) -> str:
         for part in value.split(","):
             if part.strip():
                 ipaddress.ip_network(part.strip(), strict=False)  # ValueError names the part
+        return value
+
+    @field_validator("webhook_allowlist")
+    @classmethod
+    def _hosts_or_networks(cls, value: str) -> str:
+        for part in value.split(","):
+            part = part.strip()
+            if part and not _HOST.fullmatch(part):
+                ipaddress.ip_network(part, strict=False)  # ValueError names the part
         return value
 
     @model_validator(mode="after")

@@ -145,6 +145,12 @@ class RateLimited(RequestError):
         self.headers = {**(headers or {}), "Retry-After": str(self.retry_after)}
 
 
+class TooManyStreams(RequestError):
+    """The job has as many open event streams as it may."""
+
+    status, slug, title = 429, "too-many-streams", "Too many streams"
+
+
 class Unavailable(RequestError):
     """A backend jobgate needs is not answering."""
 

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from tests.api.conftest import AppFactory
 from tests.api.helpers import client_for, multipart
+from tests.api.sse import stream_briefly
 
 VICTIM = "tenant-a"
 INTRUDER = "tenant-b"
@@ -28,6 +29,7 @@ VICTIM_FILE = b"the plan of tenant a\n" + MARKER.encode() + b"\n"
 VICTIM_UPLOAD = b"an upload tenant a kept for later\n"
 SHARED_IDEMPOTENCY_KEY = "order-1"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+VICTIM_HOOK = f"http://127.0.0.1:9/{MARKER}"  # nothing listens: its attempts just fail
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Victim:
     key_id: str
     key: str
     artifacts: set[str]  # the done job's artifact hashes
+    delivery: str  # the failed job's webhook delivery
+    webhook_secret: str
 
     def secrets(self) -> set[str]:
         """Strings that must never appear in an answer to another tenant."""
@@ -55,6 +59,8 @@ class Victim:
             self.key_id,
             self.key[:12],
             *self.artifacts,
+            self.delivery,
+            self.webhook_secret,
             VICTIM,
             MARKER,
             "secret-plan.txt",
@@ -79,7 +85,11 @@ async def _victim(victim: httpx.AsyncClient) -> Victim:
     failed = (
         await victim.post(
             "/v1/jobs",
-            json={"pipeline": "steps", "params": {"steps": 1, "step_ms": 0, "fail_at": 1}},
+            json={
+                "pipeline": "steps",
+                "params": {"steps": 1, "step_ms": 0, "fail_at": 1},
+                "webhook": {"url": VICTIM_HOOK, "events": ["error"]},
+            },
         )
     ).json()["id"]
     running = (
@@ -102,7 +112,10 @@ async def _victim(victim: httpx.AsyncClient) -> Victim:
     await _wait_for(victim, failed, {"failed"})
     await _wait_for(victim, running, {"running"})
     artifacts = (await victim.get(f"/v1/jobs/{done}/artifacts")).json()["artifacts"]
+    deliveries = (await victim.get(f"/v1/jobs/{failed}/webhooks")).json()["deliveries"]
     return Victim(
+        delivery=deliveries[0]["id"],
+        webhook_secret=(await victim.get("/v1/webhooks/secret")).json()["key"],
         artifacts={a["sha256"] for a in artifacts},
         done_job=done,
         failed_job=failed,
@@ -160,6 +173,16 @@ async def _victims_blob_unsigned(client: httpx.AsyncClient, v: Victim) -> httpx.
     return await client.get(f"/v1/blobs/{v.blob}")
 
 
+async def _all_events_from_the_start(client: httpx.AsyncClient, v: Victim) -> httpx.Response:
+    headers = {"Accept": "text/event-stream", "Last-Event-ID": "0"}
+    return await stream_briefly(client, "/v1/events", headers=headers)
+
+
+async def _stream_of_victims_job(client: httpx.AsyncClient, v: Victim) -> httpx.Response:
+    headers = {"Accept": "text/event-stream"}
+    return await stream_briefly(client, f"/v1/jobs/{v.running_job}/events", headers=headers)
+
+
 async def _upload(client: httpx.AsyncClient, v: Victim) -> httpx.Response:
     return await client.post("/v1/files", files=[("files", ("mine.txt", b"b's own\n"))])
 
@@ -182,6 +205,11 @@ WALK: dict[tuple[str, str], tuple[Call, int | None]] = {
     ("POST", "/v1/jobs/{job_id}/retry"): (_post("/v1/jobs/{v.failed_job}/retry"), 404),
     ("GET", "/v1/jobs/{job_id}/records"): (_get("/v1/jobs/{v.done_job}/records"), 404),
     ("GET", "/v1/jobs/{job_id}/events"): (_get("/v1/jobs/{v.done_job}/events"), 404),
+    ("POST", "/v1/jobs/{job_id}/events/token"): (
+        _post("/v1/jobs/{v.running_job}/events/token"),
+        404,
+    ),
+    ("GET", "/v1/events"): (_all_events_from_the_start, 200),
     ("POST", "/v1/files"): (_upload, 201),
     ("GET", "/v1/jobs/{job_id}/artifacts"): (_get("/v1/jobs/{v.done_job}/artifacts"), 404),
     ("GET", "/v1/jobs/{job_id}/artifacts/{name}"): (
@@ -195,6 +223,13 @@ WALK: dict[tuple[str, str], tuple[Call, int | None]] = {
     ("GET", "/v1/api-keys"): (_get("/v1/api-keys"), 200),
     ("POST", "/v1/api-keys"): (_post("/v1/api-keys", json={"name": "b"}), 201),
     ("DELETE", "/v1/api-keys/{key_id}"): (_delete_victims_key, 404),
+    ("GET", "/v1/webhooks/secret"): (_get("/v1/webhooks/secret"), 200),
+    ("POST", "/v1/webhooks/secret/rotate"): (_post("/v1/webhooks/secret/rotate"), 200),
+    ("GET", "/v1/jobs/{job_id}/webhooks"): (_get("/v1/jobs/{v.failed_job}/webhooks"), 404),
+    ("POST", "/v1/jobs/{job_id}/webhooks/{delivery_id}/redeliver"): (
+        _post("/v1/jobs/{v.failed_job}/webhooks/{v.delivery}/redeliver"),
+        404,
+    ),
 }
 
 # More attacks on routes already walked: (operation, call, status).
@@ -202,6 +237,7 @@ EXTRA: list[tuple[tuple[str, str], Call, int]] = [
     (("GET", "/v1/jobs"), _list_as_victim, 403),
     (("GET", "/v1/jobs/{job_id}"), _get("/v1/jobs/{v.running_job}"), 404),
     (("GET", "/v1/jobs/{job_id}/events"), _get("/v1/jobs/{v.running_job}/events"), 404),
+    (("GET", "/v1/jobs/{job_id}/events"), _stream_of_victims_job, 404),
     (("POST", "/v1/jobs/{job_id}/cancel"), _post("/v1/jobs/{v.failed_job}/cancel"), 404),
     (("POST", "/v1/jobs/{job_id}/retry"), _post("/v1/jobs/{v.done_job}/retry"), 404),
     (("GET", "/v1/jobs/{job_id}/artifacts/{name}"), _get("/v1/jobs/{v.done_job}/artifacts/x"), 404),
@@ -212,12 +248,15 @@ CONTROL = {
     ("GET", "/v1/jobs/{job_id}"): 200,
     ("GET", "/v1/jobs/{job_id}/records"): 200,
     ("GET", "/v1/jobs/{job_id}/events"): 200,
+    ("GET", "/v1/events"): 200,
     ("GET", "/v1/jobs/{job_id}/artifacts"): 200,
     ("GET", "/v1/jobs/{job_id}/artifacts/{name}"): 200,
     ("GET", "/v1/jobs/{job_id}/download"): 200,
     ("POST", "/v1/jobs/status"): 200,
     ("GET", "/v1/jobs"): 200,
     ("GET", "/v1/api-keys"): 200,
+    ("GET", "/v1/jobs/{job_id}/webhooks"): 200,
+    ("POST", "/v1/jobs/{job_id}/webhooks/{delivery_id}/redeliver"): 202,
 }
 
 
@@ -239,7 +278,8 @@ def _operations(app: FastAPI) -> set[tuple[str, str]]:
 
 async def test_no_route_leaks_another_tenants_resources(app_factory: AppFactory) -> None:
     """Tenant B, on every route of the schema, neither sees nor changes tenant A's things."""
-    app = await app_factory(worker_concurrency=2)
+    # Loopback webhooks allowed: the victim's failed job has one (to a closed port).
+    app = await app_factory(worker_concurrency=2, webhook_allow_private=True)
     assert _operations(app) == set(WALK), "a route was added or removed: extend WALK"
     async with (
         await client_for(app, VICTIM, ("user",)) as victim,
@@ -275,6 +315,8 @@ async def test_no_route_leaks_another_tenants_resources(app_factory: AppFactory)
             headers={"Authorization": f"Bearer {v.key}"},
         ) as with_victims_new_key:
             assert (await with_victims_new_key.get("/v1/me")).json()["id"] == VICTIM
+        secret = (await victim.get("/v1/webhooks/secret")).json()["key"]
+        assert secret == v.webhook_secret
         await victim.post(f"/v1/jobs/{v.running_job}/cancel")
         await _wait_for(victim, v.running_job, TERMINAL)
 

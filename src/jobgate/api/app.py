@@ -12,14 +12,17 @@ from jobgate.api import middleware, problems, schemas
 from jobgate.api.limits import IpRateLimitMiddleware, RateLimits
 from jobgate.api.routes import ROUTERS
 from jobgate.api.state import AppState
+from jobgate.api.streams import Hub
 from jobgate.auth import jwt
 from jobgate.blobs import open_blob_store
+from jobgate.bus import from_url as open_bus
 from jobgate.config import Settings
 from jobgate.pipelines import Registry
 from jobgate.store import Database
 from jobgate.store.migrate import upgrade
 from jobgate.transport import from_url
 from jobgate.transport.outbox import OutboxRelay
+from jobgate.webhooks import WebhookSender
 
 
 def create_app(
@@ -51,11 +54,21 @@ def create_app(
         )
         blobs = open_blob_store(settings.blobs_url)
         verifier = jwt.from_settings(settings)
+        bus = open_bus(
+            settings.bus_url,
+            database_url=settings.database_url,
+            namespace=settings.transport_namespace,
+        )
+        db.on_changes = bus.publish
+        streams = Hub(db, bus, poll_s=settings.sse_poll_s, max_per_job=settings.sse_max_per_job)
+        await bus.start()
+        await streams.start()
         state = AppState(
             settings=settings,
             db=db,
             blobs=blobs,
             registry=registry,
+            streams=streams,
             jwt=verifier,
             limits=RateLimits.from_settings(settings),
         )
@@ -81,6 +94,9 @@ def create_app(
             relay = OutboxRelay(db, transport, poll_s=settings.worker_idle_poll_s)
             state.wake = relay.wake
             await relay.start()
+        if settings.webhook_concurrency > 0:
+            state.webhooks = WebhookSender(db, settings)
+            await state.webhooks.start()
         try:
             yield
         finally:
@@ -89,6 +105,10 @@ def create_app(
             if relay is not None:
                 await relay.aclose()
                 await relay.transport.aclose()
+            if state.webhooks is not None:  # after the worker: its last ends queue some
+                await state.webhooks.aclose()
+            await streams.aclose()
+            await bus.aclose()
             if verifier is not None:
                 await verifier.aclose()
             await state.limits.aclose()

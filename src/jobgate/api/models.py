@@ -32,7 +32,7 @@ def _all_webhook_events() -> list[WebhookEvent]:
 
 
 class Webhook(_Strict):
-    """Where to announce the job's end (delivery comes in a later version)."""
+    """Where to announce the job's end: a signed POST per event (docs/webhooks.md)."""
 
     url: HttpUrl
     events: list[WebhookEvent] = Field(default_factory=_all_webhook_events, min_length=1)
@@ -221,6 +221,13 @@ class EventPage(BaseModel):
     events: list[EventView]
 
 
+class StreamToken(BaseModel):
+    """`POST /v1/jobs/{id}/events/token`: a signed stream URL for `EventSource`."""
+
+    url: str
+    expires_in: int
+
+
 class UploadedFiles(BaseModel):
     """`POST /v1/files`: the stored files, in upload order."""
 
@@ -298,3 +305,35 @@ def request_body(
     if multipart is not None:
         content["multipart/form-data"] = {"schema": multipart}
     return {"requestBody": {"required": True, "content": content}}
+
+
+# -- webhooks --------------------------------------------------------------------------
+
+WebhookDeliveryStatus = Literal["pending", "succeeded", "failed", "dead"]
+
+
+class WebhookSecret(BaseModel):
+    """The caller's webhook signing secret: `whsec_` and base64 (Standard Webhooks)."""
+
+    key: str
+
+
+class WebhookDelivery(BaseModel):
+    """One webhook delivery of a job: its id is the `webhook-id` of every attempt."""
+
+    id: str
+    event: WebhookEvent
+    url: str
+    status: WebhookDeliveryStatus
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created_at: str
+    next_attempt_at: str | None
+    delivered_at: str | None
+
+
+class WebhookDeliveryList(BaseModel):
+    """`GET /v1/jobs/{id}/webhooks`: the job's deliveries, oldest first."""
+
+    deliveries: list[WebhookDelivery]

@@ -6,11 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobgate.api.limits import RateLimits
+from jobgate.api.streams import Hub
 from jobgate.auth.jwt import JwtVerifier
 from jobgate.blobs.base import BlobStore
 from jobgate.config import Settings
 from jobgate.pipelines import Registry
 from jobgate.store import Database
+from jobgate.webhooks import WebhookSender
 
 
 @dataclass
@@ -18,13 +20,16 @@ class AppState:
     """The app's backends. `wake` tells in-process workers that new tasks are ready.
 
     `jwt` verifies bearer JWTs; None when no JWT secret or JWKS is configured.
-    `limits` holds the rate limits and quotas (`api/limits.py`).
+    `limits` holds the rate limits and quotas (`api/limits.py`); `streams` the open
+    event streams and their wake-ups (`api/streams.py`).
     """
 
     settings: Settings
     db: Database
     blobs: BlobStore
     registry: Registry
+    streams: Hub
     wake: Callable[[], None] = field(default=lambda: None)
     jwt: JwtVerifier | None = None
     limits: RateLimits = field(default_factory=RateLimits)
+    webhooks: WebhookSender | None = None  # None: JOBGATE_WEBHOOK_CONCURRENCY=0

@@ -9,7 +9,6 @@ rows are written only in `commit`'s single transaction.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -43,6 +42,7 @@ from jobgate.store.repositories import blobs as blob_repo
 from jobgate.store.repositories import idempotency
 from jobgate.store.repositories import jobs as job_repo
 from jobgate.store.repositories.jobs import JobSnapshot, NewJob
+from jobgate.webhooks import ssrf
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -230,24 +230,14 @@ def _pipeline(registry: Registry, body: JobSubmit) -> Pipeline:
 def _check_webhook(state: AppState, body: JobSubmit) -> dict[str, Any] | None:
     if body.webhook is None:
         return None
-    host = (body.webhook.url.host or "").strip("[]").lower()
-    allow_private = bool(getattr(state.settings, "webhook_allow_private", False))
-    if not allow_private and _is_private_host(host):
+    # A literal address or a local name is judged now; other names when delivered.
+    policy = ssrf.Policy.from_settings(state.settings)
+    if policy.literal_refusal(body.webhook.url.host or "") is not None:
         raise ValidationFailed(
             "webhook URLs may not target loopback, private or link-local addresses",
             errors=[{"loc": ["webhook", "url"], "msg": "Private or local address"}],
         )
     return {"url": str(body.webhook.url), "events": list(dict.fromkeys(body.webhook.events))}
-
-
-def _is_private_host(host: str) -> bool:
-    if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False  # a name: resolved and checked at delivery
-    return not address.is_global or address.is_multicast
 
 
 async def _files(

@@ -1,7 +1,7 @@
-"""How stored rows look on the wire: jobs, artifacts, records and events as JSON dicts.
+"""How stored rows look on the wire, and `respond`, which sends them as JSON.
 
-Only the fields API.md names are shown: no storage paths, worker hosts, lease tokens
-or stage outputs leave through here. `api/models.py` mirrors every shape.
+The renderers live in `store/views.py` (webhook payloads use them too) and are
+re-exported here, so routes keep writing `views.job(...)`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from jobgate.ids import rfc3339
-from jobgate.store.repositories.jobs import JobSnapshot
+from jobgate.store.views import Row, artifact, event, input_file, job, record, stage
 
-Row = Mapping[Any, Any]
-"""A database row (`RowMapping`) or a plain dict."""
+__all__ = ["Row", "artifact", "event", "input_file", "job", "record", "respond", "stage"]
 
 
 def respond(
@@ -28,102 +26,3 @@ def respond(
     `tests/unit/test_views.py` proves these shapes are the models'.
     """
     return JSONResponse(body, status_code=status_code, headers=headers)
-
-
-def job(snapshot: JobSnapshot) -> dict[str, Any]:
-    """A job as `GET /v1/jobs/{id}` shows it (API.md, "Read")."""
-    row = snapshot.job
-    job_id = row["id"]
-    base = f"/v1/jobs/{job_id}"
-    return {
-        "id": job_id,
-        "pipeline": row["pipeline"],
-        "pipeline_version": row["pipeline_version"],
-        "owner": row["owner"],
-        "status": row["status"],
-        "cancel_requested": bool(row["cancel_requested"]),
-        "progress": float(row["progress"] or 0.0),
-        "stage": row["stage"],
-        "stages": [stage(s) for s in snapshot.stages],
-        "params": row["params"] or {},
-        "files": [input_file(f) for f in row["files"] or []],
-        "priority": int(row["priority"]),
-        "correlation_id": row["correlation_id"],
-        "cost": {
-            "estimated_usd": float(row["estimated_usd"] or 0.0),
-            "actual_usd": float(row["actual_usd"] or 0.0),
-            "budget_usd": float(row["budget_usd"]),
-        },
-        "result": row["result"],
-        "error": row["error"],
-        "artifacts": [artifact(a) for a in snapshot.artifacts],
-        "records": {
-            "succeeded": int(row["records_succeeded"] or 0),
-            "failed": int(row["records_failed"] or 0),
-            "expected": int(row["records_expected"] or 0),
-        },
-        "created_at": rfc3339(row["created_at"]),
-        "started_at": rfc3339(row["started_at"]),
-        "finished_at": rfc3339(row["finished_at"]),
-        "links": {
-            "self": base,
-            "events": f"{base}/events",
-            "artifacts": f"{base}/artifacts",
-            "cancel": f"{base}/cancel",
-        },
-    }
-
-
-def stage(row: Row) -> dict[str, Any]:
-    """One stage of a job; its output stays internal."""
-    return {
-        "name": row["name"],
-        "status": row["status"],
-        "attempt": int(row["attempt"] or 0),
-        "progress": float(row["progress"] or 0.0),
-        "started_at": rfc3339(row["started_at"]),
-        "finished_at": rfc3339(row["finished_at"]),
-        "error": row["error"],
-    }
-
-
-def input_file(item: Row) -> dict[str, Any]:
-    """An input file as stored in `jobs.files`."""
-    return {
-        "name": str(item["name"]),
-        "sha256": str(item["sha256"]),
-        "size": int(item["size"]),
-        "content_type": str(item["content_type"]),
-    }
-
-
-def artifact(row: Row) -> dict[str, Any]:
-    """An artifact row, as `Job.artifacts[]` and `GET .../artifacts` show it."""
-    return {
-        "name": row["name"],
-        "sha256": row["sha256"],
-        "size": int(row["size"]),
-        "content_type": row["content_type"],
-        "primary": bool(row["is_primary"]),
-    }
-
-
-def record(row: Row) -> dict[str, Any]:
-    """One map-stage item result."""
-    return {
-        "key": row["key"],
-        "stage": row["stage"],
-        "status": row["status"],
-        "data": row["data"],
-        "error": row["error"],
-    }
-
-
-def event(row: Row) -> dict[str, Any]:
-    """A stored event, as the JSON events page shows it."""
-    return {
-        "seq": int(row["seq"]),
-        "type": row["type"],
-        "data": row["data"],
-        "created_at": rfc3339(row["created_at"]),
-    }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from jobgate.store.tables import metadata
 
 _WRITE = "jobgate_write"
 OUTBOX = "jobgate_outbox"
+CHANGES = "jobgate_changes"
+"""Execution option of a write connection: job id -> last event `seq` it appended."""
 
 
 class Database:
@@ -29,7 +31,12 @@ class Database:
     On SQLite, a write transaction starts with `BEGIN IMMEDIATE`, so two writers never
     deadlock upgrading a read lock, and waits up to `busy_timeout` for another process's
     writer; reads start deferred and, under WAL, never wait for writers.
+
+    `on_changes`, when set, is called after each committed write that appended events,
+    with the jobs' new last `seq` (`events.note`): the event bus's publish.
     """
+
+    on_changes: Callable[[Mapping[str, int]], None] | None = None
 
     def __init__(
         self, url: str, *, echo: bool = False, pool_size: int = 20, outbox: bool = False
@@ -81,8 +88,15 @@ class Database:
         if self.is_sqlite:
             raise RuntimeError("autocommit() is for PostgreSQL; use write()")
         async with self.engine.connect() as conn:
-            options = {"isolation_level": "AUTOCOMMIT", _WRITE: True, OUTBOX: self.outbox}
+            changes: dict[str, int] = {}
+            options = {
+                "isolation_level": "AUTOCOMMIT",
+                _WRITE: True,
+                OUTBOX: self.outbox,
+                CHANGES: changes,
+            }
             yield await conn.execution_options(**options)
+        self._announce(changes)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -92,11 +106,18 @@ class Database:
 
     @asynccontextmanager
     async def _transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
+        changes: dict[str, int] = {}
         async with self.engine.connect() as conn:
             if write:
-                conn = await conn.execution_options(**{_WRITE: True, OUTBOX: self.outbox})
+                options = {_WRITE: True, OUTBOX: self.outbox, CHANGES: changes}
+                conn = await conn.execution_options(**options)
             async with conn.begin():
                 yield conn
+        self._announce(changes)
+
+    def _announce(self, changes: dict[str, int]) -> None:
+        if changes and self.on_changes is not None:
+            self.on_changes(changes)
 
     async def create_all(self) -> None:
         """Create the tables directly (tests); deployments use `jobgate db upgrade`."""

@@ -148,7 +148,11 @@ def _insert_sql(shape: Shape, notify: str | None, clock: bool = False) -> str:
         # Table and column names come from `tables.py`; values only ever as parameters.
         insert = f"INSERT INTO {table.name} ({', '.join(columns)}) "
         parts.append(f"i{n} AS ({insert}SELECT {', '.join(selects)} FROM {source})")  # noqa: S608
+    # The main query runs before the CTEs nothing references, so the transaction has its
+    # id before any row takes an `events.id`: the event bus's order relies on it
+    # (`api/streams.py`, `safe_event_id`).
     final = "SELECT (SELECT start FROM clock)" if clock else "SELECT NULL"
+    final += ", pg_current_xact_id()"
     if notify:
         final += f", pg_notify('{notify}', '')"
     return f"WITH {', '.join(parts)} {final}"

@@ -14,6 +14,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -223,4 +224,41 @@ workers = Table(
     Column("version", String(64), nullable=False),
     Column("started_at", Float, nullable=False),
     Column("last_seen_at", Float, nullable=False),
+)
+
+# Webhook deliveries (the webhooks' outbox): one per terminal event a job's webhook asked
+# for, written in the transaction that finished the job. `payload` is the exact body, so
+# every attempt sends the same bytes; `next_attempt_at` is also the sender's lease.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("job_id", String(36), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("owner", String(255), nullable=False),
+    Column("event", String(16), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    # Attempts since the delivery was made or last redelivered: what the retry limit counts.
+    Column("round_attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float),
+    Column("last_status_code", Integer),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("delivered_at", Float),
+    Index(None, "status", "next_attempt_at"),
+    Index(None, "job_id", "created_at"),
+)
+
+# Each owner's webhook signing secrets: the current one (`expires_at` null) and, for a
+# while after a rotation, the one it replaced.
+webhook_secrets = Table(
+    "webhook_secrets",
+    metadata,
+    Column("owner", String(255), primary_key=True),
+    Column("key", String(128), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float),
 )

@@ -12,6 +12,7 @@ from jobgate.api.routes import (
     jobs,
     me,
     pipelines,
+    webhooks,
     workers,
 )
 
@@ -26,4 +27,5 @@ ROUTERS: list[APIRouter] = [
     me.router,
     workers.router,
     api_keys.router,
+    webhooks.router,
 ]

@@ -64,21 +64,18 @@ async def run_check(ping: Ping, timeout_s: float = CHECK_TIMEOUT_S) -> Check:
     return Check(ok=error is None, latency_ms=latency, error=error)
 
 
-async def _memory_ok() -> None:
-    """The in-process backends answer as long as the process does."""
-
-
 async def readiness(state: AppState) -> Readiness:
     """Ping the store, the transport, the bus and the blob storage concurrently."""
     settings = state.settings
-    pings: dict[str, Ping] = {"store": state.db.ping, "blobs": state.blobs.ping}
-    # Backends the state does not hold yet: the database transport is the store, and
-    # the in-process bus is this process. A state that holds them gets them pinged.
-    for name in ("transport", "bus"):
-        backend = getattr(state, name, None)
-        if backend is not None and hasattr(backend, "ping"):
-            pings[name] = backend.ping
-    pings.setdefault("bus", _memory_ok)
+    pings: dict[str, Ping] = {
+        "store": state.db.ping,
+        "blobs": state.blobs.ping,
+        "bus": state.streams.bus.ping,
+    }
+    # The state does not hold the transport: the database transport is the store.
+    transport = getattr(state, "transport", None)
+    if transport is not None and hasattr(transport, "ping"):
+        pings["transport"] = transport.ping
     names = list(pings)
     results = await asyncio.gather(*(run_check(pings[name]) for name in names))
     checks = dict(zip(names, results, strict=True))

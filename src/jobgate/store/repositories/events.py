@@ -11,6 +11,7 @@ from sqlalchemy import JSON, Update, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.store import pg
+from jobgate.store.database import CHANGES
 from jobgate.store.tables import events, jobs
 
 Event = tuple[str, dict[str, Any]]
@@ -49,7 +50,10 @@ async def append(
         return 0
     job_values = job_values or {}
     if conn.dialect.name == "postgresql":
-        return await _append_pg(conn, job_id, items, at=at, job_values=job_values)
+        last = await _append_pg(conn, job_id, items, at=at, job_values=job_values)
+        if items:
+            note(conn, job_id, last)
+        return last
     params = {f"v_{name}": value for name, value in job_values.items()}
     bumped = await conn.execute(
         _bump(tuple(job_values)), {"job_id": job_id, "n": len(items), **params}
@@ -60,7 +64,17 @@ async def append(
         await conn.execute(
             _INSERT, [row(job_id, first + i, item, at=at) for i, item in enumerate(items)]
         )
+        note(conn, job_id, last)
     return last
+
+
+def note(conn: AsyncConnection, job_id: str, last_seq: int) -> None:
+    """Remember that this transaction took job `job_id`'s log to `last_seq`, for the
+    event bus to announce once it commits (`Database.on_changes`)."""
+    sync = conn.sync_connection
+    changes = sync.get_execution_options().get(CHANGES) if sync is not None else None
+    if changes is not None and last_seq > changes.get(job_id, 0):
+        changes[job_id] = last_seq
 
 
 @functools.cache
@@ -112,14 +126,17 @@ def row(job_id: str, seq: int, item: Event, *, at: float) -> dict[str, Any]:
     return {"job_id": job_id, "seq": seq, "type": kind, "data": data, "created_at": at}
 
 
+_PAGE = (
+    select(events.c.seq, events.c.type, events.c.data, events.c.created_at)
+    .where(events.c.job_id == bindparam("job_id"), events.c.seq > bindparam("after"))
+    .order_by(events.c.seq)
+    .limit(bindparam("limit"))
+)
+
+
 async def page(
     conn: AsyncConnection, job_id: str, *, after: int = 0, limit: int = 100
 ) -> list[dict[str, Any]]:
     """Stored events of one job with `seq > after`, oldest first."""
-    rows = await conn.execute(
-        select(events.c.seq, events.c.type, events.c.data, events.c.created_at)
-        .where(events.c.job_id == job_id, events.c.seq > after)
-        .order_by(events.c.seq)
-        .limit(limit)
-    )
-    return [dict(row._mapping) for row in rows]
+    # Live streams read here at every wake-up: a statement built once (`pg.fetch`).
+    return await pg.fetch(conn, _PAGE, {"job_id": job_id, "after": after, "limit": limit})

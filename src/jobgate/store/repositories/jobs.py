@@ -158,6 +158,7 @@ async def create(
             {"job_id": job.id, "seq": i + 1, "type": kind, "data": data, "created_at": at}
             for i, (kind, data) in enumerate(first_events)
         )
+        events.note(conn, job.id, len(first_events))
     ready = [(row["queue"], row["available_at"]) for row in task_rows]
     if conn.dialect.name == "postgresql":
         tokens, wake = tasks.ready_tokens(conn, ready, at=at)
@@ -430,7 +431,9 @@ async def cancel(conn: AsyncConnection, job_id: str, *, owner: str | None, at: f
                 at=at,
             )
         return False
-    await scheduling.finalize(conn, job_id, "cancelled", at=at)
+    await scheduling.finalize(
+        conn, job_id, "cancelled", at=at, webhook=tasks.webhook_of(job["webhook"])
+    )
     return True
 
 

@@ -43,14 +43,14 @@ _TAKE_AND_SUCCEED_PG = """
 WITH taken AS (
     DELETE FROM tasks WHERE id = $1 AND lease_token = $2 RETURNING job_id
 ), locked AS (
-    SELECT id, status, cancel_requested FROM jobs
+    SELECT id, status, cancel_requested, webhook FROM jobs
     WHERE id IN (SELECT job_id FROM taken) FOR UPDATE
 ), succeeded AS (
     UPDATE stages SET status = 'succeeded', output = $3::text::jsonb, progress = 1.0,
         finished_at = $4, error = 'null'::jsonb
     WHERE job_id IN (SELECT id FROM locked) AND name = $5
 )
-SELECT status, cancel_requested FROM locked"""
+SELECT status, cancel_requested, webhook::text AS webhook FROM locked"""
 
 
 async def _take_and_succeed(
@@ -67,7 +67,7 @@ async def _take_and_succeed(
     )
     if row is None:
         raise tasks.LeaseLost()
-    return tasks.JobState(status=row["status"], cancel_requested=row["cancel_requested"])
+    return tasks.JobState.from_row(row)
 
 
 async def complete(
@@ -294,9 +294,9 @@ async def _fail_job(
         return
     if job.cancel_requested:
         if not await tasks.has_tasks(conn, job_id):
-            await scheduling.finalize(conn, job_id, "cancelled", at=at)
+            await scheduling.finalize(conn, job_id, "cancelled", at=at, webhook=job.webhook)
         return
-    await scheduling.finalize(conn, job_id, "failed", at=at, error=error)
+    await scheduling.finalize(conn, job_id, "failed", at=at, error=error, webhook=job.webhook)
     # Sibling stages still running see the job finished at their next lease renewal.
 
 
@@ -309,7 +309,7 @@ async def stopped(conn: AsyncConnection, task: Claimed, report: Report, *, at: f
     job = await tasks.take(conn, task)
     await tasks.apply_report(conn, task, report, at=at)
     if job.status in ("queued", "running") and not await tasks.has_tasks(conn, task.job_id):
-        await scheduling.finalize(conn, task.job_id, "cancelled", at=at)
+        await scheduling.finalize(conn, task.job_id, "cancelled", at=at, webhook=job.webhook)
 
 
 async def sweep(

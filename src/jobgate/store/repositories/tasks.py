@@ -7,6 +7,7 @@ and writes nothing.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import uuid
@@ -200,10 +201,21 @@ async def outputs(conn: AsyncConnection, job_id: str, names: Sequence[str]) -> d
 
 @dataclass(frozen=True)
 class JobState:
-    """The two facts of a job that decide what an outcome may do."""
+    """The two facts of a job that decide what an outcome may do, and its webhook
+    (`{"url", "events"}` or None), which finishing it may have to announce."""
 
     status: str
     cancel_requested: bool
+    webhook: Mapping[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> JobState:
+        """From a row with `status`, `cancel_requested` and `webhook`."""
+        return cls(
+            status=row["status"],
+            cancel_requested=bool(row["cancel_requested"]),
+            webhook=webhook_of(row["webhook"]),
+        )
 
     @property
     def stopping(self) -> bool:
@@ -211,14 +223,24 @@ class JobState:
         return self.cancel_requested or self.status not in ("queued", "running")
 
 
+def webhook_of(value: Any) -> Mapping[str, Any] | None:
+    """A job's `webhook` column as read: a dict, JSON text (PostgreSQL's fast path reads
+    JSON undecoded), or JSON null for none."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    return value if isinstance(value, Mapping) else None
+
+
 async def job_state(conn: AsyncConnection, job_id: str) -> JobState:
-    """The job's status and cancel flag."""
+    """The job's status, cancel flag and webhook."""
     row = (
         await conn.execute(
-            select(jobs.c.status, jobs.c.cancel_requested).where(jobs.c.id == job_id)
+            select(jobs.c.status, jobs.c.cancel_requested, jobs.c.webhook).where(
+                jobs.c.id == job_id
+            )
         )
     ).one()
-    return JobState(status=row.status, cancel_requested=bool(row.cancel_requested))
+    return JobState.from_row(row._mapping)
 
 
 async def has_tasks(conn: AsyncConnection, job_id: str) -> bool:
@@ -299,7 +321,8 @@ WITH leased AS (
         jsonb_build_object('stage', s.name, 'status', 'running', 'attempt', s.attempt), $4
     FROM started s JOIN job_rows j ON j.id = s.job_id
 )
-SELECT l.*, j.params, j.files, j.budget_usd, j.actual_usd, j.cancel_requested
+SELECT l.*, j.params, j.files, j.budget_usd, j.actual_usd, j.cancel_requested,
+    j.last_seq AS job_last_seq
 FROM leased l JOIN job_rows j ON j.id = l.job_id
 ORDER BY l.sort_key, l.id
 """
@@ -435,6 +458,8 @@ async def claim(
             records = await pg.records(conn, _CLAIM_IDS_PG, *lease_args, ids)
         task_rows: list[dict[str, Any]] = [dict(r) for r in records]
         job_rows: dict[str, Any] = {row["job_id"]: row for row in task_rows}
+        for row in task_rows:
+            events.note(conn, row["job_id"], row["job_last_seq"])
     else:
         task_rows, job_rows = await _lease_and_start(
             conn, ids, worker_id, queues, pipelines, limit, lease_s, at
@@ -523,6 +548,7 @@ async def _lease_and_start(
             .one()
         )
         job_rows[job_id] = job
+        events.note(conn, job_id, job["last_seq"])
         first = job["last_seq"] - len(items) + 1
         event_rows.extend(
             events.row(job_id, first + i, item, at=at) for i, item in enumerate(items)
@@ -589,11 +615,11 @@ _TAKE = (
 _TAKEN = _TAKE.cte("taken")
 # PostgreSQL, one round trip: the job's row is locked and read only if the delete matched.
 _TAKE_AND_LOCK = (
-    select(jobs.c.status, jobs.c.cancel_requested)
+    select(jobs.c.status, jobs.c.cancel_requested, jobs.c.webhook)
     .where(jobs.c.id.in_(select(_TAKEN.c.job_id)))
     .with_for_update(of=jobs)
 )
-_JOB_STATE = select(jobs.c.status, jobs.c.cancel_requested).where(
+_JOB_STATE = select(jobs.c.status, jobs.c.cancel_requested, jobs.c.webhook).where(
     jobs.c.id == bindparam("b_job_id", type_=String)
 )
 _LOCK_JOB = _JOB_STATE.with_for_update()
@@ -606,7 +632,7 @@ async def take(conn: AsyncConnection, task: Claimed) -> JobState:
         rows = await pg.fetch(conn, _TAKE_AND_LOCK, params)
         if not rows:
             raise LeaseLost()
-        return JobState(status=rows[0]["status"], cancel_requested=rows[0]["cancel_requested"])
+        return JobState.from_row(rows[0])
     if (await conn.execute(_TAKE, params)).first() is None:
         raise LeaseLost()
     return await lock_job(conn, task.job_id)
@@ -617,7 +643,7 @@ async def lock_job(conn: AsyncConnection, job_id: str) -> JobState:
     under the caller). SQLite has one writer anyway, so only PostgreSQL locks."""
     query = _JOB_STATE if conn.dialect.name == "sqlite" else _LOCK_JOB
     (row,) = await pg.fetch(conn, query, {"b_job_id": job_id})
-    return JobState(status=row["status"], cancel_requested=bool(row["cancel_requested"]))
+    return JobState.from_row(row)
 
 
 class Flushed(NamedTuple):

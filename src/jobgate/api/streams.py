@@ -1,0 +1,505 @@
+"""Live event streams (SSE): the hub that wakes them, and the streams themselves.
+
+A stream reads events from the store, by `seq` for one job (`GET /v1/jobs/{id}/events`)
+or by the global `events.id` for all of a caller's jobs (`GET /v1/events`). The event
+bus only wakes it; whatever the bus misses (a restart, a process that died between its
+commit and its publish) the hub's periodic check catches, so a stream never skips an
+event, only, at worst, delays one by `JOBGATE_SSE_POLL_S`.
+
+Why a per-job stream cannot skip: a job's `seq` numbers are handed out by an update of
+the job's row, so they commit in order. Global ids come from a sequence and commit out
+of order; `Hub.safe_event_id` is the highest id below which no transaction can still
+add an event, and a stream never reads past it (docs/events.md, "Ordering").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Any
+
+import structlog
+from sqlalchemy import func, select, text
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from jobgate.api import views
+from jobgate.bus import Changes, EventBus
+from jobgate.errors import TooManyStreams
+from jobgate.store import Database
+from jobgate.store.database import is_outage
+from jobgate.store.repositories import events as event_repo
+from jobgate.store.repositories import jobs as job_repo
+from jobgate.store.tables import events, jobs
+
+log = structlog.get_logger("jobgate.streams")
+
+TERMINAL_EVENTS = frozenset({"completed", "error", "cancelled"})
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+PAGE = 500  # events read from the store at a time
+_CACHED_ROWS = 1000  # the newest events of a watched job its streams share
+_SWEEP_CHUNK = 1000  # job ids per query of the periodic check
+_SAFE_RETRY_S = 0.01  # how soon global streams look again while a writer is in flight
+_OUTAGE_RETRY_S = 1.0  # how soon a stream tries the store again after it failed
+_LAST_EVENT_ID = text(
+    "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')::regclass), 0)"
+)
+_SNAPSHOT = text(
+    "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint "
+    "FROM pg_current_snapshot() AS s"
+)
+HEARTBEAT = b"event: heartbeat\ndata: {}\n\n"
+STREAM_HEADERS = {
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer
+}
+
+
+class Watch:
+    """One open stream's place in the hub: woken when its job (any job, for a global
+    stream) may have events past `seen`."""
+
+    __slots__ = ("closed", "job_id", "seen", "wake")
+
+    def __init__(self, job_id: str | None, seen: int = 0) -> None:
+        self.job_id = job_id
+        self.seen = seen
+        self.wake = asyncio.Event()
+        self.closed = False
+
+    def close(self) -> None:
+        """The client went away: end the stream at its next step."""
+        self.closed = True
+        self.wake.set()
+
+
+class JobLog:
+    """The streams of one job in this process, and the tail of its log they share.
+
+    Every stream of a job wants the same new events at the same moment; one of them
+    reads the store and the others take the rows from here. Events never change once
+    committed and a job's `seq` numbers commit in order, so rows read once stay true,
+    and `rows` is always a run of consecutive numbers.
+    """
+
+    __slots__ = ("fetching", "latest", "rows", "stale", "watches")
+
+    def __init__(self) -> None:
+        self.watches: set[Watch] = set()
+        self.latest = 0  # the highest seq known to exist (from the bus or the check)
+        self.stale = True  # the bus reconnected: `latest` may be behind
+        self.rows: list[dict[str, Any]] = []
+        self.fetching: asyncio.Future[None] | None = None
+
+    def after(self, seq: int) -> list[dict[str, Any]] | None:
+        """The cached rows after `seq` up to `latest`, or None if the cache cannot say."""
+        if self.stale:
+            return None
+        if seq >= self.latest:
+            return []
+        if not self.rows or self.rows[0]["seq"] > seq + 1 or self.rows[-1]["seq"] < self.latest:
+            return None
+        return self.rows[seq + 1 - self.rows[0]["seq"] :]
+
+    def keep(self, rows: list[dict[str, Any]], *, complete: bool) -> None:
+        """Add rows read from the store; `complete`: nothing after them existed then."""
+        if rows:
+            if self.rows and rows[0]["seq"] == self.rows[-1]["seq"] + 1:
+                self.rows.extend(rows)
+            elif not self.rows or not (
+                self.rows[0]["seq"] <= rows[0]["seq"] <= self.rows[-1]["seq"]
+            ):
+                self.rows = list(rows)
+            else:  # overlaps what is cached: keep the cached run, then what follows
+                self.rows.extend(r for r in rows if r["seq"] > self.rows[-1]["seq"])
+            del self.rows[:-_CACHED_ROWS]
+            self.latest = max(self.latest, rows[-1]["seq"])
+        if complete:
+            self.stale = False
+
+
+class Hub:
+    """This process's open streams, woken by the bus and by a periodic check.
+
+    Args:
+        db: the store.
+        bus: the event bus; the hub subscribes to it (before the bus starts).
+        poll_s: how often open streams are checked against the store regardless.
+        max_per_job: open streams one job may have in this process.
+    """
+
+    def __init__(self, db: Database, bus: EventBus, *, poll_s: float, max_per_job: int) -> None:
+        self.db = db
+        self.bus = bus
+        self.poll_s = poll_s
+        self.max_per_job = max_per_job
+        self._jobs: dict[str, JobLog] = {}
+        self._all: set[Watch] = set()
+        self._task: asyncio.Task[None] | None = None
+        bus.subscribe(self._changed)
+        # Global ids (PostgreSQL): (sequence value, snapshot xmax) pairs not yet safe.
+        self._pending: list[tuple[int, int]] = []
+        self._safe = 0
+        self._safe_at = 0.0
+        self._safe_lock = asyncio.Lock()
+        self._retry: asyncio.TimerHandle | None = None
+
+    @property
+    def open_streams(self) -> int:
+        """Streams open in this process."""
+        return len(self._all) + sum(len(log.watches) for log in self._jobs.values())
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._sweep(), name="jobgate-streams-sweep")
+
+    async def aclose(self) -> None:
+        """Stop the periodic check and end every open stream."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._retry is not None:
+            self._retry.cancel()
+        self.end_all()
+
+    def end_all(self) -> None:
+        """End every open stream (the server is shutting down); clients resume elsewhere."""
+        for watch in self._every():
+            watch.close()
+
+    def open(self, job_id: str | None) -> Watch:
+        """Register a stream of one job (or, with None, of every job); `release` it.
+
+        Raises:
+            TooManyStreams: the job already has `max_per_job` streams in this process.
+        """
+        watch = Watch(job_id)
+        if job_id is None:
+            self._all.add(watch)
+            return watch
+        log = self._jobs.get(job_id)
+        if log is None:
+            log = self._jobs[job_id] = JobLog()
+        watching = log.watches
+        if len(watching) >= self.max_per_job:
+            raise TooManyStreams(f"job {job_id!r} already has {self.max_per_job} open streams")
+        watching.add(watch)
+        return watch
+
+    def release(self, watch: Watch) -> None:
+        """Forget a stream that ended."""
+        watch.closed = True
+        if watch.job_id is None:
+            self._all.discard(watch)
+            return
+        log = self._jobs.get(watch.job_id)
+        if log is not None:
+            log.watches.discard(watch)
+            if not log.watches:
+                del self._jobs[watch.job_id]
+
+    def _every(self) -> list[Watch]:
+        return [*self._all, *(w for log in self._jobs.values() for w in log.watches)]
+
+    def _changed(self, changes: Changes | None) -> None:
+        if changes is None:
+            for job_log in self._jobs.values():
+                job_log.stale = True
+            for watch in self._every():
+                watch.wake.set()
+            return
+        for job_id, seq in changes.items():
+            log = self._jobs.get(job_id)
+            if log is None:
+                continue
+            log.latest = max(log.latest, seq)
+            for watch in log.watches:
+                if seq > watch.seen:
+                    watch.wake.set()
+        if changes:
+            for watch in self._all:
+                watch.wake.set()
+
+    async def _sweep(self) -> None:
+        """Every `poll_s`: wake the streams whose job's log went past what they sent (a
+        notification the bus lost), and every global stream."""
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                ids = list(self._jobs)
+                for start in range(0, len(ids), _SWEEP_CHUNK):
+                    chunk = ids[start : start + _SWEEP_CHUNK]
+                    async with self.db.read() as conn:
+                        rows = await conn.execute(
+                            select(jobs.c.id, jobs.c.last_seq).where(jobs.c.id.in_(chunk))
+                        )
+                        self._changed({row.id: int(row.last_seq) for row in rows})
+                for watch in self._all:
+                    watch.wake.set()
+            except Exception as exc:  # the store is away: try again next time
+                log.warning("streams_sweep_failed", error=type(exc).__name__)
+
+    async def events_after(self, job_id: str, after: int) -> list[dict[str, Any]]:
+        """Up to `PAGE` of job `job_id`'s events after `seq` `after`, oldest first: from
+        the rows its streams share when they reach the newest known, else from the store,
+        one read at a time per job (the others wait for it, then look again)."""
+        log = self._jobs.get(job_id)
+        while log is not None:
+            cached = log.after(after)
+            if cached is not None:
+                return cached[:PAGE]
+            if log.fetching is None:
+                break
+            await asyncio.shield(log.fetching)
+        fetching: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if log is not None:
+            log.fetching = fetching
+        try:
+            # One statement: on PostgreSQL it needs no transaction around it.
+            reading = self.db.read() if self.db.is_sqlite else self.db.autocommit()
+            async with reading as conn:
+                rows = await event_repo.page(conn, job_id, after=after, limit=PAGE)
+            if log is not None:
+                log.keep(rows, complete=len(rows) < PAGE)
+            return rows
+        finally:
+            if log is not None:
+                log.fetching = None
+            fetching.set_result(None)
+
+    async def safe_event_id(self) -> int | None:
+        """The highest global event id a stream may read up to now (None: any).
+
+        On SQLite writers take turns, so ids commit in order and every visible one is
+        safe. On PostgreSQL ids commit out of order: an id is safe once every
+        transaction that could hold a smaller one has ended. The sequence's value `v`
+        is read first, then a snapshot; once the oldest running transaction is younger
+        than that snapshot's `xmax`, every id up to `v` is committed or never will be
+        (every writer has its transaction id before it takes an event id:
+        `store/pg.py`). Callers that ask together share one computation.
+        """
+        if self.db.is_sqlite:
+            return None
+        asked = time.monotonic()
+        async with self._safe_lock:
+            if self._safe_at >= asked:
+                return self._safe
+            started = time.monotonic()
+            async with self.db.read() as conn:
+                # Two statements, in this order: the second one's snapshot is newer.
+                taken = (await conn.execute(_LAST_EVENT_ID)).scalar_one()
+                xmin, xmax = (await conn.execute(_SNAPSHOT)).one()
+            xmin, xmax = int(xmin), int(xmax)
+            self._pending.append((int(taken), xmax))
+            safe = [value for value, until in self._pending if until <= xmin]
+            if safe:
+                self._safe = max(self._safe, *safe)
+            self._pending = [(v, u) for v, u in self._pending if u > xmin and v > self._safe]
+            self._safe_at = started
+            if self._pending and self._retry is None:
+                # A writer is still in flight: look again soon, not at the next commit.
+                self._retry = asyncio.get_running_loop().call_later(
+                    _SAFE_RETRY_S, self._wake_global
+                )
+            return self._safe
+
+    def _wake_global(self) -> None:
+        self._retry = None
+        for watch in self._all:
+            watch.wake.set()
+
+
+def frame(data: Any, *, kind: str, event_id: int | None = None) -> bytes:
+    """One SSE event: `id:` (when given), `event:` and one `data:` line of JSON."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    body = json.dumps(data, separators=(",", ":"), default=str)
+    return f"{head}event: {kind}\ndata: {body}\n\n".encode()
+
+
+async def _pause(watch: Watch, timeout_s: float) -> None:
+    """Wait for a wake-up, at most `timeout_s`."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await watch.wake.wait()
+
+
+async def job_stream(
+    hub: Hub,
+    watch: Watch,
+    job_id: str,
+    *,
+    resume_after: int | None,
+    heartbeat_s: float,
+) -> AsyncIterator[bytes]:
+    """One job's stream: `state` (fresh) or the stored events after `resume_after`, then
+    live events until the terminal one. `watch` was registered before the first read,
+    so nothing committed meanwhile goes unnoticed."""
+    db = hub.db
+    if resume_after is None:
+        async with db.read() as conn:
+            snapshot = await job_repo.get(conn, job_id)
+        last = int(snapshot.job["last_seq"])
+        watch.seen = last
+        yield frame(views.job(snapshot), kind="state", event_id=last)
+        if snapshot.job["status"] in TERMINAL_STATUSES:
+            return
+    else:
+        watch.seen = resume_after
+    finished = False
+
+    async def catch_up() -> AsyncGenerator[bytes, None]:
+        nonlocal finished
+        while True:
+            rows = await hub.events_after(job_id, watch.seen)
+            if not rows:
+                async with db.read() as conn:
+                    status = (
+                        await conn.execute(select(jobs.c.status).where(jobs.c.id == job_id))
+                    ).scalar()
+                # Resumed after the end of a finished job (or the job is gone): done.
+                finished = status is None or status in TERMINAL_STATUSES
+                return
+            for row in rows:
+                watch.seen = int(row["seq"])
+                yield frame(row["data"], kind=row["type"], event_id=watch.seen)
+                if row["type"] in TERMINAL_EVENTS:
+                    finished = True
+                    return
+            if len(rows) < PAGE:
+                return
+
+    async for chunk in _follow(watch, heartbeat_s, catch_up, lambda: finished):
+        yield chunk
+
+
+async def all_stream(
+    hub: Hub,
+    watch: Watch,
+    *,
+    owner: str | None,
+    resume_after: int | None,
+    heartbeat_s: float,
+) -> AsyncIterator[bytes]:
+    """Every event of `owner`'s jobs (every job's, with None), by global id; never ends.
+
+    A fresh stream starts at the newest safe id: only what happens from now on.
+    """
+    watch.seen = await _latest_id(hub) if resume_after is None else resume_after
+
+    async def catch_up() -> AsyncGenerator[bytes, None]:
+        bound = await hub.safe_event_id()
+        while True:
+            rows = await _global_page(hub.db, after=watch.seen, bound=bound, owner=owner)
+            for row in rows:
+                watch.seen = int(row["id"])
+                data = {**row["data"], "job_id": row["job_id"], "seq": int(row["seq"])}
+                yield frame(data, kind=row["type"], event_id=watch.seen)
+            if len(rows) < PAGE:
+                return
+
+    async for chunk in _follow(watch, heartbeat_s, catch_up, lambda: False):
+        yield chunk
+
+
+async def _follow(
+    watch: Watch,
+    heartbeat_s: float,
+    catch_up: Callable[[], AsyncGenerator[bytes, None]],
+    finished: Callable[[], bool],
+) -> AsyncIterator[bytes]:
+    """Send what `catch_up` finds, then wait to be woken (with heartbeats while nothing
+    comes), until `finished()` or the client leaves. A store that cannot be reached is
+    waited out, heartbeats going on, rather than ending the stream."""
+    loop = asyncio.get_running_loop()
+    heartbeat_due = loop.time() + heartbeat_s
+    while not watch.closed:
+        watch.wake.clear()
+        try:
+            async with contextlib.aclosing(catch_up()) as chunks:
+                async for chunk in chunks:
+                    heartbeat_due = loop.time() + heartbeat_s
+                    yield chunk
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("stream_store_unreachable", error=type(exc).__name__)
+            await _pause(watch, min(_OUTAGE_RETRY_S, max(0.0, heartbeat_due - loop.time())))
+            watch.wake.set()  # look again, woken or not
+        else:
+            if finished():
+                return
+            await _pause(watch, max(0.0, heartbeat_due - loop.time()))
+        if loop.time() >= heartbeat_due and not watch.closed:
+            heartbeat_due = loop.time() + heartbeat_s
+            yield HEARTBEAT
+
+
+async def _latest_id(hub: Hub) -> int:
+    bound = await hub.safe_event_id()
+    if bound is not None:
+        return bound
+    async with hub.db.read() as conn:
+        return int((await conn.execute(select(func.max(events.c.id)))).scalar() or 0)
+
+
+async def _global_page(
+    db: Database, *, after: int, bound: int | None, owner: str | None
+) -> Sequence[Any]:
+    query = (
+        select(events.c.id, events.c.job_id, events.c.seq, events.c.type, events.c.data)
+        .where(events.c.id > after)
+        .order_by(events.c.id)
+        .limit(PAGE)
+    )
+    if bound is not None:
+        query = query.where(events.c.id <= bound)
+    if owner is not None:
+        query = query.join(jobs, jobs.c.id == events.c.job_id).where(jobs.c.owner == owner)
+    async with db.read() as conn:
+        return (await conn.execute(query)).mappings().all()
+
+
+class EventStreamResponse(StreamingResponse):
+    """`text/event-stream`, sent as it is produced, that ends the moment the client
+    goes away: a task waits for `http.disconnect` and closes the stream's watch, so an
+    idle stream frees its resources at once rather than at its next heartbeat. The
+    watch is released however the response ends."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], hub: Hub, watch: Watch) -> None:
+        super().__init__(chunks, media_type="text/event-stream", headers=STREAM_HEADERS)
+        self._chunks = chunks
+        self._hub = hub
+        self._watch = watch
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def wait_for_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self._watch.close()
+
+        watcher = asyncio.create_task(wait_for_disconnect())
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            async for chunk in self._chunks:
+                if self._watch.closed:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client is gone (ASGI 2.4 servers raise it from `send`)
+        finally:
+            watcher.cancel()
+            self._hub.release(self._watch)
+            closing = getattr(self._chunks, "aclose", None)
+            if closing is not None:
+                await closing()

@@ -1,0 +1,136 @@
+"""Files going up (multipart parts, streamed from disk) and coming down (atomic writes)."""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+import tempfile
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import IO, Any
+
+from jobgate.client._errors import DownloadError
+from jobgate.client._models import Download, FileInfo
+
+FileContent = bytes | IO[bytes]
+FileInput = (
+    str
+    | os.PathLike[str]
+    | bytes
+    | tuple[str, FileContent]
+    | tuple[str, FileContent, str | None]
+    | FileInfo
+)
+"""A file to send: a path (streamed from disk), bytes, `(name, bytes or binary file[,
+content_type])`, or a `FileInfo` already uploaded with `upload()` (sent by `sha256`)."""
+
+Part = tuple[str, tuple[str, FileContent, str]]
+OCTET_STREAM = "application/octet-stream"
+
+
+def split_files(files: Sequence[FileInput]) -> tuple[list[FileInput], list[str]]:
+    """The files still to send, and the `sha256` of those already uploaded."""
+    local: list[FileInput] = [f for f in files if not isinstance(f, FileInfo)]
+    return local, [f.sha256 for f in files if isinstance(f, FileInfo)]
+
+
+def open_parts(files: Sequence[FileInput], stack: ExitStack) -> list[Part]:
+    """Multipart `files` parts; paths are opened in `stack` and streamed, never read whole.
+
+    The server detects each file's type from its bytes (and the name, for text), so the
+    content type sent is only a hint.
+    """
+    parts: list[Part] = []
+    for index, item in enumerate(files):
+        name: str
+        content: FileContent
+        kind: str | None
+        if isinstance(item, FileInfo):
+            raise TypeError("an uploaded FileInfo is sent by sha256, not as a part")
+        if isinstance(item, bytes):
+            name, content, kind = f"file{index + 1}", item, None
+        elif isinstance(item, tuple):
+            name, content = item[0], item[1]
+            kind = item[2] if len(item) > 2 else None
+        else:
+            path = Path(item)
+            name, kind = path.name, None
+            content = stack.enter_context(path.open("rb"))
+        kind = kind or mimetypes.guess_type(name)[0] or OCTET_STREAM
+        parts.append(("files", (name, content, kind)))
+    return parts
+
+
+def target_path(path: str | os.PathLike[str] | None, filename: str) -> Path:
+    """Where a download goes: `path`, or `filename` inside `path` if it is a directory."""
+    name = Path(filename).name
+    if name in ("", ".", ".."):
+        name = "download"
+    if path is None:
+        return Path.cwd() / name
+    target = Path(path)
+    return target / name if target.is_dir() else target
+
+
+class AtomicFile:
+    """A download in progress: a temporary file next to the target, renamed when complete.
+
+    The size and SHA-256 the server announced are checked before the rename, so the
+    target is either absent (or as it was) or the whole, right file.
+    """
+
+    def __init__(self, target: Path, expected: Download | None = None) -> None:
+        self.target = target
+        self._expected = expected
+        self._hash = hashlib.sha256()
+        self.size = 0
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        self._temp = Path(temp)
+        self._file: IO[bytes] = os.fdopen(fd, "wb")
+
+    @property
+    def sha256(self) -> str:
+        """The hex SHA-256 of what was written so far."""
+        return self._hash.hexdigest()
+
+    def write(self, chunk: bytes) -> None:
+        """Append a chunk."""
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def commit(self) -> Path:
+        """Check, flush to disk and move into place; the target path."""
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            expected = self._expected
+            if expected is not None and (expected.size, expected.sha256) != (
+                self.size,
+                self.sha256,
+            ):
+                raise DownloadError(
+                    f"{expected.filename}: got {self.size} bytes (sha256 {self.sha256}), "
+                    f"expected {expected.size} bytes (sha256 {expected.sha256})"
+                )
+            os.replace(self._temp, self.target)
+        except BaseException:
+            self.abort()
+            raise
+        return self.target
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        self._file.close()
+        self._temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self._file.closed:
+            self.abort()

@@ -1,0 +1,68 @@
+"""Options and output shared by the client commands: server, key, JSON, errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from jobgate.client import DEFAULT_URL, Client, ProblemError, TransportError
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="JOBGATE_URL", help="The server's base URL.")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", "--key", envvar="JOBGATE_API_KEY", help="An API key (or a JWT)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+__all__ = ["DEFAULT_URL", "JsonOpt", "KeyOpt", "UrlOpt", "err", "out"]
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """`k=v` as a pair; `v` is JSON when it parses as JSON, else the string itself."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise typer.BadParameter(f"{text!r} is not NAME=VALUE", param_hint="--param")
+    try:
+        return name, json.loads(raw)
+    except ValueError:
+        return name, raw
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print `error: message` on stderr and exit with `code`."""
+    err.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def describe(error: ProblemError) -> str:
+    """A problem for people: status, title, detail, and each located complaint."""
+    text = f"HTTP {error.status} {error.title}: {error.detail}".rstrip(": ")
+    for item in error.errors:
+        text += f"\n  {'.'.join(map(str, item.get('loc') or []))}: {item.get('msg')}"
+    return text
+
+
+@contextmanager
+def connected(url: str, key: str | None) -> Iterator[Client]:
+    """An SDK client; refusals and unreachable servers end the command with a message."""
+    try:
+        with Client(url, key or None) as client:
+            yield client
+    except ProblemError as exc:
+        fail(describe(exc))
+    except TransportError as exc:
+        fail(str(exc))
+
+
+def emit_json(data: Any) -> None:
+    """Print JSON on stdout, and nothing else."""
+    typer.echo(json.dumps(data, indent=2))

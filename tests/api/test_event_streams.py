@@ -1,0 +1,340 @@
+"""SSE streams over a real socket: per job and per caller, fresh and resumed, heartbeats,
+the per-job cap, stream tokens, lost wake-ups, and clients that go away."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import resource
+from typing import Any
+
+import httpx
+import pytest
+
+from jobgate.blobs.signing import sign_token
+from jobgate.ids import now
+from jobgate.store.repositories import events as event_repo
+from tests.api.conftest import AppFactory
+from tests.api.helpers import state_of
+from tests.api.sse import Sse, collect, read_events, serving, signed_in
+
+SSE = {"Accept": "text/event-stream"}
+TERMINAL = {"completed", "error", "cancelled"}
+
+
+async def _submit(client: httpx.AsyncClient, pipeline: str = "steps", **params: Any) -> str:
+    response = await client.post("/v1/jobs", json={"pipeline": pipeline, "params": params})
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+async def _stored(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
+    page = await client.get(
+        f"/v1/jobs/{job_id}/events", params={"limit": 1000}, headers={"Accept": "application/json"}
+    )
+    events: list[dict[str, Any]] = page.json()["events"]
+    return events
+
+
+async def test_a_fresh_stream_sends_state_then_every_event_until_the_end(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """`state` (id = the latest seq) first, then each later event once, in order, and
+    the stream ends after the terminal event: nothing the log holds is missing."""
+    app = await app_factory(worker_concurrency=2)
+    _, key = await make_key("user-1", ["user"])
+    async with signed_in(app, key) as user:
+        job_id = await _submit(user, steps=20, step_ms=20)
+        got = await collect(user, f"/v1/jobs/{job_id}/events", headers=SSE)
+        stored = await _stored(user, job_id)
+    first = got[0]
+    assert first.kind == "state"
+    assert first.data["id"] == job_id
+    assert first.id is not None
+    rest = [e for e in got[1:] if e.kind != "heartbeat"]
+    expected = [e for e in stored if e["seq"] > first.id]
+    assert [(e.id, e.kind, e.data) for e in rest] == [
+        (e["seq"], e["type"], e["data"]) for e in expected
+    ]
+    assert rest[-1].kind == "completed"
+    assert any(e.kind == "progress" for e in rest)
+
+
+async def test_a_finished_jobs_stream_is_its_state_and_the_end(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    app = await app_factory()
+    _, key = await make_key("user-1", ["user"])
+    async with signed_in(app, key) as user:
+        job_id = await _submit(user)
+        assert (await user.post(f"/v1/jobs/{job_id}/cancel")).status_code in (200, 202)
+        got = await collect(user, f"/v1/jobs/{job_id}/events", headers=SSE)
+        stored = await _stored(user, job_id)
+    assert [e.kind for e in got] == ["state"]
+    assert got[0].id == stored[-1]["seq"]
+    assert got[0].data["status"] == "cancelled"
+
+
+async def test_resuming_sends_exactly_what_came_after(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """`Last-Event-ID` (header or query) resumes with no state, no gap, no duplicate;
+    resuming after a finished job's end ends at once."""
+    app = await app_factory(worker_concurrency=2)
+    _, key = await make_key("user-1", ["user"])
+    async with signed_in(app, key) as user:
+        job_id = await _submit(user, steps=6, step_ms=30)
+        head = await collect(user, f"/v1/jobs/{job_id}/events", headers=SSE, until=3)
+        seen = max(e.id for e in head if e.id is not None)
+        by_header = await collect(
+            user, f"/v1/jobs/{job_id}/events", headers={**SSE, "Last-Event-ID": str(seen)}
+        )
+        by_query = await collect(
+            user, f"/v1/jobs/{job_id}/events?last_event_id={seen}", headers=SSE
+        )
+        stored = await _stored(user, job_id)
+        after_end = await collect(
+            user,
+            f"/v1/jobs/{job_id}/events",
+            headers={**SSE, "Last-Event-ID": str(stored[-1]["seq"])},
+        )
+        bad = await user.get(f"/v1/jobs/{job_id}/events", headers={**SSE, "Last-Event-ID": "seven"})
+    expected = [(e["seq"], e["type"]) for e in stored if e["seq"] > seen]
+    for resumed in (by_header, by_query):
+        assert [(e.id, e.kind) for e in resumed if e.kind != "heartbeat"] == expected
+    assert expected[-1][1] == "completed"
+    assert after_end == []
+    assert bad.status_code == 422
+
+
+async def test_heartbeats_keep_an_idle_stream_alive(app_factory: AppFactory, make_key: Any) -> None:
+    app = await app_factory(sse_heartbeat_s=0.2)
+    _, key = await make_key("user-1", ["user"])
+    async with signed_in(app, key) as user:
+        job_id = await _submit(user)  # no worker: it stays queued
+        got = await collect(user, f"/v1/jobs/{job_id}/events", headers=SSE, until=3)
+    assert [e.kind for e in got] == ["state", "heartbeat", "heartbeat"]
+    assert got[1].id is None
+    assert got[1].data == {}
+
+
+async def test_a_job_has_at_most_the_configured_streams(
+    app_factory: AppFactory, make_key: Any, expect_problem: Any
+) -> None:
+    """The next stream past `JOBGATE_SSE_MAX_PER_JOB` is 429 too-many-streams; one that
+    closes frees its place."""
+    app = await app_factory(sse_max_per_job=2)
+    _, key = await make_key("user-1", ["user"])
+    async with signed_in(app, key) as user:
+        job_id = await _submit(user)
+        url = f"/v1/jobs/{job_id}/events"
+        async with user.stream("GET", url, headers=SSE) as one:
+            assert one.status_code == 200
+            async with user.stream("GET", url, headers=SSE) as two:
+                assert two.status_code == 200
+                third = await user.get(url, headers=SSE)
+                expect_problem(third, 429, "too-many-streams")
+                other_job = await _submit(user)
+                async with user.stream("GET", f"/v1/jobs/{other_job}/events", headers=SSE) as r:
+                    assert r.status_code == 200
+        await _until(lambda: state_of(app).streams.open_streams == 0)
+        got = await collect(user, url, headers=SSE, until=1)
+    assert got[0].kind == "state"
+
+
+async def test_stream_tokens_open_one_jobs_stream_without_credentials(
+    app_factory: AppFactory, make_key: Any, expect_problem: Any
+) -> None:
+    app = await app_factory(public_url="http://jobs.example")
+    _, key = await make_key("user-1", ["user"])
+    _, other_key = await make_key("user-2", ["user"])
+    async with (
+        signed_in(app, key) as user,
+        httpx.AsyncClient(base_url=str(user.base_url), timeout=30) as browser,
+    ):
+        job_id = await _submit(user)
+        other_job = await _submit(user)
+        answer = await user.post(f"/v1/jobs/{job_id}/events/token")
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["expires_in"] == state_of(app).settings.stream_token_ttl_s
+        assert body["url"].startswith(f"http://jobs.example/v1/jobs/{job_id}/events?token=")
+        path = body["url"].removeprefix("http://jobs.example")
+        got = await collect(browser, path, headers=SSE, until=1)
+        assert got[0].kind == "state"
+        assert got[0].data["id"] == job_id
+        token = path.partition("token=")[2]
+        # Not for another job, not tampered with, not expired, not for another tenant.
+        expect_problem(
+            await browser.get(f"/v1/jobs/{other_job}/events?token={token}", headers=SSE),
+            403,
+            "forbidden",
+        )
+        expect_problem(await browser.get(path[:-2] + "xx", headers=SSE), 403, "forbidden")
+        key_of = state_of(app).settings.signing_key
+        expired = sign_token(key_of, "job-events", {"job": job_id}, int(now()) - 1)
+        expect_problem(
+            await browser.get(f"/v1/jobs/{job_id}/events?token={expired}", headers=SSE),
+            403,
+            "forbidden",
+        )
+        intruder = httpx.AsyncClient(
+            base_url=user.base_url, headers={"Authorization": f"Bearer {other_key}"}, timeout=30
+        )
+        async with intruder:
+            expect_problem(await intruder.post(f"/v1/jobs/{job_id}/events/token"), 404, "not-found")
+        expect_problem(
+            await browser.get(f"/v1/jobs/{job_id}/events", headers=SSE), 401, "unauthenticated"
+        )
+
+
+async def test_the_callers_stream_sees_only_its_jobs_with_increasing_global_ids(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """`/v1/events`: a user's events only (admins: all), each with `job_id` and `seq`,
+    ids increasing; resuming from any id gives exactly the rest."""
+    app = await app_factory(worker_concurrency=2)
+    _, alice_key = await make_key("alice", ["user"])
+    _, bob_key = await make_key("bob", ["user"])
+    _, admin_key = await make_key("root", ["admin"])
+
+    def client(key: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=base, headers={"Authorization": f"Bearer {key}", **SSE}, timeout=30
+        )
+
+    async with (
+        serving(app) as base,
+        client(alice_key) as alice,
+        client(bob_key) as bob,
+        client(admin_key) as admin,
+    ):
+        streams = [
+            asyncio.create_task(_read_all(c, count)) for c, count in ((alice, 8), (admin, 16))
+        ]
+        await asyncio.sleep(0.3)  # the streams are open: they start at "now"
+        mine = [await _submit(alice, "noop") for _ in range(2)]
+        theirs = [await _submit(bob, "noop") for _ in range(2)]
+        alice_got, admin_got = await asyncio.gather(*streams)
+        stored = {j: await _stored(admin, j) for j in mine + theirs}
+        resumed = await _read_all(alice, 8 - 3, last=alice_got[2].id)
+    assert {e.data["job_id"] for e in alice_got} == set(mine)
+    assert {e.data["job_id"] for e in admin_got} == set(mine + theirs)
+    for got in (alice_got, admin_got):
+        ids = [e.id for e in got]
+        assert ids == sorted(ids)
+        assert len(set(ids)) == len(ids)
+        for job_id in {e.data["job_id"] for e in got}:
+            per_job = [(e.data["seq"], e.kind) for e in got if e.data["job_id"] == job_id]
+            assert per_job == [(e["seq"], e["type"]) for e in stored[job_id]]
+    assert [e.id for e in resumed] == [e.id for e in alice_got[3:]]
+
+
+async def _read_all(
+    client: httpx.AsyncClient, count: int, last: int | None = None, kind: str | None = None
+) -> list[Sse]:
+    """The first `count` events (of type `kind`, when given) of `/v1/events`."""
+    headers = {"Last-Event-ID": str(last)} if last is not None else {}
+    got: list[Sse] = []
+    async with asyncio.timeout(30), client.stream("GET", "/v1/events", headers=headers) as r:
+        assert r.status_code == 200
+        async for event in read_events(r):
+            if event.kind != "heartbeat" and kind in (None, event.kind):
+                got.append(event)
+            if len(got) >= count:
+                break
+    return got
+
+
+async def test_a_lost_wake_up_only_delays_an_event(app_factory: AppFactory, make_key: Any) -> None:
+    """With the bus saying nothing at all, streams still get every event, from the
+    hub's periodic look at the store."""
+    app = await app_factory(sse_poll_s=0.2)
+    state_of(app).db.on_changes = None  # every notification is lost
+    _, key = await make_key("user-1", ["user"])
+    async with signed_in(app, key) as user:
+        job_id = await _submit(user)
+        reader = asyncio.create_task(collect(user, f"/v1/jobs/{job_id}/events", headers=SSE))
+        await asyncio.sleep(0.3)
+        assert (await user.post(f"/v1/jobs/{job_id}/cancel")).status_code in (200, 202)
+        got = await reader
+    assert got[0].kind == "state"
+    assert got[-1].kind == "cancelled"
+
+
+@pytest.mark.service("postgres")
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_global_stream_waits_for_a_slower_writer_of_a_smaller_id(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """Global ids commit out of order on PostgreSQL: an event with a larger id that
+    commits first is held back until the smaller one commits, then both arrive in id
+    order. Resuming from the larger id would otherwise skip the smaller one. (On SQLite
+    writers take turns: ids commit in order.)"""
+    app = await app_factory()
+    db = state_of(app).db
+    _, key = await make_key("root", ["admin"])
+    async with signed_in(app, key, SSE) as admin:
+        slow_job = await _submit(admin, "noop")
+        fast_job = await _submit(admin, "noop")
+        reader = asyncio.create_task(_read_all(admin, 2, kind="message"))
+        await asyncio.sleep(0.3)
+        async with db.write() as slow:
+            await event_repo.append(slow, slow_job, [("message", {"text": "slow"})], at=now())
+            async with db.write() as fast:
+                await event_repo.append(fast, fast_job, [("message", {"text": "fast"})], at=now())
+            await asyncio.sleep(0.5)
+            assert not reader.done(), "the larger id was sent before the smaller committed"
+        got = await reader
+    assert [e.data["text"] for e in got] == ["slow", "fast"]
+    assert got[0].id is not None
+    assert got[1].id is not None
+    assert got[0].id < got[1].id
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the hub's, not the store's
+async def test_clients_that_go_away_leave_nothing_behind(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """1,000 streams opened and dropped: no watch left in the hub, no task left running,
+    and memory does not grow with them."""
+    app = await app_factory()
+    hub = state_of(app).streams
+    _, key = await make_key("user-1", ["user"])
+    async with signed_in(app, key) as user:
+        job_id = await _submit(user)
+        await _cycles(user, job_id, 100)  # warm-up: caches, pools, allocator arenas
+        await _until(lambda: hub.open_streams == 0)
+        gc.collect()
+        tasks_before = len(asyncio.all_tasks())
+        rss_before = _rss_kib()
+        await _cycles(user, job_id, 1000)
+        await _until(lambda: hub.open_streams == 0)
+        await _until(lambda: len(asyncio.all_tasks()) <= tasks_before)
+        gc.collect()
+        grown_kib = _rss_kib() - rss_before
+    assert grown_kib < 20 * 1024, f"RSS grew {grown_kib} KiB over 1,000 streams"
+
+
+async def _cycles(user: httpx.AsyncClient, job_id: str, n: int) -> None:
+    for _ in range(n):
+        async with user.stream("GET", f"/v1/jobs/{job_id}/events", headers=SSE) as response:
+            assert response.status_code == 200
+            async for _event in read_events(response):
+                break  # the state arrived: drop the connection
+
+
+async def _until(condition: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def _rss_kib() -> int:
+    with open(f"/proc/{os.getpid()}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -1,0 +1,142 @@
+"""The `EventBus` contract, run against every backend: in-process, PostgreSQL, Redis.
+
+A bus wakes streams; it carries only "job X's log reached seq N". What every backend
+must do: deliver each publication to every subscriber (as the change itself, or as a
+None that says "anything may have changed"), keep each job's highest seq, split large
+publications under the size limit, and never block or raise in `publish`, even with its
+server gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+
+import pytest
+
+from jobgate.bus import Changes, EventBus
+from jobgate.bus.base import MAX_PAYLOAD_BYTES, decode, encode
+from jobgate.bus.memory import MemoryBus
+from jobgate.bus.postgres import PostgresBus
+from jobgate.bus.redis import RedisBus
+from tests.conftest import TCP_SERVICES
+
+REDIS_URL = f"redis://{TCP_SERVICES['redis']}/0"
+ARRIVAL_S = 10.0
+
+BusFactory = Callable[[], EventBus]
+
+
+class Received:
+    """What one subscriber was told: merged changes, and how many "anything" wake-ups."""
+
+    def __init__(self) -> None:
+        self.changes: dict[str, int] = {}
+        self.resyncs = 0
+        self.updated = asyncio.Event()
+
+    def __call__(self, changes: Changes | None) -> None:
+        if changes is None:
+            self.resyncs += 1
+        else:
+            for job_id, seq in changes.items():
+                self.changes[job_id] = max(seq, self.changes.get(job_id, 0))
+        self.updated.set()
+
+    async def until(self, expected: dict[str, int]) -> None:
+        async with asyncio.timeout(ARRIVAL_S):
+            while any(self.changes.get(k, 0) < v for k, v in expected.items()):
+                self.updated.clear()
+                await self.updated.wait()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("memory"),
+        pytest.param("postgres", marks=pytest.mark.service("postgres")),
+        pytest.param("redis", marks=pytest.mark.service("redis")),
+    ]
+)
+async def buses(request: pytest.FixtureRequest) -> AsyncIterator[BusFactory]:
+    """Make buses of one backend that share a channel (one process each, but for the
+    in-process bus, which is one bus in one process)."""
+    kind = request.param
+    channel = f"jgtest_{uuid.uuid4().hex[:12]}"
+    memory = MemoryBus()
+    url = request.getfixturevalue("postgres_db_url") if kind == "postgres" else ""
+    async with AsyncExitStack() as stack:
+
+        def make() -> EventBus:
+            bus: EventBus
+            if kind == "memory":
+                return memory
+            if kind == "postgres":
+                bus = PostgresBus(url, channel=channel)
+            else:
+                bus = RedisBus(REDIS_URL, namespace=channel)
+            stack.push_async_callback(bus.aclose)
+            return bus
+
+        yield make
+
+
+async def test_every_subscriber_hears_every_publication(buses: BusFactory) -> None:
+    publisher = buses()
+    one, two = Received(), Received()
+    first, second = buses(), buses()
+    first.subscribe(one)
+    second.subscribe(two)
+    for bus in {id(b): b for b in (publisher, first, second)}.values():
+        await bus.start()
+    publisher.publish({"job-a": 3, "job-b": 1})
+    publisher.publish({"job-a": 5})
+    for received in (one, two):
+        await received.until({"job-a": 5, "job-b": 1})
+    assert one.changes == {"job-a": 5, "job-b": 1}
+
+
+async def test_a_large_publication_arrives_whole(buses: BusFactory) -> None:
+    publisher, listener = buses(), buses()
+    received = Received()
+    listener.subscribe(received)
+    await listener.start()
+    await publisher.start()
+    expected = {f"{uuid.uuid4()}": n for n in range(1, 3001)}
+    publisher.publish(expected)
+    await received.until(expected)
+    assert received.changes == expected
+
+
+async def test_publish_neither_blocks_nor_raises_with_the_server_gone() -> None:
+    """Buses pointed at nothing: publishing returns at once; closing works."""
+    for bus in (
+        PostgresBus("postgresql+asyncpg://postgres@127.0.0.1:1/none"),
+        RedisBus("redis://127.0.0.1:1/0"),
+    ):
+        received = Received()
+        bus.subscribe(received)
+        async with asyncio.timeout(8):
+            await bus.start()  # gives up waiting after a while, keeps trying
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for n in range(1000):
+            bus.publish({"job": n})
+        assert loop.time() - started < 0.5
+        with pytest.raises(Exception):  # noqa: B017, PT011 - any error: it is down
+            await bus.ping()
+        await bus.aclose()
+        assert received.changes == {}
+
+
+def test_payloads_stay_under_the_limit_and_decode_to_the_same_changes() -> None:
+    changes = {f"{uuid.uuid4()}": n for n in range(1, 1001)}
+    payloads = encode(changes)
+    assert len(payloads) > 1
+    assert all(len(p.encode()) <= MAX_PAYLOAD_BYTES for p in payloads)
+    merged: dict[str, int] = {}
+    for payload in payloads:
+        merged.update(decode(payload))
+    assert merged == changes
+    assert decode("garbage,:,job:x,job-1:7") == {"job-1": 7}
