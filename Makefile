@@ -23,7 +23,7 @@ uv.lock: pyproject.toml | $(UV)
 	@touch $@
 
 $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --locked --python $(PYTHON)
+	$(UV) sync --locked --compile-bytecode --python $(PYTHON)
 	@touch $@
 
 lock: $(UV) ## refresh uv.lock after editing pyproject.toml
@@ -38,6 +38,9 @@ lint: $(VENV)/.synced ## ruff and mypy --strict
 	$(BIN)/mypy
 
 test: lint ## lint, type-check and run every test (real servers when reachable)
+	@# Tests start jobgate processes by the hundred; with PYTHONDONTWRITEBYTECODE set
+	@# each would compile every module again (4 s instead of 1 s per start).
+	@$(BIN)/python -m compileall -q -j 0 src tests > /dev/null
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 unit: $(VENV)/.synced ## only the tests that need no server
