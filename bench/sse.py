@@ -4,9 +4,10 @@ One `jobgate serve` (PostgreSQL store, an in-process worker of concurrency 4) pe
 (memory, postgres, redis) and run. A client process of plain asyncio sockets opens the
 streams:
 
-- **Idle streams** follow parked jobs: jobs created through the API whose tasks the
-  bench then deletes, so they stay `queued` and say nothing (at most 10 streams a job,
-  as the API allows). They cost memory, and CPU for heartbeats and the hub's check.
+- **Idle streams** follow parked jobs: jobs of `bench/parked.py`'s pipeline, whose
+  stage is on a queue no worker serves, so they stay `queued` and say nothing (at most
+  10 streams a job, as the API allows). They cost memory, and CPU for heartbeats and
+  the hub's check.
 - **Measured streams** follow `steps` jobs running on the worker (100 progress events
   each, one every 20 ms): 1 stream on 1 job, or 100 streams, 10 on each of 10 jobs.
   A stream's latency for an event is the moment the client read it minus the event's
@@ -117,8 +118,10 @@ async def _open_all(streams: list[Stream]) -> None:
         await asyncio.gather(*(s.open() for s in streams[start : start + OPEN_BATCH]))
 
 
-async def _submit(client: httpx.AsyncClient, params: dict[str, Any], n: int) -> list[str]:
-    body = {"jobs": [{"pipeline": "steps", "params": params} for _ in range(n)]}
+async def _submit(
+    client: httpx.AsyncClient, params: dict[str, Any], n: int, pipeline: str = "steps"
+) -> list[str]:
+    body = {"jobs": [{"pipeline": pipeline, "params": params} for _ in range(n)]}
     ids: list[str] = []
     while len(ids) < n:
         body["jobs"] = body["jobs"][: min(100, n - len(ids))]
@@ -126,17 +129,6 @@ async def _submit(client: httpx.AsyncClient, params: dict[str, Any], n: int) -> 
         answer.raise_for_status()
         ids += [job["id"] for job in answer.json()["jobs"]]
     return ids
-
-
-async def _park(database_url: str, job_ids: list[str]) -> None:
-    """Delete the jobs' tasks: they stay `queued`, and nothing ever happens to them."""
-    url = make_url(database_url).set(drivername="postgresql")
-    conn = await asyncpg.connect(url.render_as_string(hide_password=False))
-    try:
-        await conn.execute("DELETE FROM tasks WHERE job_id = ANY($1::text[])", job_ids)
-        await conn.execute("DELETE FROM outbox")
-    finally:
-        await conn.close()
 
 
 async def _created_at(database_url: str, job_ids: list[str]) -> dict[tuple[str, int], float]:
@@ -190,6 +182,8 @@ async def run_once(bus: str, open_streams: list[int]) -> dict[str, Any]:
             "JOBGATE_BUS_URL": BUSES[bus],
             "JOBGATE_TRANSPORT_NAMESPACE": f"bench{uuid.uuid4().hex[:8]}",
             "JOBGATE_SSE_MAX_PER_JOB": str(STREAMS_PER_JOB),
+            "JOBGATE_PIPELINES": "bench.parked:pipeline",
+            "PYTHONPATH": str(Path(__file__).parent.parent),
         }
         _run_cli(["db", "upgrade"], env, tmp)
         key = _run_cli(["keys", "create", "--owner", "bench", "--role", "admin"], env, tmp)
@@ -215,8 +209,9 @@ async def run_once(bus: str, open_streams: list[int]) -> dict[str, Any]:
                     wanted_idle = count - measured
                     if wanted_idle > len(idle):
                         extra = wanted_idle - len(idle)
-                        parked = await _submit(client, {"steps": 1}, -(-extra // STREAMS_PER_JOB))
-                        await _park(database_url, parked)
+                        parked = await _submit(
+                            client, {}, -(-extra // STREAMS_PER_JOB), pipeline="parked"
+                        )
                         more = [
                             Stream("127.0.0.1", port, key, parked[i // STREAMS_PER_JOB])
                             for i in range(extra)

@@ -350,18 +350,22 @@ async def job_stream(
     else:
         watch.seen = resume_after
     finished = False
+    resumed = resume_after is not None
 
     async def catch_up() -> AsyncGenerator[bytes, None]:
-        nonlocal finished
+        nonlocal finished, resumed
         while True:
             rows = await hub.events_after(job_id, watch.seen)
             if not rows:
-                async with db.read() as conn:
-                    status = (
-                        await conn.execute(select(jobs.c.status).where(jobs.c.id == job_id))
-                    ).scalar()
-                # Resumed after the end of a finished job (or the job is gone): done.
-                finished = status is None or status in TERMINAL_STATUSES
+                if resumed:
+                    # Resumed after the end of a finished job (or the job is gone): done.
+                    # Asked once: any later end comes as its terminal event.
+                    async with db.read() as conn:
+                        status = (
+                            await conn.execute(select(jobs.c.status).where(jobs.c.id == job_id))
+                        ).scalar()
+                    resumed = False
+                    finished = status is None or status in TERMINAL_STATUSES
                 return
             for row in rows:
                 watch.seen = int(row["seq"])
