@@ -300,7 +300,7 @@ async def test_clients_that_go_away_leave_nothing_behind(
 ) -> None:
     """1,000 streams opened and dropped: no watch left in the hub, no task left running,
     and memory does not grow with them."""
-    app = await app_factory()
+    app = await app_factory(sse_max_per_job=50)  # 8 clients at once, and closing lags
     hub = state_of(app).streams
     _, key = await make_key("user-1", ["user"])
     async with signed_in(app, key) as user:
@@ -318,12 +318,18 @@ async def test_clients_that_go_away_leave_nothing_behind(
     assert grown_kib < 20 * 1024, f"RSS grew {grown_kib} KiB over 1,000 streams"
 
 
-async def _cycles(user: httpx.AsyncClient, job_id: str, n: int) -> None:
-    for _ in range(n):
-        async with user.stream("GET", f"/v1/jobs/{job_id}/events", headers=SSE) as response:
-            assert response.status_code == 200
-            async for _event in read_events(response):
-                break  # the state arrived: drop the connection
+async def _cycles(user: httpx.AsyncClient, job_id: str, n: int, clients: int = 8) -> None:
+    """`n` streams opened and dropped, by `clients` clients at once."""
+
+    async def one_client(count: int) -> None:
+        for _ in range(count):
+            url = f"/v1/jobs/{job_id}/events"
+            async with user.stream("GET", url, headers=SSE) as response:
+                assert response.status_code == 200
+                async for _event in read_events(response):
+                    break  # the state arrived: drop the connection
+
+    await asyncio.gather(*(one_client(n // clients) for _ in range(clients)))
 
 
 async def _until(condition: Any, timeout: float = 10.0) -> None:
