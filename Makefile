@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
+# Test processes: most tests wait on servers and subprocesses, so more than the cores.
+TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := help
 .PHONY: help run test lint typecheck unit bench bench-peers lock clean
@@ -41,7 +43,7 @@ test: lint ## lint, type-check and run every test (real servers when reachable)
 	@# Tests start jobgate processes by the hundred; with PYTHONDONTWRITEBYTECODE set
 	@# each would compile every module again (4 s instead of 1 s per start).
 	@$(BIN)/python -m compileall -q -j 0 src tests > /dev/null
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 unit: $(VENV)/.synced ## only the tests that need no server
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

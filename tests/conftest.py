@@ -8,15 +8,22 @@ skipping. `--only-service NAME` runs only the tests that need NAME;
 
 Server addresses can be moved with `TEST_POSTGRES_DSN`, `TEST_REDIS_ADDR` and
 `TEST_RABBITMQ_ADDR` (host:port).
+
+Tests may run in parallel (`pytest -n N`, pytest-xdist). A test that stops or restarts a
+shared server is marked `@pytest.mark.disruptive`: it runs alone, while no other test of
+the run is in progress (see `_server_lock`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+import tempfile
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +48,8 @@ TCP_SERVICES = {
 }
 SERVICES = ("postgres", *TCP_SERVICES)
 PROBE_TIMEOUT_S = 3.0
+EXCLUSIVE_FLAG = "JG_TEST_RUNS_ALONE"
+"""Set to "1" while a disruptive test runs (checked by `require_exclusive`)."""
 
 # service name -> None when reachable, else why not; filled on first use.
 _probe_results: dict[str, str | None] = {}
@@ -98,6 +107,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for name in sorted(_services_of(item)):
         require_service(name)
+
+
+@pytest.hookimpl(tryfirst=True, wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    # Outermost, so that waiting for the lock is not counted by pytest-timeout.
+    with _server_lock(exclusive=item.get_closest_marker("disruptive") is not None):
+        return (yield)
+
+
+@contextlib.contextmanager
+def _server_lock(*, exclusive: bool) -> Iterator[None]:
+    """Under pytest-xdist: a shared hold for every test, an exclusive one for a disruptive test.
+
+    Two `flock`s make a turnstile, so a waiting disruptive test is not starved: everybody
+    passes the gate to take the main lock, and a disruptive test keeps the gate closed
+    while it waits for the shared holders to leave.
+    """
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    os.environ[EXCLUSIVE_FLAG] = "1" if exclusive else ""
+    try:
+        if run is None:  # one process: tests run one at a time anyway
+            yield
+            return
+        base = Path(tempfile.gettempdir()) / f"jobgate-tests-{run}"
+        with open(f"{base}.gate", "a") as gate, open(f"{base}.lock", "a") as lock:
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            finally:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        os.environ.pop(EXCLUSIVE_FLAG, None)
+
+
+def require_exclusive() -> None:
+    """Fail unless the current test is marked disruptive (call before touching a server)."""
+    if os.environ.get(EXCLUSIVE_FLAG) != "1":
+        pytest.fail("a test that stops or restarts a server must be @pytest.mark.disruptive")
 
 
 def require_service(name: str) -> None:

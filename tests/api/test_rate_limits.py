@@ -488,6 +488,7 @@ async def test_redis_down_fails_open_with_a_warning(
 
 @pytest.mark.service("redis")
 @pytest.mark.timeout(180)
+@pytest.mark.disruptive
 async def test_limits_come_back_after_a_redis_restart(
     app_factory: AppFactory, connect: Connect
 ) -> None:

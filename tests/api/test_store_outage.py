@@ -43,6 +43,7 @@ def database_url(postgres_db_url: str) -> str:
 
 @pytest.mark.service("postgres")
 @pytest.mark.timeout(180)
+@pytest.mark.disruptive
 async def test_a_postgres_restart_mid_traffic_is_503s_then_success(
     app_factory: AppFactory,
 ) -> None:

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from jobgate.transport.base import Delivery, Transport, TransportError
-from tests.conftest import TCP_SERVICES
+from tests.conftest import TCP_SERVICES, require_exclusive
 from tests.contract.test_transports import Broker
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.disruptive]
 OUTAGE_S = 60.0  # how long the transport may take to work again after the restart
 
 
@@ -51,6 +51,7 @@ def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def _stop(kind: str) -> None:
+    require_exclusive()
     host, port = _address(kind)
     if kind == "redis":
         # The connection drops as the server exits, so redis-cli's exit code means nothing.

@@ -107,6 +107,7 @@ def _restart(bus: str) -> None:
 @pytest.mark.parametrize(
     "bus", ["postgres", pytest.param("redis", marks=pytest.mark.service("redis"))]
 )
+@pytest.mark.disruptive
 def test_a_stream_on_one_api_follows_a_job_of_another_through_a_restart(
     bus: str, tmp_path: Path, fresh_postgres_url: str
 ) -> None:

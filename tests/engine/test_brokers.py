@@ -25,6 +25,7 @@ from jobgate.store.tables import events, jobs, outbox
 from jobgate.transport import from_url
 from jobgate.transport.base import Transport
 from jobgate.worker import Worker
+from tests.conftest import require_exclusive
 from tests.engine import pipelines
 from tests.engine.conftest import Engine
 
@@ -183,6 +184,7 @@ def _run(*command: str) -> None:
 
 
 def _stop_broker(broker: str) -> None:
+    require_exclusive()
     if broker == "rabbitmq":
         _run("rabbitmqctl", "stop_app")
     else:
@@ -200,6 +202,7 @@ def _start_broker(broker: str) -> None:
         )  # fmt: skip
 
 
+@pytest.mark.disruptive
 async def test_submits_during_a_broker_outage_run_when_it_returns(
     broker: str, broker_engine: BrokerEngine
 ) -> None:
@@ -223,6 +226,7 @@ async def test_submits_during_a_broker_outage_run_when_it_returns(
     assert await _terminal_events_per_job(broker_engine) == dict.fromkeys(ids, 1)
 
 
+@pytest.mark.disruptive
 async def test_a_broker_restart_under_1000_jobs_loses_none(
     broker: str, broker_engine: BrokerEngine
 ) -> None:

@@ -11,13 +11,19 @@ import pytest
 from sqlalchemy import func, select
 
 from jobgate.store.tables import events, jobs
+from tests.conftest import require_exclusive
 from tests.engine.conftest import Engine
 
-pytestmark = [pytest.mark.service("postgres"), pytest.mark.timeout(180)]
+pytestmark = [
+    pytest.mark.service("postgres"),
+    pytest.mark.timeout(180),
+    pytest.mark.disruptive,
+]
 JOBS = 300
 
 
 def _restart_postgres() -> None:
+    require_exclusive()
     version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
     subprocess.run(
         ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],

@@ -71,7 +71,8 @@ async def test_listener_reconnects_after_its_connection_is_killed(postgres_db_ur
         try:
             killed = await admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+                "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid() "
+                "AND datname = current_database()"
             )
         finally:
             await admin.close()
