@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bench import _common, auth, drain, latency, sse, submit
+from bench import _common, auth, drain, latency, sse, sse_latency, submit
 from bench._common import DATABASES, Result, log
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -98,6 +98,9 @@ async def main(args: argparse.Namespace) -> list[Result]:
         )
     if args.only in (None, "latency"):
         results += await latency.run(databases, samples=40 if args.quick else 200, runs=args.runs)
+        results += await sse_latency.run(
+            databases=databases, samples=40 if args.quick else 200, runs=args.runs
+        )
     if args.only in (None, "auth") and "postgres" in databases:
         results += await auth.run(seconds=1.5 if args.quick else 5.0, inflight=16, runs=args.runs)
     if args.only in (None, "sse") and "postgres" in databases:

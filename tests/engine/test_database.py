@@ -236,3 +236,34 @@ async def test_a_fast_path_statement_on_a_dead_connection_retires_the_pool(
         await db.aclose()
     assert failures == 1
     assert len(stored) == POOLED + 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
+async def test_counting_active_jobs_reads_only_active_ones(database: Database) -> None:
+    """The active-jobs cap counts with the partial index of queued and running jobs, so
+    an owner's thousands of finished jobs cost the count nothing."""
+    columns = (
+        "id, pipeline, pipeline_version, owner, status, cancel_requested, priority, params, "
+        "files, estimated_usd, actual_usd, budget_usd, progress, records_expected, "
+        "records_succeeded, records_failed, last_seq, fair_key, created_at"
+    )
+    finished = 5000 if not database.is_sqlite else 2000
+    async with database.write() as conn:
+        for n in range(finished + 3):
+            status = "succeeded" if n < finished else ("queued", "running", "queued")[n - finished]
+            await conn.execute(
+                text(
+                    f"INSERT INTO jobs ({columns}) VALUES (:id, 'noop', '1', 'busy', :status, "
+                    "false, 0, '{}', '[]', 0, 0, 1, 0, 0, 0, 0, 0, 0, 0)"
+                ),
+                {"id": f"job-{n:05d}", "status": status},
+            )
+    async with database.write() as conn:
+        await conn.execute(text("ANALYZE jobs"))
+        assert await job_repo.count_active(conn, "busy") == 3
+        assert await job_repo.count_active(conn, "nobody") == 0
+        query = job_repo._COUNT_ACTIVE.params(owner="busy")
+        sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        explain = "EXPLAIN QUERY PLAN " if database.is_sqlite else "EXPLAIN "
+        plan = " ".join(str(row[-1]) for row in await conn.execute(text(explain + sql)))
+    assert "ix_jobs_owner_active" in plan

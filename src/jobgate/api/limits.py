@@ -110,6 +110,29 @@ async def _nothing() -> None:
     return None
 
 
+class SweepingMemoryStorage(MemoryStorage):
+    """`limits`' memory storage, sweeping out expired entries at most once a second.
+
+    `limits` (5.8) starts a sweep of every key, with a thread hop per key, whenever the
+    previous sweep has finished: under load that is all the time, and with 100 users it
+    cost about 15 % of submit throughput. A window's count never depends on the sweep
+    (expired entries are skipped when counted), only memory does.
+    """
+
+    SWEEP_INTERVAL_S = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next_sweep = 0.0
+
+    async def _MemoryStorage__schedule_expiry(self) -> None:
+        at = time.monotonic()
+        if at < self._next_sweep:
+            return
+        self._next_sweep = at + self.SWEEP_INTERVAL_S
+        await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
+
+
 def open_backend(url: str, *, namespace: str) -> Backend:
     """The moving-window limiter over the storage `url` names.
 
@@ -124,7 +147,7 @@ def open_backend(url: str, *, namespace: str) -> Backend:
     scheme, separator, _ = url.partition("://")
     scheme = scheme.lower()
     if separator and scheme == "memory":
-        return Backend(MovingWindowRateLimiter(MemoryStorage()), (), _nothing)
+        return Backend(MovingWindowRateLimiter(SweepingMemoryStorage()), (), _nothing)
     if separator and scheme in ("redis", "rediss"):
         from redis.asyncio import ConnectionPool
         from redis.exceptions import RedisError

@@ -289,7 +289,7 @@ class Hub:
             if self._safe_at >= asked:
                 return self._safe
             started = time.monotonic()
-            async with self.db.read() as conn:
+            async with self.db.autocommit() as conn:
                 # Two statements, in this order: the second one's snapshot is newer.
                 taken = (await conn.execute(_LAST_EVENT_ID)).scalar_one()
                 xmin, xmax = (await conn.execute(_SNAPSHOT)).one()
@@ -463,7 +463,8 @@ async def _global_page(
         query = query.where(events.c.id <= bound)
     if owner is not None:
         query = query.join(jobs, jobs.c.id == events.c.job_id).where(jobs.c.owner == owner)
-    async with db.read() as conn:
+    # One statement: on PostgreSQL it needs no transaction around it.
+    async with db.read() if db.is_sqlite else db.autocommit() as conn:
         return (await conn.execute(query)).mappings().all()
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -27,6 +28,9 @@ metadata = MetaData(
     }
 )
 Json = JSON().with_variant(JSONB(), "postgresql")
+ACTIVE_STATUSES = ("queued", "running")
+ACTIVE_JOBS = "status IN ({})".format(", ".join(f"'{status}'" for status in ACTIVE_STATUSES))
+"""A job that is not finished, as SQL (literal, so that a partial index matches it)."""
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL wants 64 bits.
 AutoId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -63,6 +67,13 @@ jobs = Table(
     Index(None, "owner", "created_at"),
     Index(None, "status", "created_at"),
     Index(None, "created_at"),
+    # The active-jobs cap counts these; only queued and running jobs are in it.
+    Index(
+        "ix_jobs_owner_active",
+        "owner",
+        postgresql_where=text(ACTIVE_JOBS),
+        sqlite_where=text(ACTIVE_JOBS),
+    ),
 )
 
 stages = Table(

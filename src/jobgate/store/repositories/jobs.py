@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Float, String, bindparam, func, insert, select, update
+from sqlalchemy import Float, String, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -15,13 +15,21 @@ from jobgate.errors import Conflict, NotFound
 from jobgate.pipelines import Pipeline, Registry
 from jobgate.store import pg
 from jobgate.store.repositories import events, scheduling, tasks
-from jobgate.store.tables import artifacts, jobs, outbox, owner_clocks, stages
+from jobgate.store.tables import (
+    ACTIVE_JOBS,
+    ACTIVE_STATUSES,
+    artifacts,
+    jobs,
+    outbox,
+    owner_clocks,
+    stages,
+)
 from jobgate.store.tables import events as event_table
 from jobgate.store.tables import tasks as task_table
 
 DEFAULT_STRIDE_S = 1.0
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-ACTIVE = frozenset({"queued", "running"})
+ACTIVE = frozenset(ACTIVE_STATUSES)
 
 
 @dataclass
@@ -335,7 +343,8 @@ async def owned_ids(conn: AsyncConnection, ids: Sequence[str], owner: str | None
 _COUNT_ACTIVE = (
     select(func.count())
     .select_from(jobs)
-    .where(jobs.c.owner == bindparam("owner"), jobs.c.status.in_(sorted(ACTIVE)))
+    # The literal condition is the one of the partial index `ix_jobs_owner_active`.
+    .where(jobs.c.owner == bindparam("owner"), text(ACTIVE_JOBS))
 )
 
 

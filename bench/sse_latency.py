@@ -1,0 +1,192 @@
+"""HTTP submit → `completed` received on an open SSE stream, on an idle system.
+
+What a client of jobgate sees end to end, as issue 3 asks: one `jobgate serve` (an
+in-process worker of concurrency 4) per database and run, a client holding one
+`GET /v1/events` stream open, and one `noop` job at a time: the clock starts before
+`POST /v1/jobs` is written and stops when the stream delivers that job's `completed`
+event. Both the submit and the stream are plain asyncio sockets on keep-alive
+connections (an HTTP client library costs more CPU than the server on this machine).
+
+A few untimed jobs first warm the server (statement caches, the worker's first claim).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench._common import Result, fresh_postgres, log, sqlite_url, temp_dir
+from bench.submit import _env, _free_port, _jobgate, _run_cli, _running
+
+WARM_UP = 20
+SUBMIT_BODY = json.dumps({"pipeline": "noop", "params": {}}).encode()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class AllEvents:
+    """`GET /v1/events` on a raw socket: hands each `completed` job id to a waiter."""
+
+    def __init__(self, port: int, key: str) -> None:
+        self.port, self.key = port, key
+        self.waiting: dict[str, asyncio.Future[float]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._writer = writer
+        writer.write(
+            (
+                f"GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {self.key}\r\nAccept: text/event-stream\r\n\r\n"
+            ).encode()
+        )
+        status = await reader.readline()
+        if b" 200 " not in status:
+            raise RuntimeError(f"stream refused: {status!r}")
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        self._task = asyncio.create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        kind = ""
+        while line := await reader.readline():
+            if line.startswith(b"event: "):
+                kind = line[7:].decode().strip()
+            elif line.startswith(b"data: ") and kind == "completed":
+                arrived = time.perf_counter()
+                job_id = json.loads(line[6:])["job_id"]
+                waiter = self.waiting.pop(job_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(arrived)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._task is not None:
+            self._task.cancel()
+
+
+class Submitter:
+    """`POST /v1/jobs` on one keep-alive socket."""
+
+    def __init__(self, port: int, key: str) -> None:
+        self.port, self.key = port, key
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+    def send(self) -> None:
+        assert self._writer is not None
+        self._writer.write(
+            (
+                f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {self.key}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(SUBMIT_BODY)}\r\n\r\n"
+            ).encode()
+            + SUBMIT_BODY
+        )
+
+    async def answer(self) -> dict[str, Any]:
+        assert self._reader is not None
+        status = await self._reader.readline()
+        if b" 202 " not in status:
+            raise RuntimeError(f"submit refused: {status!r}")
+        length = 0
+        while (line := await self._reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        body: dict[str, Any] = json.loads(await self._reader.readexactly(length))
+        return body
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+async def _one(stream: AllEvents, submitter: Submitter) -> float:
+    """One job: ms from writing its submit to reading its `completed` on the stream."""
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    submitter.send()
+    job = await submitter.answer()
+    done: asyncio.Future[float] = loop.create_future()
+    stream.waiting[job["id"]] = done
+    # The stream may have delivered it before the submit's answer was read.
+    if job["status"] == "succeeded":  # pragma: no cover - only with a very fast worker
+        raise RuntimeError("the answer already says succeeded: the clock would be wrong")
+    async with asyncio.timeout(30):
+        arrived = await done
+    return (arrived - started) * 1000
+
+
+async def run_once(database: str, samples: int) -> list[float]:
+    """One server on `database`: `samples` submit→completed latencies (ms)."""
+    with temp_dir("sse-latency") as tmp:
+        url = sqlite_url(tmp) if database == "sqlite" else await fresh_postgres()
+        env = {
+            **_env(tmp, url),
+            "JOBGATE_TRANSPORT_NAMESPACE": f"bench{uuid.uuid4().hex[:8]}",
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+        }
+        if database == "postgres":
+            _run_cli(["db", "upgrade"], env, tmp)
+        key = _run_cli(["keys", "create", "--owner", "bench", "--role", "user"], env, tmp)
+        key = key.strip().splitlines()[-1].strip()
+        port = _free_port()
+        command = [
+            *_jobgate(),
+            *("serve", "--host", "127.0.0.1", "--port", str(port), "--worker-concurrency", "4"),
+        ]
+        with _running(command, env, tmp, tmp / "serve.log", port, key):
+            stream, submitter = AllEvents(port, key), Submitter(port, key)
+            await stream.open()
+            await submitter.open()
+            try:
+                for _ in range(WARM_UP):
+                    await _one(stream, submitter)
+                latencies = []
+                for _ in range(samples):
+                    latencies.append(await _one(stream, submitter))
+                    await asyncio.sleep(0.01)  # idle between jobs, as the issue asks
+            finally:
+                await submitter.close()
+                await stream.close()
+    return latencies
+
+
+async def run(*, databases: list[str], samples: int, runs: int) -> list[Result]:
+    """p50 and p99 per database, the median of `runs` runs each."""
+    results: list[Result] = []
+    for database in databases:
+        p50 = Result(
+            benchmark="HTTP submit -> completed on an open SSE stream, p50",
+            database=database,
+            unit="ms",
+        )
+        p99 = Result(
+            benchmark="HTTP submit -> completed on an open SSE stream, p99",
+            database=database,
+            unit="ms",
+        )
+        for run_index in range(runs):
+            latencies = await run_once(database, samples)
+            p50.values.append(_percentile(latencies, 0.5))
+            p99.values.append(_percentile(latencies, 0.99))
+            log(
+                f"  sse latency {database} run {run_index + 1}: p50 {p50.values[-1]:.2f} ms, "
+                f"p99 {p99.values[-1]:.2f} ms ({samples} jobs)"
+            )
+        results += [p50, p99]
+    return results
