@@ -20,6 +20,7 @@ Key contracts (docs/limits.md has the why of each):
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +51,9 @@ T = TypeVar("T")
 
 STORAGE_TIMEOUT_S = 0.5
 """A Redis call slower than this counts as a storage failure (and fails open)."""
+VIEW_TTL_S = 1.0
+"""How long a process trusts its last reading of a submit window with room, for the check."""
+_SEEN_MAX = 100_000  # readings kept; older ones are dropped when there are more
 STORAGE_RETRY_S = 1.0
 """After a storage failure, limits are not enforced for this long before trying again."""
 ACTIVE_RETRY_AFTER_S = 5
@@ -97,13 +101,22 @@ class Window:
 # -- storage -----------------------------------------------------------------------------
 
 
+Take = Callable[[RateLimitItem, int, tuple[str, ...]], Awaitable[tuple[bool, float, int]]]
+"""Take `cost` slots of a window (all or none), then count it: (taken, oldest entry, count)."""
+
+
 @dataclass
 class Backend:
-    """A moving-window limiter, the storage errors that fail open, and how to close it."""
+    """A moving-window limiter, the storage errors that fail open, and how to close it.
+
+    `take` does the limiter's `hit` and reads the window it leaves, in one storage call
+    where the storage allows (one Redis round trip).
+    """
 
     limiter: MovingWindowRateLimiter
     errors: tuple[type[Exception], ...]
     aclose: Callable[[], Awaitable[None]]
+    take: Take
 
 
 async def _nothing() -> None:
@@ -111,12 +124,15 @@ async def _nothing() -> None:
 
 
 class SweepingMemoryStorage(MemoryStorage):
-    """`limits`' memory storage, sweeping out expired entries at most once a second.
+    """`limits`' memory storage, sweeping out expired entries at most once a second, on the
+    event loop.
 
     `limits` (5.8) starts a sweep of every key, with a thread hop per key, whenever the
-    previous sweep has finished: under load that is all the time, and with 100 users it
-    cost about 15 % of submit throughput. A window's count never depends on the sweep
-    (expired entries are skipped when counted), only memory does.
+    previous sweep has finished: under load that is all the time, and the hops cost the
+    event loop more than the limits themselves (a submit limit on memory measured slower
+    than one on Redis). Sweeping a window is a binary search, so it needs no thread. A
+    window's count never depends on the sweep (expired entries are skipped when counted),
+    only memory does.
     """
 
     SWEEP_INTERVAL_S = 1.0
@@ -127,10 +143,26 @@ class SweepingMemoryStorage(MemoryStorage):
 
     async def _MemoryStorage__schedule_expiry(self) -> None:
         at = time.monotonic()
-        if at < self._next_sweep:
-            return
-        self._next_sweep = at + self.SWEEP_INTERVAL_S
-        await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
+        if at >= self._next_sweep:
+            self._next_sweep = at + self.SWEEP_INTERVAL_S
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Drop expired entries, and the windows and counters left empty."""
+        now = time.time()
+        for key, entries in list(self.events.items()):
+            # Newest first, so the expired ones are a tail.
+            keep = bisect.bisect_left(entries, -now, key=lambda entry: -entry.expiry)
+            if keep:
+                del entries[keep:]
+            else:
+                del self.events[key]
+                self.locks.pop(key, None)
+        for key, expires_at in list(self.expirations.items()):
+            if expires_at <= now:
+                self.storage.pop(key, None)
+                del self.expirations[key]
+                self.locks.pop(key, None)
 
 
 def open_backend(url: str, *, namespace: str) -> Backend:
@@ -147,9 +179,21 @@ def open_backend(url: str, *, namespace: str) -> Backend:
     scheme, separator, _ = url.partition("://")
     scheme = scheme.lower()
     if separator and scheme == "memory":
-        return Backend(MovingWindowRateLimiter(SweepingMemoryStorage()), (), _nothing)
+        memory = SweepingMemoryStorage()
+        limiter = MovingWindowRateLimiter(memory)
+
+        async def take_in_memory(
+            item: RateLimitItem, cost: int, key: tuple[str, ...]
+        ) -> tuple[bool, float, int]:
+            taken = await limiter.hit(item, *key, cost=cost)
+            start, count = await memory.get_moving_window(
+                item.key_for(*key), item.amount, item.get_expiry()
+            )
+            return taken, start, count
+
+        return Backend(limiter, (), _nothing, take_in_memory)
     if separator and scheme in ("redis", "rediss"):
-        from redis.asyncio import ConnectionPool
+        from redis.asyncio import ConnectionPool, Redis
         from redis.exceptions import RedisError
 
         pool = ConnectionPool.from_url(
@@ -160,8 +204,61 @@ def open_backend(url: str, *, namespace: str) -> Backend:
         storage: Storage = RedisStorage(
             f"async+{url}", implementation="redispy", key_prefix=namespace, **options
         )
-        return Backend(MovingWindowRateLimiter(storage), (RedisError, OSError), pool.aclose)
+        script = Redis(connection_pool=pool).register_script(_TAKE_AND_COUNT)
+
+        async def take_in_redis(
+            item: RateLimitItem, cost: int, key: tuple[str, ...]
+        ) -> tuple[bool, float, int]:
+            name = f"{namespace}:{item.key_for(*key)}"
+            args = [time.time(), item.amount, item.get_expiry(), cost]
+            taken, start, count = await script([name], args)
+            return bool(taken), float(start), int(count)
+
+        return Backend(
+            MovingWindowRateLimiter(storage), (RedisError, OSError), pool.aclose, take_in_redis
+        )
     raise ValueError(f"unknown limits URL {url!r}: use memory:// or redis://host:port/db")
+
+
+# `limits` takes slots (`hit`) and reads a window (`get_window_stats`) in two calls; a
+# submit needs both, so on Redis this does the two in one script, on the list `limits`
+# keeps (newest entry first, one timestamp per slot, at most `limit` long), so that
+# `limits` reads what it writes. `tests/contract/test_limit_storages.py` holds the two
+# to the same answers.
+_TAKE_AND_COUNT = """
+local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local expiry, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+local key = KEYS[1]
+local taken = 0
+if cost <= limit then
+    local blocking = redis.call('lindex', key, limit - cost)
+    if not (blocking and tonumber(blocking) >= now - expiry) then
+        local entries = {}
+        for i = 1, math.min(cost, 1000) do entries[i] = now end
+        for pushed = 0, cost - 1, 1000 do
+            redis.call('lpush', key, unpack(entries, 1, math.min(1000, cost - pushed)))
+        end
+        redis.call('ltrim', key, 0, limit - 1)
+        redis.call('expire', key, expiry)
+        taken = 1
+    end
+end
+-- The newest entries are first: find the last one still inside the window.
+local low, high, last = 0, redis.call('llen', key) - 1, -1
+while low <= high do
+    local middle = math.floor((low + high) / 2)
+    if tonumber(redis.call('lindex', key, middle)) >= now - expiry then
+        last = middle
+        low = middle + 1
+    else
+        high = middle - 1
+    end
+end
+if last < 0 then
+    return {taken, tostring(now), 0}
+end
+return {taken, redis.call('lindex', key, last), last + 1}
+"""
 
 
 def _item(limit: str) -> RateLimitItem | None:
@@ -199,6 +296,8 @@ class RateLimits:
         self.trusted_proxies = tuple(trusted_proxies)
         self._backend = backend
         self._retry_at = 0.0
+        # owner -> (when it was read, monotonic; their submit window then)
+        self._seen: dict[str, tuple[float, Window]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RateLimits:
@@ -231,15 +330,45 @@ class RateLimits:
             return None
         return await self._window(self.submit, "submit", owner)
 
-    async def take_submits(self, owner: str, cost: int) -> bool:
-        """Take `cost` submit slots at once, or none (False) if they are not all free."""
+    async def take_submits(self, owner: str, cost: int) -> tuple[bool, Window | None]:
+        """Take `cost` submit slots at once, or none (False) if they are not all free; and
+        the window as the take left it (None without a limit, or when storage fails)."""
         if self.submit is None:
-            return True
-        return await self._take(self.submit, cost, "submit", owner)
+            return True, None
+        taken, window = await self._take(self.submit, cost, "submit", owner)
+        if window is not None:
+            self._remember(owner, window)
+        return taken, window
+
+    async def checked_window(self, owner: str, cost: int = 1) -> Window | None:
+        """`owner`'s submit window for the check before the body: this process's last
+        reading when it is under `VIEW_TTL_S` old and has room for `cost`, else a fresh one.
+
+        A reading with room is trusted for the check only (the take is always exact): in
+        that second other processes may have filled the window, and then the take refuses
+        the request. A full reading is never trusted, as slots free by themselves.
+        """
+        seen = self._seen.get(owner)
+        if seen is not None:
+            read_at, last = seen
+            if time.monotonic() - read_at < VIEW_TTL_S and last.remaining >= cost:
+                return last
+        window = await self.submit_window(owner)
+        if window is not None:
+            self._remember(owner, window)
+        return window
+
+    def _remember(self, owner: str, window: Window) -> None:
+        if len(self._seen) >= _SEEN_MAX:
+            at = time.monotonic()
+            self._seen = {o: v for o, v in self._seen.items() if at - v[0] < VIEW_TTL_S}
+            if len(self._seen) >= _SEEN_MAX:
+                self._seen.clear()
+        self._seen[owner] = (time.monotonic(), window)
 
     async def admit_submit(self, db: Database, owner: str) -> SubmitQuota:
         """Read `owner`'s submit window and active jobs, counting nothing."""
-        window = await self.submit_window(owner)
+        window = await self.checked_window(owner)
         active = None
         if self.max_active_jobs > 0:
             async with db.read() as conn:
@@ -251,11 +380,10 @@ class RateLimits:
         if self.ip is None:
             return None
         key = ip_bucket(client_ip(scope, self.trusted_proxies))
-        if await self._take(self.ip, 1, "ip", key):
+        taken, window = await self._take(self.ip, 1, "ip", key)
+        if taken:
             return None
-        now = time.time()
-        window = await self._window(self.ip, "ip", key)
-        return window or Window(self.ip.amount, 0, now + 1)
+        return window or Window(self.ip.amount, 0, time.time() + 1)
 
     async def _window(self, item: RateLimitItem, *key: str) -> Window | None:
         assert self._backend is not None
@@ -269,10 +397,16 @@ class RateLimits:
         reset_at = stats.reset_time if remaining < item.amount else now
         return Window(item.amount, remaining, reset_at)
 
-    async def _take(self, item: RateLimitItem, cost: int, *key: str) -> bool:
+    async def _take(self, item: RateLimitItem, cost: int, *key: str) -> tuple[bool, Window | None]:
         assert self._backend is not None
-        limiter = self._backend.limiter
-        return await self._guard(lambda: limiter.hit(item, *key, cost=cost), True, "take")
+        take = self._backend.take
+        result = await self._guard(lambda: take(item, cost, key), None, "take")
+        if result is None:
+            return True, None
+        taken, oldest, count = result
+        remaining = max(0, item.amount - count)
+        reset_at = oldest + item.get_expiry() if count else time.time()
+        return taken, Window(item.amount, remaining, reset_at)
 
     async def _guard(self, call: Callable[[], Awaitable[T]], fallback: T, operation: str) -> T:
         """`call()`, or `fallback` (fail open) while the storage fails."""
@@ -310,6 +444,7 @@ class SubmitQuota:
         deferred: refused at the check, but with an Idempotency-Key already used: left to
             the key lookup (a replay passes, counting nothing) and to the take.
         taken: whether `reserve` took the slots.
+        left: the window as the take left it (exact, read in the take's call).
     """
 
     limits: RateLimits
@@ -320,6 +455,14 @@ class SubmitQuota:
     deferred: bool = False
     taken: bool = False
     taken_at: float = field(default=0.0, repr=False)
+    left: Window | None = None
+
+    async def require_fresh(self, cost: int) -> None:
+        """`require`, after reading the window again if this process's last reading
+        (which the check may have used) is short of `cost`: slots free by themselves."""
+        if not self.deferred and self.window is not None and cost > self.window.remaining:
+            self.window = await self.limits.submit_window(self.owner) or self.window
+        self.require(cost)
 
     def require(self, cost: int) -> None:
         """Refuse a request of `cost` jobs that the window or the active cap cannot take.
@@ -361,10 +504,13 @@ class SubmitQuota:
             RateLimited: another request took them since the check (nothing is taken).
         """
         at = time.time()
-        if await self.limits.take_submits(self.owner, self.cost):
-            self.taken, self.taken_at = True, at
+        taken, left = await self.limits.take_submits(self.owner, self.cost)
+        if taken:
+            self.taken, self.taken_at, self.left = True, at, left
+            if left is None:  # the storage failed (open): no window to tell of
+                self.window = None
             return
-        window = await self.limits.submit_window(self.owner) or self.window
+        window = left or self.window
         assert window is not None
         raise window.refusal(
             f"submit limit reached: {self.cost} needed, {window.remaining} of {window.limit} left"
@@ -372,6 +518,8 @@ class SubmitQuota:
 
     def headers(self) -> dict[str, str]:
         """The RateLimit headers of this request's answer (none without a window)."""
+        if self.left is not None:
+            return self.left.headers()
         if self.window is None:
             return {}
         window = self.window

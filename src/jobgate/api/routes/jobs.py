@@ -142,7 +142,7 @@ async def submit_batch(
     principal.require_write()
     quota = await limits.check_submit(request, state, principal)
     raw = await submit.read_json_body(request, state)
-    quota.require(_batch_size(raw))
+    await quota.require_fresh(_batch_size(raw))
     _too_many(raw, "jobs", state.settings.max_jobs_per_request)
     batch = submit.parse_model(JobBatchSubmit, raw)
     key = submit.check_idempotency_key(idempotency_key)

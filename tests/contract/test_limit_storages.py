@@ -1,0 +1,125 @@
+"""One contract for the rate-limit storages (`memory://` and a real Redis).
+
+A submit takes its slots and reads the window it leaves in one call (`Backend.take`; on
+Redis a script of jobgate's on the list `limits` keeps). These tests hold that call to
+what `limits` itself writes and reads, on both storages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio
+from limits import parse
+
+from jobgate.api.limits import Backend, RateLimits, open_backend
+from tests.conftest import TCP_SERVICES
+
+REDIS_URL = f"redis://{TCP_SERVICES['redis']}/0"
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("memory", id="memory"),
+        pytest.param("redis", id="redis", marks=pytest.mark.service("redis")),
+    ]
+)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    namespace = f"jgtest-limits-{uuid.uuid4().hex[:12]}"
+    url = "memory://" if request.param == "memory" else REDIS_URL
+    made = open_backend(url, namespace=namespace)
+    try:
+        yield made
+    finally:
+        await made.aclose()
+        if request.param == "redis":
+            client = redis.asyncio.Redis.from_url(REDIS_URL)
+            try:
+                keys = [key async for key in client.scan_iter(f"{namespace}:*")]
+                if keys:
+                    await client.delete(*keys)
+            finally:
+                await client.aclose()
+
+
+async def test_a_take_reports_the_window_limits_reads(backend: Backend) -> None:
+    """Each take says what `limits`' own window read says right after it."""
+    item = parse("5/minute")
+    for expected_count in (1, 3, 4):
+        cost = {1: 1, 3: 2, 4: 1}[expected_count]
+        taken, oldest, count = await backend.take(item, cost, ("submit", "ann"))
+        stats = await backend.limiter.get_window_stats(item, "submit", "ann")
+        assert taken
+        assert count == expected_count
+        assert stats.remaining == 5 - expected_count
+        assert stats.reset_time == pytest.approx(oldest + 60, abs=0.01)
+
+
+async def test_takes_are_all_or_none(backend: Backend) -> None:
+    """A take that does not fit takes nothing; one larger than the limit never fits."""
+    item = parse("3/minute")
+    assert (await backend.take(item, 2, ("submit", "bob")))[0]
+    taken, _, count = await backend.take(item, 2, ("submit", "bob"))
+    assert not taken
+    assert count == 2
+    taken, _, count = await backend.take(item, 4, ("submit", "carl"))
+    assert not taken
+    assert count == 0
+    assert (await backend.take(item, 1, ("submit", "bob")))[0]
+    assert not await backend.limiter.hit(item, "submit", "bob")
+
+
+async def test_limits_own_hits_count_against_a_take(backend: Backend) -> None:
+    """Slots `limits` took (`hit`) are in the window a take sees, and the reverse."""
+    item = parse("4/minute")
+    assert await backend.limiter.hit(item, "ip", "10.0.0.1", cost=3)
+    taken, _, count = await backend.take(item, 1, ("ip", "10.0.0.1"))
+    assert taken
+    assert count == 4
+    assert not await backend.limiter.hit(item, "ip", "10.0.0.1")
+
+
+async def test_the_window_moves(backend: Backend) -> None:
+    """Entries leave the window when they are older than it; the oldest one left is
+    reported, so the reset time is exact."""
+    item = parse("2/second")
+    started = time.time()
+    assert (await backend.take(item, 1, ("submit", "dan")))[0]
+    await asyncio.sleep(0.4)
+    taken, oldest, count = await backend.take(item, 1, ("submit", "dan"))
+    assert taken
+    assert count == 2
+    assert oldest == pytest.approx(started, abs=0.2)
+    assert not (await backend.take(item, 1, ("submit", "dan")))[0]
+    await asyncio.sleep(0.7)  # the first entry is out, the second still in
+    taken, oldest, count = await backend.take(item, 1, ("submit", "dan"))
+    assert taken
+    assert count == 2
+    assert oldest == pytest.approx(started + 0.4, abs=0.2)
+
+
+async def test_the_check_trusts_a_recent_reading_with_room_only(backend: Backend) -> None:
+    """The check before the body reuses this process's reading of under a second with
+    room for the request; a full or old reading is read again (slots free by themselves,
+    and other processes take them)."""
+    limits = RateLimits(submit=parse("2/second"), backend=backend)
+    first = await limits.checked_window("eve")
+    assert first is not None
+    assert first.remaining == 2
+    assert await limits.checked_window("eve") is first  # no read: the same reading
+    taken, left = await limits.take_submits("eve", 2)
+    assert taken
+    assert left is not None
+    assert left.remaining == 0
+    full = await limits.checked_window("eve")  # full: read again, still full
+    assert full is not None
+    assert full is not left
+    assert full.remaining == 0
+    await asyncio.sleep(1.1)
+    freed = await limits.checked_window("eve")
+    assert freed is not None
+    assert freed.remaining == 2
