@@ -63,6 +63,26 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+async def open_stream(
+    host: str, port: int, key: str, path: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """GET `path` as an SSE stream on a raw socket; returns once the headers are read."""
+    reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    writer.write(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {key}\r\nAccept: text/event-stream\r\n\r\n"
+        ).encode()
+    )
+    status = await reader.readline()
+    if b" 200 " not in status:
+        writer.close()
+        raise RuntimeError(f"stream refused: {status!r}")
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass
+    return reader, writer
+
+
 class Stream:
     """One SSE connection on a raw socket: reads events, stamping each on arrival."""
 
@@ -74,19 +94,9 @@ class Stream:
         self._task: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
-        reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
-        self._writer = writer
-        writer.write(
-            (
-                f"GET /v1/jobs/{self.job_id}/events HTTP/1.1\r\nHost: {self.host}\r\n"
-                f"Authorization: Bearer {self.key}\r\nAccept: text/event-stream\r\n\r\n"
-            ).encode()
+        reader, self._writer = await open_stream(
+            self.host, self.port, self.key, f"/v1/jobs/{self.job_id}/events"
         )
-        status = await reader.readline()
-        if b" 200 " not in status:
-            raise RuntimeError(f"stream refused: {status!r}")
-        while (await reader.readline()) not in (b"\r\n", b""):
-            pass
         self._task = asyncio.create_task(self._read(reader))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import Result, fresh_postgres, log, sqlite_url, temp_dir
+from bench.sse import open_stream
 from bench.submit import _env, _free_port, _jobgate, _run_cli, _running
 
 WARM_UP = 20
@@ -41,19 +42,7 @@ class AllEvents:
         self._task: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self._writer = writer
-        writer.write(
-            (
-                f"GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                f"Authorization: Bearer {self.key}\r\nAccept: text/event-stream\r\n\r\n"
-            ).encode()
-        )
-        status = await reader.readline()
-        if b" 200 " not in status:
-            raise RuntimeError(f"stream refused: {status!r}")
-        while (await reader.readline()) not in (b"\r\n", b""):
-            pass
+        reader, self._writer = await open_stream("127.0.0.1", self.port, self.key, "/v1/events")
         self._task = asyncio.create_task(self._read(reader))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
