@@ -4,11 +4,12 @@ Key contracts (docs/limits.md has the why of each):
 
 - The submit limit (`JOBGATE_RATE_LIMIT_SUBMIT`) is a moving window per user, kept by
   `limits` in memory or in Redis. A submit is *checked* without counting after
-  authentication and role, and its slots are *taken* (one atomic `hit` of cost n) only
-  once every other check has passed and the Idempotency-Key lookup found no replay, just
-  before its rows are written. So a refused request and a replay never count, and
-  concurrent submits cannot together pass the limit: the take refuses the loser (429,
-  nothing written, nothing counted).
+  authentication and role (against this process's reading of under a second, when it
+  has room), and its slots are *taken* (atomically, all n or none, reading the window
+  left in the same call) only once every other check has passed and the
+  Idempotency-Key lookup found no replay, just before its rows are written. So a refused
+  request and a replay never count, and concurrent submits cannot together pass the
+  limit: the take refuses the loser (429, nothing written, nothing counted).
 - The active-jobs cap (`JOBGATE_MAX_ACTIVE_JOBS_PER_USER`) is one count at the check;
   submits of one owner that are in flight together may pass it together.
 - The IP limit (`JOBGATE_RATE_LIMIT_IP`) counts every `/v1` request it lets through, before
