@@ -16,7 +16,8 @@ import pytest
 import redis.asyncio
 from limits import parse
 
-from jobgate.api.limits import Backend, RateLimits, open_backend
+from jobgate.api.limits import Backend, RateLimits, SubmitQuota, open_backend
+from jobgate.errors import RateLimited
 from tests.conftest import TCP_SERVICES
 
 REDIS_URL = f"redis://{TCP_SERVICES['redis']}/0"
@@ -123,3 +124,23 @@ async def test_the_check_trusts_a_recent_reading_with_room_only(backend: Backend
     freed = await limits.checked_window("eve")
     assert freed is not None
     assert freed.remaining == 2
+
+
+async def test_a_batch_short_of_a_recent_readings_room_reads_again(backend: Backend) -> None:
+    """A batch the check's (cached) reading has no room for is refused only after a fresh
+    read: slots free by themselves as entries leave the window."""
+    limits = RateLimits(submit=parse("3/second"), backend=backend)
+    assert (await limits.take_submits("fay", 1))[0]
+    await asyncio.sleep(0.6)
+    assert (await limits.take_submits("fay", 1))[0]  # this reading: 1 of 3 left
+    await asyncio.sleep(0.5)  # the first entry has left the window: 2 are free
+    quota = SubmitQuota(limits, "fay", window=await limits.checked_window("fay"))
+    assert quota.window is not None
+    assert quota.window.remaining == 1  # the reading of 0.5 s ago, not read again
+    await quota.require_fresh(2)
+    assert quota.window.remaining == 2
+    await quota.reserve()
+    assert quota.headers()["RateLimit-Remaining"] == "0"
+    full = SubmitQuota(limits, "fay", window=await limits.checked_window("fay"))
+    with pytest.raises(RateLimited):
+        await full.require_fresh(1)
