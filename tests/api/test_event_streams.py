@@ -9,6 +9,7 @@ import os
 import resource
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
 
@@ -18,6 +19,7 @@ from jobgate.store.repositories import events as event_repo
 from tests.api.conftest import AppFactory
 from tests.api.helpers import state_of
 from tests.api.sse import Sse, collect, read_events, serving, signed_in
+from tests.conftest import POSTGRES_DSN
 
 SSE = {"Accept": "text/event-stream"}
 TERMINAL = {"completed", "error", "cancelled"}
@@ -292,6 +294,31 @@ async def test_a_global_stream_waits_for_a_slower_writer_of_a_smaller_id(
     assert got[0].id is not None
     assert got[1].id is not None
     assert got[0].id < got[1].id
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_writer_in_another_database_does_not_hold_global_streams_back(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """Only this database's writers can hold an event id: a transaction with an id open
+    in another database of the same server (another app, or another test process) does
+    not delay `/v1/events`."""
+    app = await app_factory()
+    _, key = await make_key("root", ["admin"])
+    other = await asyncpg.connect(POSTGRES_DSN)  # the server's `test` database
+    try:
+        async with signed_in(app, key, SSE) as admin, other.transaction():
+            assert await other.fetchval("SELECT pg_current_xact_id()") is not None
+            job_id = await _submit(admin, "noop")
+            reader = asyncio.create_task(_read_all(admin, 1, kind="message"))
+            await asyncio.sleep(0.3)
+            async with state_of(app).db.write() as conn:
+                await event_repo.append(conn, job_id, [("message", {"text": "hi"})], at=now())
+            async with asyncio.timeout(3):
+                got = await reader
+    finally:
+        await other.close()
+    assert [e.data["text"] for e in got] == ["hi"]
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the hub's, not the store's

@@ -47,9 +47,12 @@ _OUTAGE_RETRY_S = 1.0  # how soon a stream tries the store again after it failed
 _LAST_EVENT_ID = text(
     "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')::regclass), 0)"
 )
-_SNAPSHOT = text(
-    "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint "
-    "FROM pg_current_snapshot() AS s"
+# Transactions of this database that hold a transaction id (writers), running now. Only
+# these can hold an event id: other databases' transactions on the same server do not
+# delay streams (the cluster-wide snapshot `xmin` would wait for them too).
+_RUNNING_WRITERS = text(
+    "SELECT coalesce(array_agg(backend_xid::text), '{}') FROM pg_stat_activity "
+    "WHERE datname = current_database() AND backend_xid IS NOT NULL"
 )
 HEARTBEAT = b"event: heartbeat\ndata: {}\n\n"
 STREAM_HEADERS = {
@@ -141,7 +144,8 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         bus.subscribe(self._changed)
         # Global ids (PostgreSQL): (sequence value, snapshot xmax) pairs not yet safe.
-        self._pending: list[tuple[int, int]] = []
+        # (an event id, the writers that were running when it was read)
+        self._pending: list[tuple[int, frozenset[str]]] = []
         self._safe = 0
         self._safe_at = 0.0
         self._safe_lock = asyncio.Lock()
@@ -277,9 +281,9 @@ class Hub:
         On SQLite writers take turns, so ids commit in order and every visible one is
         safe. On PostgreSQL ids commit out of order: an id is safe once every
         transaction that could hold a smaller one has ended. The sequence's value `v`
-        is read first, then a snapshot; once the oldest running transaction is younger
-        than that snapshot's `xmax`, every id up to `v` is committed or never will be
-        (every writer has its transaction id before it takes an event id:
+        is read first, then the transactions of this database that hold a transaction
+        id; once all of those have ended, every id up to `v` is committed or never will
+        be (every writer has its transaction id before it takes an event id:
         `store/pg.py`). Callers that ask together share one computation.
         """
         if self.db.is_sqlite:
@@ -290,15 +294,14 @@ class Hub:
                 return self._safe
             started = time.monotonic()
             async with self.db.autocommit() as conn:
-                # Two statements, in this order: the second one's snapshot is newer.
+                # Two statements, in this order: writers are listed after the id is read.
                 taken = (await conn.execute(_LAST_EVENT_ID)).scalar_one()
-                xmin, xmax = (await conn.execute(_SNAPSHOT)).one()
-            xmin, xmax = int(xmin), int(xmax)
-            self._pending.append((int(taken), xmax))
-            safe = [value for value, until in self._pending if until <= xmin]
+                running = frozenset((await conn.execute(_RUNNING_WRITERS)).scalar_one())
+            self._pending.append((int(taken), running))
+            safe = [value for value, writers in self._pending if not writers & running]
             if safe:
                 self._safe = max(self._safe, *safe)
-            self._pending = [(v, u) for v, u in self._pending if u > xmin and v > self._safe]
+            self._pending = [(v, w) for v, w in self._pending if w & running and v > self._safe]
             self._safe_at = started
             if self._pending and self._retry is None:
                 # A writer is still in flight: look again soon, not at the next commit.
