@@ -36,6 +36,7 @@ from jobgate.errors import JobgateError, Unauthenticated
 from jobgate.ids import now, rfc3339
 from jobgate.store import Database
 from jobgate.store.migrate import upgrade
+from jobgate.tuning import tune_gc
 
 T = TypeVar("T")
 ADMIN_KEY_FILE = "admin-key"
@@ -216,6 +217,7 @@ def serve(
         application, host=host, port=port, log_config=None, access_log=False, proxy_headers=False
     )
     server = Server(config)
+    tune_gc(settings.gc_threshold)
     # As `uvicorn.run` does: uvicorn raises the signal it stopped on again once it is
     # down, and a clean stop by Ctrl-C or SIGINT is exit 0; one that never started, 3.
     with contextlib.suppress(KeyboardInterrupt):
@@ -246,6 +248,7 @@ def worker(
     settings = _settings()
     configure_logging(settings)
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    tune_gc(settings.gc_threshold)
 
     async def run(db: Database) -> None:
         blobs = open_blob_store(settings.blobs_url)

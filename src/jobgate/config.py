@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".jobgate")
     database_url: str = ""
     database_pool_size: int = Field(20, ge=1)
+    gc_threshold: int = Field(
+        50_000, ge=0, description="allocations between young GC collections (0: Python's)"
+    )
     transport_url: str = "database"
     transport_namespace: str = "jobgate"
     bus_url: str = ""

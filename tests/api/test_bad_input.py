@@ -51,6 +51,16 @@ async def small_client(small_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         pytest.param(b"   \n", "application/json", id="blank-body"),
         pytest.param(b"\xff\xfe{}", "application/json", id="not-utf8"),
         pytest.param(b"[" * 100_000 + b"]" * 100_000, "application/json", id="deep-nesting"),
+        # Python's json module reads these; they are not JSON (RFC 8259), and no store
+        # could keep them.
+        pytest.param(b'{"pipeline": "noop", "params": {"x": NaN}}', "application/json", id="nan"),
+        pytest.param(
+            b'{"pipeline": "noop", "params": {"x": -Infinity}}', "application/json", id="infinity"
+        ),
+        pytest.param(b'{"pipeline": "noop"} {}', "application/json", id="trailing-data"),
+        pytest.param(
+            b'{"pipeline": "noop", "params": {"x": 1e400}}', "application/json", id="overflow"
+        ),
         pytest.param(b"--B--\r\n", "multipart/form-data; boundary=B", id="empty-multipart"),
         pytest.param(b"", "multipart/form-data; boundary=B", id="empty-multipart-body"),
         pytest.param(b"--B\r\nxx", "multipart/form-data; boundary=B", id="broken-multipart"),
@@ -197,6 +207,8 @@ async def test_bad_multipart_field_values_are_422(
     """`params` that is not JSON, or a missing `pipeline`, in a form is 422."""
     cases = [
         ({"pipeline": "text-stats", "params": "{nope"}, ["params"]),
+        ({"pipeline": "text-stats", "params": '{"x": NaN}'}, ["params"]),
+        ({"pipeline": "text-stats", "params": '{"x": [1e999]}'}, ["params"]),
         ({"params": "{}"}, ["pipeline"]),
         ({"pipeline": "text-stats", "priority": "999"}, ["priority"]),
     ]

@@ -135,6 +135,26 @@ async def test_fast_path_inserts_store_what_sqlalchemy_stores(postgres_db_url: s
     assert tokens == ["q", "q", "q"]  # every column constant: still one row each
 
 
+async def test_fast_path_keeps_equal_values_of_other_types_apart(postgres_db_url: str) -> None:
+    """`1 == 1.0 == True` in Python, yet each is its own value: a column holding them
+    is not sent as one constant, and each row reads back with its own."""
+    db = Database(postgres_db_url)
+    kinds: list[Any] = [1, 1.0, True]
+    try:
+        async with db.write() as conn:
+            await pg.insert_many(
+                conn,
+                [(jobs, [_job_row(f"k-{i}", params={"x": v}) for i, v in enumerate(kinds)])],
+            )
+        async with db.read() as conn:
+            params = dict((await conn.execute(select(jobs.c.id, jobs.c.params))).all())
+    finally:
+        await db.aclose()
+    for i, v in enumerate(kinds):
+        stored = params[f"k-{i}"]["x"]
+        assert (stored, type(stored)) == (v, type(v))
+
+
 class Abandoned(Exception):
     """Raised to roll a transaction back."""
 

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import pytest
+from fastapi.responses import JSONResponse
 
 from jobgate.api import views
 from jobgate.api.models import Job, JobBatch
@@ -105,3 +106,14 @@ def test_a_job_view_is_what_the_job_model_sends(name: str) -> None:
 def test_a_batch_view_is_what_the_batch_model_sends() -> None:
     body = {"jobs": [views.job(s) for s in SNAPSHOTS.values()]}
     assert body == JobBatch.model_validate(body).model_dump(mode="json", by_alias=True)
+
+
+def test_the_wire_form_is_starlettes_compact_utf8_json() -> None:
+    """`respond` renders what Starlette's `JSONResponse` would (compact, UTF-8, not
+    ASCII-escaped), except that a float JSON cannot hold is `null`, not a 500."""
+    body = {"name": "façade ✓ \u2028", "n": [1, 2.5, None, True], "deep": {"x": {}}}
+    assert views.respond(body).body == JSONResponse(body).body
+    assert json.loads(views.respond({"x": float("nan"), "y": float("inf")}).body) == {
+        "x": None,
+        "y": None,
+    }

@@ -9,8 +9,8 @@ rows are written only in `commit`'s single transaction.
 
 from __future__ import annotations
 
-import json
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -22,7 +22,14 @@ from starlette.requests import Request
 
 from jobgate.api.models import JobSubmit
 from jobgate.api.state import AppState
-from jobgate.api.uploads import Form, UploadedFile, body_kind, parse_form, read_json
+from jobgate.api.uploads import (
+    Form,
+    UploadedFile,
+    body_kind,
+    parse_form,
+    parse_json,
+    read_json,
+)
 from jobgate.auth import Principal
 from jobgate.errors import (
     BudgetExceeded,
@@ -198,8 +205,8 @@ def _form_values(form: Form) -> dict[str, Any]:
     for name, text in form.fields.items():
         if name in ("params", "webhook"):
             try:
-                values[name] = json.loads(text) if text.strip() else None
-            except (ValueError, RecursionError):
+                values[name] = parse_json(text.encode()) if text.strip() else None
+            except (ValueError, OverflowError):
                 raise ValidationFailed(
                     f"{name} is not valid JSON",
                     errors=[{"loc": [name], "msg": "Invalid JSON", "type": "json_invalid"}],
@@ -521,8 +528,8 @@ async def commit(
                 raise
             continue
         state.wake()
-        for job in new_jobs:
-            metrics.JOBS_SUBMITTED.labels(pipeline=job.pipeline.name).inc()
+        for pipeline, count in Counter(job.pipeline.name for job in new_jobs).items():
+            metrics.JOBS_SUBMITTED.labels(pipeline=pipeline).inc(count)
         return snapshots, False
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -16,7 +16,7 @@ A refused request removes every blob it created (`Form.discard`), so it leaves n
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping
 from contextlib import aclosing
@@ -25,6 +25,7 @@ from typing import Any, Literal
 from urllib.parse import unquote
 
 from fastapi import HTTPException
+from pydantic_core import from_json
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
@@ -93,6 +94,9 @@ async def _capped(request: Request, max_bytes: int) -> AsyncGenerator[bytes, Non
 async def read_json(request: Request, *, max_bytes: int) -> Any:
     """The request body parsed as JSON, read with a size cap.
 
+    Parsed by pydantic-core, strictly as RFC 8259 says: no `NaN` or `Infinity`, no
+    lone surrogates, at most 200 levels deep.
+
     Raises:
         MalformedRequest: the body is empty, not UTF-8, or not JSON (or nested too deeply).
         FileTooLarge: the body is larger than `max_bytes`.
@@ -104,9 +108,39 @@ async def read_json(request: Request, *, max_bytes: int) -> Any:
     if not buffer.strip():
         raise MalformedRequest("the request body is empty")
     try:
-        return json.loads(buffer.decode("utf-8"))
-    except (ValueError, RecursionError):
+        return parse_json(buffer)
+    except ValueError:
         raise MalformedRequest("the request body is not valid JSON") from None
+    except OverflowError:
+        raise MalformedRequest("a number in the request body is too large") from None
+
+
+# Only a long exponent or a long run of digits can make a number too large for a float.
+_HUGE_NUMBER = re.compile(rb"[0-9][eE]\+?[0-9]{3}|[0-9]{309}")
+
+
+def parse_json(data: bytes | bytearray) -> Any:
+    """`data` parsed as JSON, strictly (RFC 8259): no `NaN` or `Infinity`, no lone
+    surrogates, at most 200 levels deep, no number too large for a float.
+
+    Raises:
+        ValueError: not JSON.
+        OverflowError: a number that would read as infinity.
+    """
+    value = from_json(data, allow_inf_nan=False)
+    if _HUGE_NUMBER.search(data) and _holds_infinity(value):
+        raise OverflowError("a number is too large")
+    return value
+
+
+def _holds_infinity(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isinf(value)
+    if isinstance(value, dict):
+        return any(_holds_infinity(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_infinity(v) for v in value)
+    return False
 
 
 # -- multipart -------------------------------------------------------------------------

@@ -78,7 +78,9 @@ def decode(payload: str) -> dict[str, int]:
     for part in payload.split(","):
         job_id, _, seq = part.rpartition(":")
         if job_id and seq.isdigit():
-            merge(changes, {job_id: int(seq)})
+            number = int(seq)
+            if number > changes.get(job_id, 0):
+                changes[job_id] = number
     return changes
 
 

@@ -96,6 +96,7 @@ class Pipeline:
         self.estimate_fn = estimate
         self.description = description or (params.__doc__ or "" if params else "").strip()
         self.stages: dict[str, Stage] = {}
+        self._order: tuple[str, ...] | None = None  # computed once every stage is declared
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, version={self.version!r}, stages={list(self.stages)})"
@@ -263,6 +264,7 @@ class Pipeline:
             pipeline=self.name,
         )
         self.stages[stage_name] = stage
+        self._order = None
         return stage
 
     # -- reading the DAG ----------------------------------------------------------------
@@ -273,8 +275,14 @@ class Pipeline:
             raise PipelineDefinitionError(f"pipeline {self.name!r} has no stages")
         self.topological_order()
 
-    def topological_order(self) -> list[str]:
-        """Stage names with every stage after its dependencies."""
+    def topological_order(self) -> tuple[str, ...]:
+        """Stage names with every stage after its dependencies (computed once: every
+        submit reads it)."""
+        if self._order is None:
+            self._order = self._sort()
+        return self._order
+
+    def _sort(self) -> tuple[str, ...]:
         order: list[str] = []
         state: dict[str, int] = {}
 
@@ -292,7 +300,7 @@ class Pipeline:
 
         for stage_name in self.stages:
             visit(stage_name, ())
-        return order
+        return tuple(order)
 
     def roots(self) -> list[str]:
         return [s.name for s in self.stages.values() if not s.after]

@@ -11,12 +11,12 @@ same values, one round trip for many rows of many tables. `docs/performance.md`.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg.exceptions as asyncpg_errors
+from pydantic_core import to_json
 from sqlalchemy import JSON, Executable, Null, Table
 from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.exc import IntegrityError
@@ -167,9 +167,10 @@ def _table_args(table: Table, rows: Rows) -> tuple[tuple[str, ...], tuple[bool, 
         values = [row[column] for row in rows]
         if _column_type(table, column)[1]:
             # As SQLAlchemy's JSON type stores it: Python None is JSON null, not SQL NULL.
-            values = [json.dumps(v) for v in values]
+            values = [to_json(v).decode() for v in values]
         first = values[0]
-        same = all(type(v) is type(first) and v == first for v in values)
+        # `1 == 1.0 == True`, but they are different values: equal and of one type.
+        same = values.count(first) == len(values) and len(set(map(type, values))) == 1
         constant.append(same)
         args.append(first if same else values)
     if all(constant):
@@ -237,7 +238,7 @@ def _encode_bind(value: Any, is_json: bool) -> Any:
     if not is_json or isinstance(value, Null):
         return None if isinstance(value, Null) else value
     # As SQLAlchemy's JSON type sends it: Python None is JSON null, not SQL NULL.
-    return json.dumps(value)
+    return to_json(value).decode()
 
 
 async def fetch(
