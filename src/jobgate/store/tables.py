@@ -31,6 +31,8 @@ Json = JSON().with_variant(JSONB(), "postgresql")
 ACTIVE_STATUSES = ("queued", "running")
 ACTIVE_JOBS = "status IN ({})".format(", ".join(f"'{status}'" for status in ACTIVE_STATUSES))
 """A job that is not finished, as SQL (literal, so that a partial index matches it)."""
+WAITING_TASK = "lease_token IS NULL"
+"""A task no worker holds (it may still wait for its `available_at`)."""
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL wants 64 bits.
 AutoId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -116,7 +118,15 @@ tasks = Table(
     Column("lease_token", String(36)),
     Column("lease_expires_at", Float),
     Column("created_at", Float, nullable=False),
-    Index(None, "queue", "lease_token", "sort_key"),
+    # Claims walk this in order: only tasks waiting to be claimed are in it.
+    Index(
+        "ix_tasks_ready",
+        "queue",
+        "sort_key",
+        "id",
+        postgresql_where=text(WAITING_TASK),
+        sqlite_where=text(WAITING_TASK),
+    ),
     Index(None, "job_id"),
     Index(None, "lease_expires_at"),
 )

@@ -347,7 +347,10 @@ class Worker:
             try:
                 async with self.db.write() as conn:
                     still, stopping = await tasks.renew(
-                        conn, list(held), lease_s=self.settings.lease_s, at=now()
+                        conn,
+                        {runtime.task.task_id: token for token, runtime in held.items()},
+                        lease_s=self.settings.lease_s,
+                        at=now(),
                     )
             except Exception:
                 log.exception("lease_renewal_failed")

@@ -7,6 +7,7 @@ and writes nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -19,6 +20,7 @@ from sqlalchemy import (
     BigInteger,
     Float,
     Integer,
+    Select,
     String,
     bindparam,
     case,
@@ -326,11 +328,31 @@ SELECT l.*, j.params, j.files, j.budget_usd, j.actual_usd, j.cancel_requested,
 FROM leased l JOIN job_rows j ON j.id = l.job_id
 ORDER BY l.sort_key, l.id
 """
-_CLAIM_NEXT_PG = _CLAIM_PG.format(
-    pick="SELECT id FROM tasks WHERE queue = ANY($5::text[]) AND pipeline = ANY($6::text[])"
-    " AND lease_token IS NULL AND available_at <= $4 ORDER BY sort_key, id LIMIT $7"
-    " FOR UPDATE SKIP LOCKED"
-)
+
+
+@functools.cache
+def _claim_next_pg(limit: int) -> str:
+    """The claim of the `limit` best waiting tasks of the queues `$5`.
+
+    Each queue's best waiting tasks are read in order from `ix_tasks_ready` (a scan
+    that stops after `limit`), then the best of those over all queues: `queue =
+    ANY(...)` would sort every waiting task of the queues at each claim. The limit is
+    written into the statement, not sent as a parameter, so PostgreSQL's generic plan
+    knows how few rows each step has and is reused: planning the statement anew cost
+    as much as running it.
+    """
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    # The one value formatted in is an int.
+    pick = (
+        "SELECT t.id FROM unnest($5::text[]) AS q(queue), LATERAL ("
+        "SELECT id, sort_key FROM tasks WHERE queue = q.queue AND lease_token IS NULL"
+        " AND pipeline = ANY($6::text[]) AND available_at <= $4 ORDER BY sort_key, id"
+        " LIMIT {limit} FOR UPDATE SKIP LOCKED) t ORDER BY t.sort_key, t.id LIMIT {limit}"
+    )
+    return _CLAIM_PG.format(pick=pick.format(limit=int(limit)))
+
+
 _CLAIM_IDS_PG = _CLAIM_PG.format(pick="SELECT unnest($5::bigint[])")
 # Mark a stage running; returns a row only if that changed it (a new run or attempt).
 _STAGE_RUNNING = (
@@ -452,7 +474,7 @@ async def claim(
         lease_args = (worker_id, _lease_prefix(), at + lease_s, at)
         if ids is None:
             records = await pg.records(
-                conn, _CLAIM_NEXT_PG, *lease_args, list(queues), list(pipelines), limit
+                conn, _claim_next_pg(limit), *lease_args, list(queues), list(pipelines)
             )
         else:
             records = await pg.records(conn, _CLAIM_IDS_PG, *lease_args, ids)
@@ -719,25 +741,37 @@ async def job_progress(conn: AsyncConnection, job_id: str, stage: str) -> float:
     return value
 
 
+def held_tasks(leases: Mapping[int, str]) -> Select[tuple[int]]:
+    """The ids of the tasks still leased under these (task id: token) leases, locked.
+
+    Found by id (the primary key), not by token, which no index holds: a renewal costs
+    the same with a backlog of a million tasks as with none. Rows are locked in (job,
+    task) order, the order a worker's group commit takes them in
+    (`worker/group_commit.py`), so the two never deadlock.
+    """
+    return (
+        select(task_table.c.id)
+        .where(
+            task_table.c.id.in_(list(leases)),
+            task_table.c.lease_token.in_(list(leases.values())),
+        )
+        .order_by(task_table.c.job_id, task_table.c.id)
+        .with_for_update()
+    )
+
+
 async def renew(
-    conn: AsyncConnection, tokens: Sequence[str], *, lease_s: float, at: float
+    conn: AsyncConnection, leases: Mapping[int, str], *, lease_s: float, at: float
 ) -> tuple[set[str], set[str]]:
-    """Extend the leases held under `tokens`.
+    """Extend the leases held: `leases` maps task ids to the lease tokens held on them.
 
     Returns:
         The tokens still held, and the ids of their jobs that should stop (cancel
         requested, or the job already finished).
     """
-    if not tokens:
+    if not leases:
         return set(), set()
-    # Rows are locked in (job, task) order, the order a worker's group commit takes
-    # them in (`worker/group_commit.py`), so the two never deadlock.
-    mine = (
-        select(task_table.c.id)
-        .where(task_table.c.lease_token.in_(tokens))
-        .order_by(task_table.c.job_id, task_table.c.id)
-        .with_for_update()
-    )
+    mine = held_tasks(leases)
     held = (
         await conn.execute(
             update(task_table)

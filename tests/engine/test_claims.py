@@ -1,0 +1,137 @@
+"""Claims: the best waiting tasks over several queues, read in order from an index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from jobgate.ids import now, uuid7
+from jobgate.pipelines import Registry
+from jobgate.store import pg
+from jobgate.store.database import Database
+from jobgate.store.repositories import jobs as job_repo
+from jobgate.store.repositories import tasks
+
+REGISTRY = Registry.from_paths([])
+
+
+async def _submit(db: Database, count: int, *, pipeline: str = "noop") -> list[str]:
+    new = [
+        job_repo.NewJob(
+            id=uuid7(),
+            pipeline=REGISTRY.get(pipeline),
+            owner="o",
+            params=REGISTRY.get(pipeline).validate_params({}),
+            files=[],
+            priority=0,
+            budget_usd=1.0,
+            estimated_usd=0.0,
+        )
+        for _ in range(count)
+    ]
+    async with db.write() as conn:
+        for start in range(0, count, 500):
+            await job_repo.create(conn, new[start : start + 500], at=now())
+    return [job.id for job in new]
+
+
+async def _place(conn: AsyncConnection, job_id: str, queue: str, sort_key: float) -> None:
+    await conn.execute(
+        text("UPDATE tasks SET queue = :queue, sort_key = :key WHERE job_id = :job"),
+        {"queue": queue, "key": sort_key, "job": job_id},
+    )
+
+
+async def _claim(db: Database, queues: list[str], limit: int, **kwargs: Any) -> list[str]:
+    async with db.write() as conn:
+        claimed = await tasks.claim(
+            conn,
+            worker_id="w",
+            queues=queues,
+            pipelines=kwargs.pop("pipelines", ["noop", "steps"]),
+            limit=limit,
+            lease_s=30,
+            at=now(),
+            registry=REGISTRY,
+        )
+    return [task.job_id for task in claimed]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
+async def test_a_claim_takes_the_best_tasks_over_all_its_queues(database: Database) -> None:
+    """Each queue is read in order; together the claim takes the smallest sort keys
+    of all its queues, skips other queues, other pipelines and tasks not yet due."""
+    ids = await _submit(database, 8)
+    (steps_job,) = await _submit(database, 1, pipeline="steps")
+    layout = [
+        ("gpu", 5.0),
+        ("default", 1.0),
+        ("gpu", 2.0),
+        ("default", 7.0),
+        ("cpu", 0.5),  # a queue the claim does not name
+        ("gpu", 3.0),
+        ("default", 4.0),
+        ("default", 0.1),  # not due yet, below
+    ]
+    async with database.write() as conn:
+        for job_id, (queue, key) in zip(ids, layout, strict=True):
+            await _place(conn, job_id, queue, key)
+        await _place(conn, steps_job, "gpu", 0.2)  # a pipeline the claim does not name
+        await conn.execute(
+            text("UPDATE tasks SET available_at = :later WHERE job_id = :job"),
+            {"later": now() + 3600, "job": ids[7]},
+        )
+    best = await _claim(database, ["default", "gpu"], 4, pipelines=["noop"])
+    assert best == [ids[1], ids[2], ids[5], ids[6]]
+    rest = await _claim(database, ["gpu", "default"], 10, pipelines=["noop"])
+    assert rest == [ids[0], ids[3]]
+    assert await _claim(database, ["cpu"], 10) == [ids[4]]
+    assert await _claim(database, ["gpu"], 10, pipelines=["noop", "steps"]) == [steps_job]
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_claims_and_renewals_read_indexes_not_the_backlog(database: Database) -> None:
+    """With thousands of waiting tasks, a claim's pick walks `ix_tasks_ready` in order
+    and a renewal finds its tasks by id: neither scans the tasks table, with a plan
+    made for the values or PostgreSQL's generic plan of the prepared statement."""
+    await _submit(database, 3000)
+    async with database.write() as conn:
+        await conn.execute(text("ANALYZE tasks"))
+    driver = await database.engine.raw_connection()
+    try:
+        connection: Any = driver.driver_connection
+        claim = tasks._claim_next_pg(4)
+        at = now()
+        lease_args = f"'w', 'p-', {at + 30}, {at}, ARRAY['default', 'gpu'], ARRAY['noop']"
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            await connection.execute(f"SET plan_cache_mode = {mode}")
+            async with connection.transaction():
+                await connection.execute("PREPARE claim_plan AS " + claim)
+                rows = await connection.fetch(f"EXPLAIN EXECUTE claim_plan({lease_args})")
+                await connection.execute("DEALLOCATE claim_plan")
+            plan = "\n".join(row[0] for row in rows)
+            assert "ix_tasks_ready" in plan, plan
+            assert "Seq Scan on tasks" not in plan, plan
+    finally:
+        driver.close()
+    async with database.write() as conn:
+        (task_id, token), *_ = [
+            tuple(row)
+            for row in await pg.records(
+                conn,
+                "UPDATE tasks SET lease_token = 't-' || id WHERE id IN "
+                "(SELECT id FROM tasks ORDER BY id LIMIT 2) RETURNING id, lease_token",
+            )
+        ]
+        leases = {task_id: token, 10**9: "gone"}
+        renewal = tasks.held_tasks(leases).compile(
+            dialect=conn.dialect, compile_kwargs={"literal_binds": True}
+        )
+        plan = "\n".join(str(row[0]) for row in await conn.execute(text(f"EXPLAIN {renewal}")))
+        held, _ = await tasks.renew(conn, leases, lease_s=30, at=now())
+    assert held == {token}
+    assert "pk_tasks" in plan, plan
+    assert "Seq Scan on tasks" not in plan, plan
