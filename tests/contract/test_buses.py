@@ -17,7 +17,7 @@ from contextlib import AsyncExitStack
 import pytest
 
 from jobgate.bus import Changes, EventBus
-from jobgate.bus.base import MAX_PAYLOAD_BYTES, decode, encode
+from jobgate.bus.base import MAX_PAYLOAD_BYTES, decode, encode, origin_of
 from jobgate.bus.memory import MemoryBus
 from jobgate.bus.postgres import PostgresBus
 from jobgate.bus.redis import RedisBus
@@ -97,6 +97,28 @@ async def test_every_subscriber_hears_every_publication(buses: BusFactory) -> No
     assert one.changes == {"job-a": 5, "job-b": 1}
 
 
+async def test_a_process_hears_its_own_publication_once(buses: BusFactory) -> None:
+    """The publishing bus's own subscribers hear a publication at once (no round trip
+    through the server) and once: the server's echo of it is skipped."""
+    publisher, other = buses(), buses()
+    own, theirs = Received(), Received()
+    calls: list[Changes | None] = []
+    publisher.subscribe(own)
+    publisher.subscribe(calls.append)
+    if other is not publisher:
+        other.subscribe(theirs)
+        await other.start()
+    await publisher.start()
+    calls.clear()  # a (re)connection's "anything may have changed"
+    publisher.publish({"job-a": 2})
+    await asyncio.sleep(0)  # delivered on the loop, right after the publisher's call
+    assert calls == [{"job-a": 2}]
+    if other is not publisher:
+        await theirs.until({"job-a": 2})  # the server has sent it round
+        await asyncio.sleep(0.2)
+    assert calls == [{"job-a": 2}]
+
+
 async def test_a_large_publication_arrives_whole(buses: BusFactory) -> None:
     publisher, listener = buses(), buses()
     received = Received()
@@ -127,7 +149,8 @@ async def test_publish_neither_blocks_nor_raises_with_the_server_gone() -> None:
         with pytest.raises(Exception):  # noqa: B017, PT011 - any error: it is down
             await bus.ping()
         await bus.aclose()
-        assert received.changes == {}
+        # This process's own streams still hear of its changes: they need no server.
+        assert received.changes == {"job": 999}
 
 
 def test_payloads_stay_under_the_limit_and_decode_to_the_same_changes() -> None:
@@ -140,3 +163,15 @@ def test_payloads_stay_under_the_limit_and_decode_to_the_same_changes() -> None:
         merged.update(decode(payload))
     assert merged == changes
     assert decode("garbage,:,job:x,job-1:7") == {"job-1": 7}
+
+
+def test_a_payloads_origin_is_readable_and_skipped_by_decoding() -> None:
+    changes = {f"{uuid.uuid4()}": n for n in range(1, 1001)}
+    payloads = encode(changes, "proc-1")
+    assert all(len(p.encode()) <= MAX_PAYLOAD_BYTES for p in payloads)
+    assert {origin_of(p) for p in payloads} == {"proc-1"}
+    merged: dict[str, int] = {}
+    for payload in payloads:
+        merged.update(decode(payload))
+    assert merged == changes
+    assert origin_of(encode({"job": 1})[0]) is None

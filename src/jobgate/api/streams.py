@@ -44,15 +44,18 @@ _CACHED_ROWS = 1000  # the newest events of a watched job its streams share
 _SWEEP_CHUNK = 1000  # job ids per query of the periodic check
 _SAFE_RETRY_S = 0.01  # how soon global streams look again while a writer is in flight
 _OUTAGE_RETRY_S = 1.0  # how soon a stream tries the store again after it failed
-_LAST_EVENT_ID = text(
-    "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')::regclass), 0)"
-)
-# Transactions of this database that hold a transaction id (writers), running now. Only
-# these can hold an event id: other databases' transactions on the same server do not
-# delay streams (the cluster-wide snapshot `xmin` would wait for them too).
-_RUNNING_WRITERS = text(
-    "SELECT coalesce(array_agg(backend_xid::text), '{}') FROM pg_stat_activity "
-    "WHERE datname = current_database() AND backend_xid IS NOT NULL"
+# The newest event id taken, then the transactions of this database that hold a
+# transaction id (writers), running now: only these can hold an event id, and other
+# databases' transactions on the same server do not delay streams (the cluster-wide
+# snapshot `xmin` would wait for them too). One round trip, in that order: the writers'
+# subquery refers to the id, so it runs after the id was read, and the activity table
+# is read once per statement, at its first use.
+_LAST_ID_THEN_WRITERS = text(
+    "WITH taken AS MATERIALIZED (SELECT coalesce(pg_sequence_last_value("
+    "pg_get_serial_sequence('events', 'id')::regclass), 0) AS id) "
+    "SELECT taken.id, (SELECT coalesce(array_agg(backend_xid::text), '{}') "
+    "FROM pg_stat_activity WHERE datname = current_database() "
+    "AND backend_xid IS NOT NULL AND taken.id IS NOT NULL) FROM taken"
 )
 HEARTBEAT = b"event: heartbeat\ndata: {}\n\n"
 STREAM_HEADERS = {
@@ -294,9 +297,8 @@ class Hub:
                 return self._safe
             started = time.monotonic()
             async with self.db.autocommit() as conn:
-                # Two statements, in this order: writers are listed after the id is read.
-                taken = (await conn.execute(_LAST_EVENT_ID)).scalar_one()
-                running = frozenset((await conn.execute(_RUNNING_WRITERS)).scalar_one())
+                taken, writers = (await conn.execute(_LAST_ID_THEN_WRITERS)).one()
+            running = frozenset(writers)
             self._pending.append((int(taken), running))
             safe = [value for value, writers in self._pending if not writers & running]
             if safe:

@@ -10,6 +10,7 @@ stream until its next wake-up or the hub's periodic check; it never loses an eve
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -26,6 +27,7 @@ log = structlog.get_logger("jobgate.bus")
 
 # Notification payloads stay far below PostgreSQL's 8000-byte limit.
 MAX_PAYLOAD_BYTES = 7000
+ORIGIN_MARK = "~"
 
 
 class EventBus(Protocol):
@@ -55,21 +57,34 @@ def merge(into: dict[str, int], changes: Changes) -> None:
             into[job_id] = seq
 
 
-def encode(changes: Changes) -> list[str]:
-    """`changes` as payloads of `job_id:seq,...`, each under `MAX_PAYLOAD_BYTES`."""
+def encode(changes: Changes, origin: str = "") -> list[str]:
+    """`changes` as payloads of `job_id:seq,...`, each under `MAX_PAYLOAD_BYTES`; with
+    an `origin`, each payload starts with `~origin,` (see `origin_of`)."""
     payloads: list[str] = []
-    parts: list[str] = []
-    size = 0
+    head = [f"{ORIGIN_MARK}{origin}"] if origin else []
+    parts: list[str] = list(head)
+    size = sum(len(part) + 1 for part in parts)
     for job_id, seq in changes.items():
         part = f"{job_id}:{seq}"
-        if parts and size + len(part) + 1 > MAX_PAYLOAD_BYTES:
+        if len(parts) > len(head) and size + len(part) + 1 > MAX_PAYLOAD_BYTES:
             payloads.append(",".join(parts))
-            parts, size = [], 0
+            parts = list(head)
+            size = sum(len(p) + 1 for p in parts)
         parts.append(part)
         size += len(part) + 1
-    if parts:
+    if len(parts) > len(head):
         payloads.append(",".join(parts))
     return payloads
+
+
+def origin_of(payload: str) -> str | None:
+    """The origin `encode` put in front of `payload`, if any. A bus hands its own
+    process's changes to its listeners at once (`Listeners.soon`), so it ignores its
+    own payloads when the server echoes them back. Older decoders skip the part as
+    malformed."""
+    if not payload.startswith(ORIGIN_MARK):
+        return None
+    return payload[len(ORIGIN_MARK) :].split(",", 1)[0]
 
 
 def decode(payload: str) -> dict[str, int]:
@@ -95,6 +110,17 @@ class Listeners:
 
     def __bool__(self) -> bool:
         return bool(self._listeners)
+
+    def soon(self, changes: Changes) -> None:
+        """Call the listeners with `changes` on the event loop, soon after (not from
+        inside the publisher's call): this process's streams need no server's echo."""
+        if not self._listeners:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop, so no stream to wake
+            return
+        loop.call_soon(self, dict(changes))
 
     def __call__(self, changes: Changes | None) -> None:
         for listener in self._listeners:

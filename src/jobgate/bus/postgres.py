@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from typing import Any
 
 import asyncpg
 import structlog
 
-from jobgate.bus.base import Changes, Listener, Listeners, decode, encode, merge
+from jobgate.bus.base import Changes, Listener, Listeners, decode, encode, merge, origin_of
 from jobgate.transport.wakeups import asyncpg_dsn
 
 log = structlog.get_logger("jobgate.bus")
@@ -24,7 +25,8 @@ class PostgresBus:
     with listeners, `LISTEN`s on the same connection.
 
     Publishing never waits: changes gather while a statement is under way, so a busy
-    process sends fewer, fuller notifications. The connection comes back by itself after
+    process sends fewer, fuller notifications. This process's own listeners get its
+    changes at once, not after the server's echo, which they then skip. The connection comes back by itself after
     the server restarts; listeners are then told that anything may have changed (None),
     since notifications sent meanwhile are lost. Changes published while the server is
     away are sent once it is back.
@@ -34,6 +36,7 @@ class PostgresBus:
         self._dsn = asyncpg_dsn(url)
         self._channel = channel
         self._listeners = Listeners()
+        self._origin = uuid.uuid4().hex[:16]  # this process's mark on what it sends
         self._pending: dict[str, int] = {}
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -44,6 +47,7 @@ class PostgresBus:
     def publish(self, changes: Changes) -> None:
         merge(self._pending, changes)
         self._kick.set()
+        self._listeners.soon(changes)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.add(listener)
@@ -112,10 +116,11 @@ class PostgresBus:
             pending, self._pending = self._pending, {}
             try:
                 async with self._using:
-                    await conn.execute(_NOTIFY, self._channel, encode(pending))
+                    await conn.execute(_NOTIFY, self._channel, encode(pending, self._origin))
             except BaseException:
                 merge(self._pending, pending)  # sent after the reconnect
                 raise
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self._listeners(decode(payload))
+        if origin_of(payload) != self._origin:  # this process's own went out at once
+            self._listeners(decode(payload))

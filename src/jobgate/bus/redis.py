@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 
 import structlog
 from redis.asyncio import Redis
@@ -12,7 +13,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from jobgate.bus.base import Changes, Listener, Listeners, decode, encode, merge
+from jobgate.bus.base import Changes, Listener, Listeners, decode, encode, merge, origin_of
 
 log = structlog.get_logger("jobgate.bus")
 
@@ -21,7 +22,8 @@ TIMEOUT_S = 5.0
 
 class RedisBus:
     """Publishes what `publish` gathered in one pipeline per round trip; with listeners,
-    a subscriber connection delivers what every process published.
+    a subscriber connection delivers what every other process published (this process's
+    own changes reach its listeners at once; the echo is skipped).
 
     After a lost connection the subscriber reconnects with backoff and tells listeners
     that anything may have changed (None). Changes published while Redis is away are
@@ -41,6 +43,7 @@ class RedisBus:
             url, socket_connect_timeout=TIMEOUT_S, retry=Retry(NoBackoff(), 0)
         )
         self._listeners = Listeners()
+        self._origin = uuid.uuid4().hex[:16]  # this process's mark on what it sends
         self._pending: dict[str, int] = {}
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -49,6 +52,7 @@ class RedisBus:
     def publish(self, changes: Changes) -> None:
         merge(self._pending, changes)
         self._kick.set()
+        self._listeners.soon(changes)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.add(listener)
@@ -86,7 +90,7 @@ class RedisBus:
             pending, self._pending = self._pending, {}
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
-                    for payload in encode(pending):
+                    for payload in encode(pending, self._origin):
                         pipe.publish(self.channel, payload)
                     await pipe.execute()
                 delay = 0.1
@@ -114,7 +118,8 @@ class RedisBus:
                     if message is not None and message["type"] == "message":
                         data = message["data"]
                         text = data.decode() if isinstance(data, bytes) else str(data)
-                        self._listeners(decode(text))
+                        if origin_of(text) != self._origin:  # ours went out at once
+                            self._listeners(decode(text))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
