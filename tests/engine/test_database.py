@@ -102,8 +102,14 @@ async def test_fast_path_inserts_store_what_sqlalchemy_stores(postgres_db_url: s
     db = Database(postgres_db_url)
     varied = [
         _job_row("pg-1", priority=5, correlation_id="c"),
-        _job_row("pg-2", params={}, webhook={"url": "https://x.test"}),
-        _job_row("pg-3", fair_key=7.25),
+        _job_row("pg-2", params={}, webhook={"url": "https://x.test"}, cancel_requested=True),
+        _job_row(
+            "pg-3",
+            fair_key=7.25,
+            budget_usd=0.1,
+            correlation_id='a "quote", a\nnewline\t\\ é ✓ \u2028',
+            params={"big": 10**30, "tiny": 5e-324, "huge": 1.7976931348623157e308},
+        ),
     ]
     try:
         async with db.write() as conn:

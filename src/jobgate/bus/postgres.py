@@ -26,10 +26,10 @@ class PostgresBus:
 
     Publishing never waits: changes gather while a statement is under way, so a busy
     process sends fewer, fuller notifications. This process's own listeners get its
-    changes at once, not after the server's echo, which they then skip. The connection comes back by itself after
-    the server restarts; listeners are then told that anything may have changed (None),
-    since notifications sent meanwhile are lost. Changes published while the server is
-    away are sent once it is back.
+    changes at once, not after the server's echo, which they then skip. The connection
+    comes back by itself after the server restarts; listeners are then told that
+    anything may have changed (None), since notifications sent meanwhile are lost.
+    Changes published while the server is away are sent once it is back.
     """
 
     def __init__(self, url: str, *, channel: str = CHANNEL) -> None:
