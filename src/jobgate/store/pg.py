@@ -167,16 +167,16 @@ def _insert_sql(shape: Shape, notify: str | None, clock: bool = False) -> str:
 def _table_args(table: Table, rows: Rows) -> tuple[tuple[str, ...], tuple[bool, ...], list[Any]]:
     """The table's columns, which of them are constant, and the parameters for them."""
     columns = tuple(rows[0])
+    args: list[Any] = []
     if len(rows) == 1:  # a single submit's rows: every column is one value
         (row,) = rows
-        args = [
+        args.extend(
             to_json(row[column]).decode() if _column_type(table, column)[1] else row[column]
             for column in columns
-        ]
+        )
         args.append(1)
         return columns, (True,) * len(columns), args
     constant: list[bool] = []
-    args: list[Any] = []
     for column in columns:
         values = [row[column] for row in rows]
         is_json = _column_type(table, column)[1]
