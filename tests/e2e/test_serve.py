@@ -142,7 +142,8 @@ def test_separate_worker_processes_run_jobs_and_drain_on_sigterm(
             stderr=subprocess.STDOUT,
         )
         try:
-            wait_for(client, job_id, {"running"})
+            # `work`, not the short `prepare` before it: the job is running from then on.
+            wait_for_stage(client, job_id, "work", "running")
             workers = client.get("/v1/workers").json()["workers"]
             assert [w["id"] for w in workers] == ["e2e-worker"]
             # SIGTERM while `work` runs: the stage finishes within the grace, then exit 0.
