@@ -70,41 +70,64 @@ def start_server(
     worker_concurrency: int = 4,
     settings: dict[str, str] | None = None,
 ) -> Server:
-    """`jobgate serve` on a free port, with an admin key; `settings` are more env vars."""
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("JOBGATE_")},
-        "JOBGATE_DATA_DIR": str(tmp_path / "data"),
-        "JOBGATE_PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "JOBGATE_LOG_FORMAT": "json",
-        "JOBGATE_WORKER_POLL_INTERVAL_S": "0.1",
-        **(settings or {}),
-    }
-    if database_url:
-        env["JOBGATE_DATABASE_URL"] = database_url
-    run_cli("db", "upgrade", env=env)
-    key = run_cli("keys", "create", "--owner", "e2e-admin", "--role", "admin", env=env)
-    key = key.strip().splitlines()[-1]
-    log = tmp_path / "serve.log"
-    process = subprocess.Popen(
-        [*JOBGATE, "serve", "--port", str(port), "--worker-concurrency", str(worker_concurrency)],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    """`jobgate serve` on a free port, with an admin key; `settings` are more env vars.
+
+    A free port can be taken by another test process between our probe and the server's
+    bind; then the server exits, and it starts again on another port. It counts as up
+    once it answers with our key (not merely once the port answers: that could be the
+    other process's server)."""
+    for _ in range(5):
+        port = free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("JOBGATE_")},
+            "JOBGATE_DATA_DIR": str(tmp_path / "data"),
+            "JOBGATE_PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "JOBGATE_LOG_FORMAT": "json",
+            "JOBGATE_WORKER_POLL_INTERVAL_S": "0.1",
+            **(settings or {}),
+        }
+        if database_url:
+            env["JOBGATE_DATABASE_URL"] = database_url
+        run_cli("db", "upgrade", env=env)
+        key_file = tmp_path / "e2e-admin-key"
+        if not key_file.exists():
+            created = run_cli("keys", "create", "--owner", "e2e-admin", "--role", "admin", env=env)
+            key_file.write_text(created.strip().splitlines()[-1])
+        key = key_file.read_text()
+        log = tmp_path / "serve.log"
+        process = subprocess.Popen(
+            [
+                *JOBGATE,
+                *("serve", "--port", str(port), "--worker-concurrency", str(worker_concurrency)),
+            ],
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        if _answers_as_ours(process, url, key):
+            return Server(
+                process=process, url=url, key=key, data_dir=tmp_path / "data", log=log, env=env
+            )
+        process.kill()
+        process.wait()
+        if "address already in use" not in log.read_text():
+            break
+    raise AssertionError("jobgate serve did not start:\n" + log.read_text())
+
+
+def _answers_as_ours(process: subprocess.Popen[bytes], url: str, key: str) -> bool:
+    """Whether the server at `url` comes up and knows `key`, within 30 s."""
     deadline = time.monotonic() + 30
-    while True:
+    while process.poll() is None and time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
+            me = httpx.get(f"{url}/v1/me", headers={"Authorization": f"Bearer {key}"}, timeout=1)
+            if me.status_code == 200 and process.poll() is None:
+                return True
         except httpx.HTTPError:
             pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("jobgate serve did not start:\n" + log.read_text())
         time.sleep(0.1)
-    return Server(process=process, url=url, key=key, data_dir=tmp_path / "data", log=log, env=env)
+    return False
 
 
 DATABASES = [
