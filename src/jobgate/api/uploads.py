@@ -94,11 +94,12 @@ async def _capped(request: Request, max_bytes: int) -> AsyncGenerator[bytes, Non
 async def read_json(request: Request, *, max_bytes: int) -> Any:
     """The request body parsed as JSON, read with a size cap.
 
-    Parsed by pydantic-core, strictly as RFC 8259 says: no `NaN` or `Infinity`, no
-    lone surrogates, at most 200 levels deep.
+    Parsed strictly (`parse_json`): `NaN`, `Infinity` and numbers too large for a float
+    are refused too.
 
     Raises:
-        MalformedRequest: the body is empty, not UTF-8, or not JSON (or nested too deeply).
+        MalformedRequest: the body is empty, not UTF-8, or not JSON (or nested too
+            deeply, or holding a number too large for a float).
         FileTooLarge: the body is larger than `max_bytes`.
     """
     buffer = bytearray()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from jobgate.bus.base import Changes, Listener, Listeners
 
 
@@ -16,19 +14,15 @@ class MemoryBus:
 
     def __init__(self) -> None:
         self._listeners = Listeners()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def publish(self, changes: Changes) -> None:
-        if not self._listeners:
-            return
-        loop = self._loop or asyncio.get_running_loop()
-        loop.call_soon(self._listeners, dict(changes))
+        self._listeners.soon(changes)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.add(listener)
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        return None
 
     async def ping(self) -> float:
         return 0.0

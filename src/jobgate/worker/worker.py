@@ -246,11 +246,9 @@ class Worker:
     async def _claim(
         self, queues: Sequence[str], pipelines: Sequence[str], limit: int
     ) -> list[tasks.Claimed]:
-        one_statement = not self.db.is_sqlite and not tasks.caps_apply(
-            self.registry, self.settings.max_running_per_owner
-        )
         # A claim without caps is one statement on PostgreSQL, atomic by itself: no
         # BEGIN and COMMIT round trips between a submit and its stage starting.
+        one_statement = not self.db.is_sqlite and not self._capped
         async with self.db.autocommit() if one_statement else self.db.write() as conn:
             return await tasks.claim(
                 conn,

@@ -442,13 +442,6 @@ async def _pick_under_caps(
     return ids
 
 
-def caps_apply(registry: Registry, max_running_per_owner: int) -> bool:
-    """Whether a claim must count running stages first (concurrency caps): then it is
-    several statements in one transaction, else on PostgreSQL one statement that may
-    run on an autocommit connection (`Database.autocommit()`)."""
-    return bool(max_running_per_owner) or any(p.max_running for p in registry)
-
-
 async def claim(
     conn: AsyncConnection,
     *,
@@ -464,9 +457,10 @@ async def claim(
     """Lease up to `limit` ready tasks, best first, and mark their stages and jobs running.
 
     Args:
-        conn: a write transaction; on PostgreSQL, when no caps apply (`caps_apply`), an
-            autocommit connection will do: the claim is then one statement, and what
-            follows it only reads what finished stages wrote. (Should that read fail,
+        conn: a write transaction; on PostgreSQL, when no caps apply (no
+            `max_running_per_owner`, no pipeline's `max_running`), an autocommit
+            connection will do: the claim is then one statement, and what follows it
+            only reads what finished stages wrote. (Should that read fail,
             the claimed tasks wait for their leases to run out, as after a crash.)
         max_running_per_owner: no owner gets more stages running at once (0: no cap);
             pipelines declared with `max_running` are capped the same way.
@@ -475,7 +469,7 @@ async def claim(
         return []
     pipeline_caps = {p.name: p.max_running for p in registry if p.max_running}
     ids: list[int] | None = None
-    if caps_apply(registry, max_running_per_owner):
+    if max_running_per_owner or pipeline_caps:
         ids = await _pick_under_caps(
             conn, queues, pipelines, limit, at, max_running_per_owner, pipeline_caps
         )
