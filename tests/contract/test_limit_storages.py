@@ -144,3 +144,20 @@ async def test_a_batch_short_of_a_recent_readings_room_reads_again(backend: Back
     full = SubmitQuota(limits, "fay", window=await limits.checked_window("fay"))
     with pytest.raises(RateLimited):
         await full.require_fresh(1)
+
+
+async def test_concurrent_takes_are_each_exact(backend: Backend) -> None:
+    """Takes in flight together (many submits at once) are each all or none and each
+    reports the window right after itself, as takes one after the other would."""
+    item = parse("5/minute")
+    ones = [backend.take(item, 1, ("submit", "gus")) for _ in range(12)]
+    twos = [backend.take(item, 2, ("submit", "hal")) for _ in range(4)]
+    answers = await asyncio.gather(*ones, *twos)
+    gus, hal = answers[:12], answers[12:]
+    assert sorted(count for taken, _, count in gus if taken) == [1, 2, 3, 4, 5]
+    assert [count for taken, _, count in gus if not taken] == [5] * 7
+    assert sorted(count for taken, _, count in hal if taken) == [2, 4]
+    assert [count for taken, _, count in hal if not taken] == [4, 4]
+    stats = await backend.limiter.get_window_stats(item, "submit", "gus")
+    assert stats.remaining == 0
+
