@@ -160,4 +160,3 @@ async def test_concurrent_takes_are_each_exact(backend: Backend) -> None:
     assert [count for taken, _, count in hal if not taken] == [4, 4]
     stats = await backend.limiter.get_window_stats(item, "submit", "gus")
     assert stats.remaining == 0
-

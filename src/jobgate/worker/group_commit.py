@@ -7,7 +7,7 @@ transaction spends more on BEGIN, COMMIT and the pool than on the outcome itself
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +15,14 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.store import Database
+from jobgate.store.repositories.outcomes import Completion
 from jobgate.store.repositories.tasks import LeaseLost
 
 log = structlog.get_logger("jobgate.worker")
 
 Write = Callable[[AsyncConnection], Awaitable[Any]]
+CompleteMany = Callable[[AsyncConnection, Sequence[Completion]], Awaitable[list[LeaseLost | None]]]
+"""Records many successful runs in one go: per run, None or `LeaseLost`."""
 
 
 class Regroup(Exception):
@@ -31,6 +34,7 @@ class _Pending:
     order: tuple[str, int]  # (job id, task id)
     write: Write
     done: asyncio.Future[Any]
+    completion: Completion | None = None
 
 
 class GroupCommit:
@@ -45,27 +49,45 @@ class GroupCommit:
     deadlock: it aborts one side after `deadlock_timeout`, and a batch then retries
     its outcomes one by one.)
 
+    Successful runs given as a `Completion` are written together by `complete_many`
+    (one statement for the lot on PostgreSQL), before the batch's other writes.
+
     Each write must raise `LeaseLost` before it writes anything (every outcome checks
     its lease first), so one lost lease leaves the rest of the batch to commit. Any other
     error rolls the whole batch back, and each of its callers gets `Regroup`.
     """
 
-    def __init__(self, db: Database, *, writers: int = 2, max_batch: int = 64) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        writers: int = 2,
+        max_batch: int = 64,
+        complete_many: CompleteMany | None = None,
+    ) -> None:
         self.db = db
         self.writers = writers
         self.max_batch = max_batch
+        self.complete_many = complete_many
         self._queue: list[_Pending] = []
         self._writing: set[asyncio.Task[None]] = set()
 
-    async def write(self, job_id: str, task_id: int, write: Write) -> Any:
+    async def write(
+        self, job_id: str, task_id: int, write: Write, completion: Completion | None = None
+    ) -> Any:
         """Run `write` in the next group transaction; what it returned, once committed.
+
+        With `complete_many`, a `completion` (the same outcome as `write`'s) is written
+        with the batch's others instead, and None returned.
 
         Raises:
             LeaseLost: from `write`; it wrote nothing.
             Regroup: the group's transaction failed; nothing of this write is stored.
         """
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending((job_id, task_id), write, done))
+        if self.complete_many is None:
+            completion = None
+        self._queue.append(_Pending((job_id, task_id), write, done, completion))
         if len(self._writing) < self.writers:
             writer = asyncio.create_task(self._write_queued(), name="jobgate-group-commit")
             self._writing.add(writer)
@@ -82,7 +104,13 @@ class GroupCommit:
         outcomes: list[tuple[_Pending, Any, BaseException | None]] = []
         try:
             async with self.db.write() as conn:
+                runs = [(p, p.completion) for p in batch if p.completion is not None]
+                if runs and self.complete_many is not None:
+                    answers = await self.complete_many(conn, [run for _, run in runs])
+                    outcomes += ((p, None, a) for (p, _), a in zip(runs, answers, strict=True))
                 for pending in batch:
+                    if pending.completion is not None:
+                        continue
                     try:
                         outcomes.append((pending, await pending.write(conn), None))
                     except LeaseLost as exc:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate import __version__
 from jobgate.blobs.base import BlobStore
@@ -109,7 +110,15 @@ class Worker:
         # Whether any concurrency cap applies: then a finished stage may free a waiting one.
         self._capped = bool(settings.max_running_per_owner) or any(p.max_running for p in registry)
         groups = settings.worker_group_commit
-        self._group = GroupCommit(db, writers=groups) if groups else None
+        self._group = (
+            GroupCommit(
+                db,
+                writers=groups,
+                complete_many=None if db.is_sqlite else self._complete_many,
+            )
+            if groups
+            else None
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -649,6 +658,7 @@ class Worker:
                         aging_s=self.settings.priority_aging_s,
                     ),
                     grouped=True,
+                    completion=outcomes.Completion(task, output),
                 )
             finally:
                 await _stop(runtime.flusher)
@@ -705,12 +715,15 @@ class Worker:
         outcome: Callable[[Any, tasks.Report], Awaitable[T]],
         *,
         grouped: bool = False,
+        completion: outcomes.Completion | None = None,
     ) -> T | None:
         """Write a task's outcome, retrying transient store errors until the lease ends.
 
         Args:
             grouped: first try it in a group transaction with other outcomes ready now
                 (`group_commit.py`); alone if the group's transaction fails.
+            completion: the outcome is this successful run: in a group, with no report
+                and no item, it is written with the group's others in one go.
 
         Returns:
             What the outcome returned, or None when it could not be written.
@@ -728,10 +741,12 @@ class Worker:
             try:
                 if grouped and self._group is not None:
                     grouped = False
+                    together = completion is not None and runtime.task.item_index is None
                     written: T = await self._group.write(
                         runtime.task.job_id,
                         runtime.task.task_id,
                         functools.partial(_with_report, outcome, report),
+                        completion if together and not report else None,
                     )
                     return written
                 async with self.db.write() as conn:
@@ -751,6 +766,13 @@ class Worker:
                 delay = min(delay * 2, 2.0)
             finally:
                 self.wake()
+
+    async def _complete_many(
+        self, conn: AsyncConnection, runs: Sequence[outcomes.Completion]
+    ) -> list[tasks.LeaseLost | None]:
+        return await outcomes.complete_many(
+            conn, runs, registry=self.registry, at=now(), aging_s=self.settings.priority_aging_s
+        )
 
     async def _flush_loop(self, runtime: TaskRuntime) -> None:
         """Write buffered reports every flush interval; ends when the outcome is due."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Float, String, bindparam, delete, insert, select, update
@@ -110,6 +111,128 @@ async def complete(
         output=output,
         job=job,
     )
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A successful run to record among others (`complete_many`)."""
+
+    task: Claimed
+    output: Any
+
+
+# PostgreSQL, one statement for many successful runs with nothing else to record
+# (`complete_many`). Per task, as `_TAKE_AND_SUCCEED_PG`: the task deleted if the lease
+# is still ours, the job's row locked (tasks first, then jobs, each in (job, task)
+# order, as group commit orders outcomes), and the stage marked succeeded. A job that
+# this stage finishes (it is the pipeline's only sink, every other stage has
+# succeeded, the job is neither stopping nor watched by a webhook) is finished too, as
+# `scheduling.finalize` does: its row, then its `stage_update` and `completed` events.
+# $1 task ids, $2 lease tokens, $3 outputs (JSON text), $4 stages, $5 whether the
+# stage is its pipeline's only sink, $6 `stage_update` and $7 `completed` event data
+# (JSON text), $8 now. One row per task taken: its job's state as locked, and the
+# job's last event `seq` if it was finished here.
+_COMPLETE_MANY_PG = """
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[],
+        $6::text[], $7::text[]) AS i(task_id, token, output, stage, sink, updated, done)
+), held AS (
+    SELECT t.id FROM tasks t JOIN input i ON t.id = i.task_id AND t.lease_token = i.token
+    ORDER BY t.job_id, t.id FOR UPDATE OF t
+), taken AS (
+    DELETE FROM tasks t USING held h WHERE t.id = h.id RETURNING t.id, t.job_id
+), locked AS (
+    SELECT id, status, cancel_requested, webhook FROM jobs
+    WHERE id IN (SELECT job_id FROM taken) ORDER BY id FOR UPDATE
+), succeeded AS (
+    UPDATE stages s SET status = 'succeeded', output = i.output::jsonb, progress = 1.0,
+        finished_at = $8, error = 'null'::jsonb
+    FROM taken t JOIN input i ON i.task_id = t.id
+    WHERE s.job_id = t.job_id AND s.name = i.stage AND s.job_id IN (SELECT id FROM locked)
+), finishing AS (
+    SELECT l.id, i.output, i.updated, i.done FROM locked l
+    JOIN taken t ON t.job_id = l.id JOIN input i ON i.task_id = t.id
+    WHERE i.sink AND l.status IN ('queued', 'running') AND NOT l.cancel_requested
+        AND (l.webhook IS NULL OR l.webhook = 'null'::jsonb)
+        AND NOT EXISTS (
+            SELECT 1 FROM stages s
+            WHERE s.job_id = l.id AND s.name <> i.stage AND s.status <> 'succeeded'
+        )
+), finished AS (
+    UPDATE jobs j SET status = 'succeeded', finished_at = $8, cancel_requested = false,
+        result = f.output::jsonb, progress = 1.0, error = 'null'::jsonb,
+        last_seq = j.last_seq + 2
+    FROM finishing f WHERE j.id = f.id
+    RETURNING j.id, j.last_seq, f.updated, f.done
+), logged AS (
+    INSERT INTO events (job_id, seq, type, data, created_at)
+    SELECT id, last_seq - 1, 'stage_update', updated::jsonb, $8 FROM finished
+    UNION ALL
+    SELECT id, last_seq, 'completed', done::jsonb, $8 FROM finished
+)
+SELECT t.id AS task_id, l.status, l.cancel_requested, l.webhook::text AS webhook,
+    f.last_seq
+FROM taken t JOIN locked l ON l.id = t.job_id LEFT JOIN finished f ON f.id = t.job_id"""
+
+
+async def complete_many(
+    conn: AsyncConnection,
+    runs: Sequence[Completion],
+    *,
+    registry: Registry,
+    at: float,
+    aging_s: float = DEFAULT_AGING_S,
+) -> list[tasks.LeaseLost | None]:
+    """`complete` for many runs at once, on PostgreSQL, for runs of no item and with no
+    report to write: one statement records them all and finishes the jobs they finish;
+    the other jobs move on as `complete` moves them.
+
+    Returns:
+        Per run, in order: None, or `LeaseLost` when its lease was gone (nothing of it
+        was written).
+    """
+    pipelines = [registry.get(run.task.pipeline) for run in runs]
+    outputs = [json.dumps(run.output) for run in runs]  # as `_take_and_succeed` writes it
+    rows = await pg.records(
+        conn,
+        _COMPLETE_MANY_PG,
+        [run.task.task_id for run in runs],
+        [run.task.lease_token for run in runs],
+        outputs,
+        [run.task.stage for run in runs],
+        [p.sinks() == [run.task.stage] for run, p in zip(runs, pipelines, strict=True)],
+        [_stage_succeeded_event(run.task) for run in runs],
+        [f'{{"result":{output}}}' for output in outputs],
+        at,
+    )
+    taken = {row["task_id"]: row for row in rows}
+    answers: list[tasks.LeaseLost | None] = []
+    for run, pipeline in zip(runs, pipelines, strict=True):
+        row = taken.get(run.task.task_id)
+        if row is None:
+            answers.append(tasks.LeaseLost())
+            continue
+        answers.append(None)
+        if row["last_seq"] is not None:
+            events.note(conn, run.task.job_id, int(row["last_seq"]))
+            continue
+        succeeded = {"stage": run.task.stage, "status": "succeeded", "attempt": run.task.attempt}
+        await scheduling.advance(
+            conn,
+            run.task.job_id,
+            pipeline,
+            run.task.stage,
+            at=at,
+            aging_s=aging_s,
+            carry=[("stage_update", succeeded)],
+            output=run.output,
+            job=tasks.JobState.from_row(row),
+        )
+    return answers
+
+
+def _stage_succeeded_event(task: Claimed) -> str:
+    return json.dumps({"stage": task.stage, "status": "succeeded", "attempt": task.attempt})
 
 
 async def _record_item(
