@@ -22,14 +22,14 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select, text
+from sqlalchemy import Select, bindparam, func, select
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from jobgate.api import views
 from jobgate.bus import Changes, EventBus
 from jobgate.errors import TooManyStreams
-from jobgate.store import Database
+from jobgate.store import Database, pg
 from jobgate.store.database import is_outage
 from jobgate.store.repositories import events as event_repo
 from jobgate.store.repositories import jobs as job_repo
@@ -50,7 +50,7 @@ _OUTAGE_RETRY_S = 1.0  # how soon a stream tries the store again after it failed
 # snapshot `xmin` would wait for them too). One round trip, in that order: the writers'
 # subquery refers to the id, so it runs after the id was read, and the activity table
 # is read once per statement, at its first use.
-_LAST_ID_THEN_WRITERS = text(
+_LAST_ID_THEN_WRITERS = (
     "WITH taken AS MATERIALIZED (SELECT coalesce(pg_sequence_last_value("
     "pg_get_serial_sequence('events', 'id')::regclass), 0) AS id) "
     "SELECT taken.id, (SELECT coalesce(array_agg(backend_xid::text), '{}') "
@@ -297,7 +297,7 @@ class Hub:
                 return self._safe
             started = time.monotonic()
             async with self.db.autocommit() as conn:
-                taken, writers = (await conn.execute(_LAST_ID_THEN_WRITERS)).one()
+                taken, writers = await pg.record(conn, _LAST_ID_THEN_WRITERS)
             running = frozenset(writers)
             self._pending.append((int(taken), running))
             safe = [value for value, writers in self._pending if not writers & running]
@@ -455,22 +455,45 @@ async def _latest_id(hub: Hub) -> int:
         return int((await conn.execute(select(func.max(events.c.id)))).scalar() or 0)
 
 
+def _global_pages() -> dict[tuple[bool, bool], Select[Any]]:
+    """The page of `_global_page` by (bounded, one owner's), each built once."""
+    built: dict[tuple[bool, bool], Select[Any]] = {}
+    for bounded in (False, True):
+        for owned in (False, True):
+            query = (
+                select(events.c.id, events.c.job_id, events.c.seq, events.c.type, events.c.data)
+                .where(events.c.id > bindparam("after"))
+                .order_by(events.c.id)
+                .limit(PAGE)
+            )
+            if bounded:
+                query = query.where(events.c.id <= bindparam("bound"))
+            if owned:
+                query = query.join(jobs, jobs.c.id == events.c.job_id).where(
+                    jobs.c.owner == bindparam("owner")
+                )
+            built[bounded, owned] = query
+    return built
+
+
+# Every wake-up of every global stream reads one: built once, and on PostgreSQL run
+# straight on the driver (`pg.fetch`), as building and compiling it each time cost more
+# than the read.
+_GLOBAL_PAGES = _global_pages()
+
+
 async def _global_page(
     db: Database, *, after: int, bound: int | None, owner: str | None
 ) -> Sequence[Any]:
-    query = (
-        select(events.c.id, events.c.job_id, events.c.seq, events.c.type, events.c.data)
-        .where(events.c.id > after)
-        .order_by(events.c.id)
-        .limit(PAGE)
-    )
+    query = _GLOBAL_PAGES[bound is not None, owner is not None]
+    params: dict[str, Any] = {"after": after}
     if bound is not None:
-        query = query.where(events.c.id <= bound)
+        params["bound"] = bound
     if owner is not None:
-        query = query.join(jobs, jobs.c.id == events.c.job_id).where(jobs.c.owner == owner)
+        params["owner"] = owner
     # One statement: on PostgreSQL it needs no transaction around it.
     async with db.read() if db.is_sqlite else db.autocommit() as conn:
-        return (await conn.execute(query)).mappings().all()
+        return await pg.fetch(conn, query, params)
 
 
 class EventStreamResponse(StreamingResponse):
