@@ -78,9 +78,8 @@ async def main(args: argparse.Namespace) -> list[Result]:
     if args.only in (None, "drain"):
         results += await drain.run_processes(
             databases,
-            count=1000 if args.quick else 4000,
-            processes=4,
-            concurrency=4,
+            count=1000 if args.quick else 8000,
+            shapes=[(4, 4), (4, 16)],
             time_limit_s=3.0 if args.quick else 8.0,
             runs=args.runs,
         )

@@ -233,26 +233,30 @@ async def run_processes(
     databases: list[str],
     *,
     count: int,
-    processes: int,
-    concurrency: int,
+    shapes: list[tuple[int, int]],
     time_limit_s: float,
     runs: int,
 ) -> list[Result]:
+    """Per database and shape (processes, concurrency each): `runs` drains."""
     results: list[Result] = []
     for database in databases:
-        result = Result(
-            benchmark=f"drain noop, {processes} worker processes x{concurrency}",
-            database=database,
-            unit="jobs/s",
-        )
-        notes: list[str] = []
-        for n in range(runs):
-            value, note = await drain_processes_once(
-                database, count, processes, concurrency, time_limit_s
+        for processes, concurrency in shapes:
+            result = Result(
+                benchmark=f"drain noop, {processes} worker processes x{concurrency}",
+                database=database,
+                unit="jobs/s",
             )
-            log(f"drain {database} {processes} processes run {n + 1}: {value:,.1f} jobs/s ({note})")
-            result.values.append(value)
-            notes.append(note)
-        result.note = "; ".join(notes)
-        results.append(result)
+            notes: list[str] = []
+            for n in range(runs):
+                value, note = await drain_processes_once(
+                    database, count, processes, concurrency, time_limit_s
+                )
+                log(
+                    f"drain {database} {processes} processes x{concurrency} run {n + 1}: "
+                    f"{value:,.1f} jobs/s ({note})"
+                )
+                result.values.append(value)
+                notes.append(note)
+            result.note = "; ".join(notes)
+            results.append(result)
     return results

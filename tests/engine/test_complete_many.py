@@ -238,3 +238,78 @@ async def test_a_group_writes_its_completions_in_one_statement(db: Database) -> 
         assert state["job"][:2] == ("succeeded", n)
         assert [kind for _, kind, _, _ in state["events"]][-2:] == ["stage_update", "completed"]
         assert told[job_id] == state["job"][-1]  # the bus hears of the last event
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan, *(node for child in plan.get("Plans", ()) for node in _nodes(child))]
+
+
+async def test_a_batch_reads_by_key_and_never_loops_over_its_own_rows(db: Database) -> None:
+    """With a backlog and a batch of 40, neither the plan made for the values nor the
+    generic plan of the prepared statement scans a table or walks a batch's rows once
+    per row of another (the generic plan once did, growing with the batch's cube)."""
+    await asyncio.gather(*(_submit(db, "noop") for _ in range(40)))
+    async with db.write() as conn:
+        await conn.execute(text("UPDATE tasks SET queue = 'batch'"))
+    for _ in range(2000 // 500):  # a backlog besides
+        async with db.write() as conn:
+            new = [
+                job_repo.NewJob(
+                    id=uuid7(),
+                    pipeline=REGISTRY.get("noop"),
+                    owner="o",
+                    params={},
+                    files=[],
+                    priority=0,
+                    budget_usd=1.0,
+                    estimated_usd=0.0,
+                )
+                for _ in range(500)
+            ]
+            await job_repo.create(conn, new, at=now())
+    async with db.write() as conn:
+        await conn.execute(text("ANALYZE"))
+        claimed = await tasks.claim(
+            conn,
+            worker_id="w",
+            queues=["batch"],
+            pipelines=["noop"],
+            limit=40,
+            lease_s=30,
+            at=now(),
+            registry=REGISTRY,
+        )
+    assert len(claimed) == 40
+    args = [
+        [t.task_id for t in claimed],
+        [t.lease_token for t in claimed],
+        ["{}"] * 40,
+        [t.stage for t in claimed],
+        [True] * 40,
+        [outcomes._stage_succeeded_event(t) for t in claimed],
+        ['{"result":{}}'] * 40,
+        now(),
+    ]
+    driver = await db.engine.raw_connection()
+    try:
+        connection: Any = driver.driver_connection
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            await connection.execute(f"SET plan_cache_mode = {mode}")
+            transaction = connection.transaction()
+            await transaction.start()
+            try:
+                statement = await connection.prepare(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + outcomes._COMPLETE_MANY_PG
+                )
+                (plan,) = await statement.fetchval(*args)
+            finally:
+                await transaction.rollback()
+            nodes = _nodes(plan["Plan"])
+            assert len([n for n in nodes if n.get("Relation Name") == "tasks"]) >= 2, mode
+            scans = [n for n in nodes if n["Node Type"] == "Seq Scan"]
+            assert not scans, (mode, scans)
+            looped = [n for n in nodes if n["Node Type"] == "CTE Scan" and n["Actual Loops"] > 1]
+            assert not looped, (mode, looped)
+            assert plan["Plan"]["Actual Rows"] == 80, mode  # 40 taken, 40 finished
+    finally:
+        driver.close()

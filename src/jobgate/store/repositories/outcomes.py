@@ -130,49 +130,54 @@ class Completion:
 # `scheduling.finalize` does: its row, then its `stage_update` and `completed` events.
 # $1 task ids, $2 lease tokens, $3 outputs (JSON text), $4 stages, $5 whether the
 # stage is its pipeline's only sink, $6 `stage_update` and $7 `completed` event data
-# (JSON text), $8 now. One row per task taken: its job's state as locked, and the
-# job's last event `seq` if it was finished here.
+# (JSON text), $8 now. Each step carries what the next needs in its own rows, so that
+# none joins one CTE to another (the planner takes a CTE for one row: the nested loops
+# over a batch's rows grew with its cube). Rows: per task taken, its job's state as
+# locked; then per job finished here, its task and the job's last event `seq`.
 _COMPLETE_MANY_PG = """
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[],
         $6::text[], $7::text[]) AS i(task_id, token, output, stage, sink, updated, done)
 ), held AS (
-    SELECT t.id FROM tasks t JOIN input i ON t.id = i.task_id AND t.lease_token = i.token
+    SELECT t.id, t.job_id, i.output, i.stage, i.sink, i.updated, i.done
+    FROM tasks t JOIN input i ON t.id = i.task_id AND t.lease_token = i.token
+    WHERE t.id = ANY($1::bigint[])  -- by the primary key, never a scan of every task
     ORDER BY t.job_id, t.id FOR UPDATE OF t
 ), taken AS (
-    DELETE FROM tasks t USING held h WHERE t.id = h.id RETURNING t.id, t.job_id
+    DELETE FROM tasks t USING held h WHERE t.id = h.id
+    RETURNING h.id AS task_id, h.job_id, h.output, h.stage, h.sink, h.updated, h.done
 ), locked AS (
-    SELECT id, status, cancel_requested, webhook FROM jobs
-    WHERE id IN (SELECT job_id FROM taken) ORDER BY id FOR UPDATE
+    SELECT j.id, j.status, j.cancel_requested, j.webhook, t.task_id, t.output, t.stage,
+        t.sink, t.updated, t.done
+    FROM taken t JOIN jobs j ON j.id = t.job_id ORDER BY j.id FOR UPDATE OF j
 ), succeeded AS (
-    UPDATE stages s SET status = 'succeeded', output = i.output::jsonb, progress = 1.0,
+    UPDATE stages s SET status = 'succeeded', output = l.output::jsonb, progress = 1.0,
         finished_at = $8, error = 'null'::jsonb
-    FROM taken t JOIN input i ON i.task_id = t.id
-    WHERE s.job_id = t.job_id AND s.name = i.stage AND s.job_id IN (SELECT id FROM locked)
+    FROM locked l WHERE s.job_id = l.id AND s.name = l.stage
 ), finishing AS (
-    SELECT l.id, i.output, i.updated, i.done FROM locked l
-    JOIN taken t ON t.job_id = l.id JOIN input i ON i.task_id = t.id
-    WHERE i.sink AND l.status IN ('queued', 'running') AND NOT l.cancel_requested
+    SELECT * FROM locked l
+    WHERE l.sink AND l.status IN ('queued', 'running') AND NOT l.cancel_requested
         AND (l.webhook IS NULL OR l.webhook = 'null'::jsonb)
         AND NOT EXISTS (
             SELECT 1 FROM stages s
-            WHERE s.job_id = l.id AND s.name <> i.stage AND s.status <> 'succeeded'
+            WHERE s.job_id = l.id AND s.name <> l.stage AND s.status <> 'succeeded'
         )
 ), finished AS (
     UPDATE jobs j SET status = 'succeeded', finished_at = $8, cancel_requested = false,
         result = f.output::jsonb, progress = 1.0, error = 'null'::jsonb,
         last_seq = j.last_seq + 2
     FROM finishing f WHERE j.id = f.id
-    RETURNING j.id, j.last_seq, f.updated, f.done
+    RETURNING j.id, j.last_seq, f.task_id, f.updated, f.done
 ), logged AS (
     INSERT INTO events (job_id, seq, type, data, created_at)
     SELECT id, last_seq - 1, 'stage_update', updated::jsonb, $8 FROM finished
     UNION ALL
     SELECT id, last_seq, 'completed', done::jsonb, $8 FROM finished
 )
-SELECT t.id AS task_id, l.status, l.cancel_requested, l.webhook::text AS webhook,
-    f.last_seq
-FROM taken t JOIN locked l ON l.id = t.job_id LEFT JOIN finished f ON f.id = t.job_id"""
+SELECT task_id, status, cancel_requested, webhook::text AS webhook, NULL::bigint AS last_seq
+FROM locked
+UNION ALL
+SELECT task_id, NULL, NULL, NULL, last_seq FROM finished"""
 
 
 async def complete_many(
@@ -205,7 +210,13 @@ async def complete_many(
         [f'{{"result":{output}}}' for output in outputs],
         at,
     )
-    taken = {row["task_id"]: row for row in rows}
+    taken: dict[int, Any] = {}
+    finished: dict[int, int] = {}
+    for row in rows:
+        if row["last_seq"] is None:
+            taken[row["task_id"]] = row
+        else:
+            finished[row["task_id"]] = int(row["last_seq"])
     answers: list[tasks.LeaseLost | None] = []
     for run, pipeline in zip(runs, pipelines, strict=True):
         row = taken.get(run.task.task_id)
@@ -213,8 +224,9 @@ async def complete_many(
             answers.append(tasks.LeaseLost())
             continue
         answers.append(None)
-        if row["last_seq"] is not None:
-            events.note(conn, run.task.job_id, int(row["last_seq"]))
+        last_seq = finished.get(run.task.task_id)
+        if last_seq is not None:
+            events.note(conn, run.task.job_id, last_seq)
             continue
         succeeded = {"stage": run.task.stage, "status": "succeeded", "attempt": run.task.attempt}
         await scheduling.advance(
