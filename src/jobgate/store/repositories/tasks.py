@@ -289,11 +289,13 @@ _LEASE_IDS = _LEASE.where(task_table.c.id.in_(bindparam("b_ids", expanding=True)
 # running (a stage's event only if that changed it), mark their jobs running and hand
 # out the events' numbers, write the events, and return each task with its job's fields.
 # $1 worker, $2 token prefix, $3 lease expiry, $4 now; then the pick's own parameters.
+# Rows are found as `= ANY(ARRAY(...))` of the ids at hand, which PostgreSQL reads by
+# key: joined to a CTE, the generic plan hashed it and scanned each whole table.
 _CLAIM_PG = """
 WITH leased AS (
     UPDATE tasks SET attempt = attempt + 1, deliveries = deliveries + 1,
         leased_by = $1, lease_token = $2 || id::text, lease_expires_at = $3
-    WHERE id IN ({pick})
+    WHERE id = ANY(ARRAY({pick}))
     RETURNING *
 ), by_stage AS (
     SELECT job_id, stage, max(attempt) AS attempt, min(sort_key) AS sort_key
@@ -303,6 +305,8 @@ WITH leased AS (
         started_at = coalesce(s.started_at, $4), error = 'null'::jsonb
     FROM by_stage b
     WHERE s.job_id = b.job_id AND s.name = b.stage
+        AND s.job_id = ANY(ARRAY(SELECT job_id FROM by_stage))
+        AND s.name = ANY(ARRAY(SELECT stage FROM by_stage))
         AND (s.status <> 'running' OR s.attempt < b.attempt)
     RETURNING s.job_id, s.name, s.attempt, b.sort_key
 ), per_job AS (
@@ -312,7 +316,7 @@ WITH leased AS (
 ), job_rows AS (
     UPDATE jobs j SET status = CASE WHEN j.status = 'queued' THEN 'running' ELSE j.status END,
         started_at = coalesce(j.started_at, $4), stage = p.stage, last_seq = j.last_seq + p.n
-    FROM per_job p WHERE j.id = p.job_id
+    FROM per_job p WHERE j.id = p.job_id AND j.id = ANY(ARRAY(SELECT job_id FROM per_job))
     RETURNING j.id, j.params, j.files, j.budget_usd, j.actual_usd, j.cancel_requested,
         j.last_seq, p.n
 ), logged AS (
