@@ -70,8 +70,8 @@ async def main(args: argparse.Namespace) -> list[Result]:
     if args.only in (None, "drain"):
         results += await drain.run(
             databases,
-            count=500 if args.quick else 2000,
-            concurrencies=[4, 16],
+            count=500 if args.quick else 6000,
+            concurrencies=[4, 16, 64],
             time_limit_s=2.0 if args.quick else 6.0,
             runs=args.runs,
         )
@@ -79,7 +79,7 @@ async def main(args: argparse.Namespace) -> list[Result]:
         results += await drain.run_processes(
             databases,
             count=1000 if args.quick else 8000,
-            shapes=[(4, 4), (4, 16)],
+            shapes=[(4, 4), (4, 16), (2, 64)],
             time_limit_s=3.0 if args.quick else 8.0,
             runs=args.runs,
         )
