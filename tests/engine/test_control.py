@@ -228,6 +228,22 @@ async def test_shutdown_hands_running_stages_back_unfinished(engine: Engine) -> 
     assert engine.stage(snapshot, "work")["attempt"] == 1
 
 
+async def test_shutdown_of_a_worker_with_every_slot_busy_keeps_to_its_grace(
+    engine: Engine,
+) -> None:
+    """With no slot free the claim loop waits for one; stopping must not wait for a
+    stage to end first: the grace starts at once and the stage is handed back."""
+    worker = await engine.start_worker(concurrency=1)
+    job_id = await engine.submit("steps", {"steps": 400, "step_ms": 50})  # 20 s
+    await engine.wait(job_id, until=lambda s: engine.stage(s, "work")["status"] == "running")
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(worker.stop(grace_s=0.2), 10)
+    assert asyncio.get_running_loop().time() - started < 5
+    engine.workers.remove(worker)
+    snapshot = await engine.job(job_id)
+    assert engine.stage(snapshot, "work")["status"] == "queued"
+
+
 async def test_a_lost_workers_stages_return_before_their_lease_expires(engine: Engine) -> None:
     """A worker silent for longer than the lost window loses its stages at the next sweep."""
     from jobgate.store.repositories import workers

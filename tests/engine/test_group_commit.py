@@ -114,3 +114,22 @@ async def test_groups_are_written_in_job_and_task_order(postgres_db_url: str) ->
     finally:
         await db.aclose()
     assert seen == ["a1", "a9", "b2", "b5"]
+
+
+async def test_an_outcome_written_as_the_last_writer_ends_is_still_written(
+    database: Database,
+) -> None:
+    """A caller whose outcome was just committed writes its next one at once: the writer
+    that committed it is finishing then (its queue was empty), and must not count as
+    one still writing, or the new outcome waits forever (a worker's slots then never
+    free and its shutdown hangs)."""
+    group = GroupCommit(database, writers=1)
+
+    async def twice(n: int) -> None:
+        await group.write(f"job-{n}", n, _token(f"first-{n}"))
+        await group.write(f"job-{n}", n + 100, _token(f"second-{n}"))
+
+    await asyncio.wait_for(asyncio.gather(*(twice(n) for n in range(3))), 10)
+    assert await _queues(database) == sorted(
+        [*(f"first-{n}" for n in range(3)), *(f"second-{n}" for n in range(3))]
+    )

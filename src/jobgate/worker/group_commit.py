@@ -91,14 +91,22 @@ class GroupCommit:
         if len(self._writing) < self.writers:
             writer = asyncio.create_task(self._write_queued(), name="jobgate-group-commit")
             self._writing.add(writer)
-            writer.add_done_callback(self._writing.discard)
         return await done
 
     async def _write_queued(self) -> None:
-        while self._queue:
-            batch = sorted(self._queue[: self.max_batch], key=lambda p: p.order)
-            del self._queue[: self.max_batch]
-            await self._write_batch(batch)
+        try:
+            while self._queue:
+                batch = sorted(self._queue[: self.max_batch], key=lambda p: p.order)
+                del self._queue[: self.max_batch]
+                await self._write_batch(batch)
+        finally:
+            # Gone from the writers the moment it finds the queue empty (no await
+            # between): a done callback would run only later, after callers woken by
+            # this writer's last batch may have queued outcomes and, seeing it still
+            # counted, started no writer for them.
+            writer = asyncio.current_task()
+            if writer is not None:
+                self._writing.discard(writer)
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         outcomes: list[tuple[_Pending, Any, BaseException | None]] = []

@@ -162,6 +162,7 @@ class Worker:
             return
         self._stopping.set()
         self._wakeup.set()
+        self._slot_freed.set()  # a claim loop waiting for a slot ends now, not when one frees
         self._recheck = False
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         claim_loop = self._loops[0] if self._loops else None
