@@ -17,11 +17,13 @@ same way).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sqlalchemy import text
@@ -120,45 +122,48 @@ async def drain_once(
         return done / elapsed, note
 
 
+async def _repeat(
+    benchmark: str, database: str, runs: int, once: Callable[[], Awaitable[tuple[float, str]]]
+) -> Result:
+    """`runs` drains by `once`, each logged; their jobs/s and notes as one result."""
+    result = Result(benchmark=benchmark, database=database, unit="jobs/s")
+    notes: list[str] = []
+    for n in range(runs):
+        value, note = await once()
+        log(f"{benchmark} {database} run {n + 1}: {value:,.1f} jobs/s ({note})")
+        result.values.append(value)
+        notes.append(note)
+    result.note = "; ".join(notes)
+    return result
+
+
 async def run(
     databases: list[str], *, count: int, concurrencies: list[int], time_limit_s: float, runs: int
 ) -> list[Result]:
     results: list[Result] = []
     for database in databases:
         for concurrency in concurrencies:
-            result = Result(
-                benchmark=f"drain noop, 1 worker x{concurrency}",
-                database=database,
-                unit="jobs/s",
-            )
-            notes: list[str] = []
-            for n in range(runs):
-                value, note = await drain_once(database, count, concurrency, time_limit_s)
-                log(
-                    f"drain {database} concurrency={concurrency} run {n + 1}: "
-                    f"{value:,.1f} jobs/s ({note})"
+            results.append(
+                await _repeat(
+                    f"drain noop, 1 worker x{concurrency}",
+                    database,
+                    runs,
+                    functools.partial(drain_once, database, count, concurrency, time_limit_s),
                 )
-                result.values.append(value)
-                notes.append(note)
-            result.note = "; ".join(notes)
-            results.append(result)
+            )
     if "postgres" in databases:
         for broker in BROKERS:
-            result = Result(
-                benchmark=f"drain noop, 1 worker x16, {broker} transport",
-                database="postgres",
-                unit="jobs/s",
-            )
             try:
-                for n in range(runs):
-                    value, note = await drain_once("postgres", count, 16, time_limit_s, broker)
-                    log(f"drain postgres via {broker} run {n + 1}: {value:,.1f} jobs/s ({note})")
-                    result.values.append(value)
-                    result.note = "; ".join(filter(None, [result.note, note]))
+                results.append(
+                    await _repeat(
+                        f"drain noop, 1 worker x16, {broker} transport",
+                        "postgres",
+                        runs,
+                        functools.partial(drain_once, "postgres", count, 16, time_limit_s, broker),
+                    )
+                )
             except OSError as exc:
                 log(f"drain via {broker} skipped: {exc}")
-                continue
-            results.append(result)
     return results
 
 
@@ -241,22 +246,14 @@ async def run_processes(
     results: list[Result] = []
     for database in databases:
         for processes, concurrency in shapes:
-            result = Result(
-                benchmark=f"drain noop, {processes} worker processes x{concurrency}",
-                database=database,
-                unit="jobs/s",
+            results.append(
+                await _repeat(
+                    f"drain noop, {processes} worker processes x{concurrency}",
+                    database,
+                    runs,
+                    functools.partial(
+                        drain_processes_once, database, count, processes, concurrency, time_limit_s
+                    ),
+                )
             )
-            notes: list[str] = []
-            for n in range(runs):
-                value, note = await drain_processes_once(
-                    database, count, processes, concurrency, time_limit_s
-                )
-                log(
-                    f"drain {database} {processes} processes x{concurrency} run {n + 1}: "
-                    f"{value:,.1f} jobs/s ({note})"
-                )
-                result.values.append(value)
-                notes.append(note)
-            result.note = "; ".join(notes)
-            results.append(result)
     return results

@@ -4,6 +4,7 @@ the store exactly as `outcomes.complete`, run by run, does."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -286,7 +287,7 @@ async def test_a_batch_reads_by_key_and_never_loops_over_its_own_rows(db: Databa
         ["{}"] * 40,
         [t.stage for t in claimed],
         [True] * 40,
-        [outcomes._stage_succeeded_event(t) for t in claimed],
+        [json.dumps(outcomes._succeeded(t)) for t in claimed],
         ['{"result":{}}'] * 40,
         now(),
     ]

@@ -99,7 +99,6 @@ async def complete(
             _STAGE_SUCCEEDED,
             {"b_job_id": task.job_id, "b_stage": task.stage, "b_output": output, "b_at": at},
         )
-    succeeded = {"stage": task.stage, "status": "succeeded", "attempt": task.attempt}
     await scheduling.advance(
         conn,
         task.job_id,
@@ -107,7 +106,7 @@ async def complete(
         task.stage,
         at=at,
         aging_s=aging_s,
-        carry=[("stage_update", succeeded)],
+        carry=[("stage_update", _succeeded(task))],
         output=output,
         job=job,
     )
@@ -206,7 +205,7 @@ async def complete_many(
         outputs,
         [run.task.stage for run in runs],
         [p.sinks() == [run.task.stage] for run, p in zip(runs, pipelines, strict=True)],
-        [_stage_succeeded_event(run.task) for run in runs],
+        [json.dumps(_succeeded(run.task)) for run in runs],
         [f'{{"result":{output}}}' for output in outputs],
         at,
     )
@@ -228,7 +227,6 @@ async def complete_many(
         if last_seq is not None:
             events.note(conn, run.task.job_id, last_seq)
             continue
-        succeeded = {"stage": run.task.stage, "status": "succeeded", "attempt": run.task.attempt}
         await scheduling.advance(
             conn,
             run.task.job_id,
@@ -236,15 +234,16 @@ async def complete_many(
             run.task.stage,
             at=at,
             aging_s=aging_s,
-            carry=[("stage_update", succeeded)],
+            carry=[("stage_update", _succeeded(run.task))],
             output=run.output,
             job=tasks.JobState.from_row(row),
         )
     return answers
 
 
-def _stage_succeeded_event(task: Claimed) -> str:
-    return json.dumps({"stage": task.stage, "status": "succeeded", "attempt": task.attempt})
+def _succeeded(task: Claimed) -> dict[str, Any]:
+    """The data of the `stage_update` event of a successful run."""
+    return {"stage": task.stage, "status": "succeeded", "attempt": task.attempt}
 
 
 async def _record_item(
