@@ -17,6 +17,7 @@ from jobgate.pipelines import Registry
 from jobgate.store import database as database_module
 from jobgate.store import pg
 from jobgate.store.database import Database
+from jobgate.store.repositories import events as event_repo
 from jobgate.store.repositories import jobs as job_repo
 from jobgate.store.tables import events, jobs, outbox, owner_clocks, tasks
 
@@ -262,6 +263,76 @@ async def test_a_fast_path_statement_on_a_dead_connection_retires_the_pool(
         await db.aclose()
     assert failures == 1
     assert len(stored) == POOLED + 1
+
+
+async def _autocommit_pid(db: Database) -> int:
+    async with db.autocommit() as conn:
+        return int(await pg.value(conn, "SELECT pg_backend_pid()"))
+
+
+async def test_autocommit_connections_stay_set_up_between_uses(
+    postgres_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One statement at a time reuses one connection; a burst keeps at most a quarter of
+    the pool aside; a kept connection the server killed is replaced after a pause, not
+    failed on; closing the database closes the kept ones."""
+    monkeypatch.setattr(database_module, "IDLE_PING_S", 0.05)
+    db = Database(postgres_db_url, pool_size=8)
+    try:
+        first = await _autocommit_pid(db)
+        assert {await _autocommit_pid(db) for _ in range(5)} == {first}
+        assert db.engine.pool.checkedout() == 1  # kept, not handed back
+
+        started = asyncio.Barrier(6)
+
+        async def busy() -> int:
+            async with db.autocommit() as conn:
+                await started.wait()
+                return int(await pg.value(conn, "SELECT pg_backend_pid()"))
+
+        assert len(set(await asyncio.gather(*(busy() for _ in range(6))))) == 6
+        assert db.engine.pool.checkedout() == 2  # 8 // 4 kept, the rest handed back
+
+        kept = await _autocommit_pid(db)
+        await _terminate(postgres_db_url, {kept})
+        await asyncio.sleep(0.1)
+        assert await _autocommit_pid(db) != kept
+        last = await _autocommit_pid(db)
+    finally:
+        await db.aclose()
+    assert db.engine.pool.checkedout() == 0
+    admin = await asyncpg.connect(postgres_db_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        for _ in range(40):
+            alive = await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", last
+            )
+            if not alive:
+                break
+            await asyncio.sleep(0.05)
+        assert not alive
+    finally:
+        await admin.close()
+
+
+async def test_autocommit_announces_only_what_its_own_use_appended(postgres_db_url: str) -> None:
+    """A kept connection carries no changes from one use to the next: a use that fails
+    announces nothing, and the next announces only its own."""
+    db = Database(postgres_db_url)
+    announced: list[dict[str, int]] = []
+    db.on_changes = lambda changes: announced.append(dict(changes))
+    try:
+        with contextlib.suppress(RuntimeError):
+            async with db.autocommit() as conn:
+                event_repo.note(conn, "failed-job", 3)
+                raise RuntimeError("the use fails after noting a change")
+        async with db.autocommit() as conn:
+            event_repo.note(conn, "next-job", 1)
+        async with db.autocommit() as conn:
+            await pg.value(conn, "SELECT 1")
+    finally:
+        await db.aclose()
+    assert announced == [{"next-job": 1}]
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
