@@ -325,6 +325,13 @@ async def test_openapi_documents_the_job_routes(client: httpx.AsyncClient) -> No
     assert "webhook" in content["application/json"]["schema"]["properties"]
     assert "202" in submit["responses"]
     assert "application/problem+json" in submit["responses"]["422"]["content"]
+    for route in (submit, spec["paths"]["/v1/jobs/batch"]["post"]):
+        (header,) = route["parameters"]
+        assert (header["name"], header["in"], header["required"]) == (
+            "Idempotency-Key",
+            "header",
+            False,
+        )
     for path in (
         "/v1/jobs/batch",
         "/v1/jobs/status",

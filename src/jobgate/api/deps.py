@@ -11,10 +11,15 @@ from jobgate.auth import Principal
 from jobgate.auth.api_keys import authenticate_request
 
 
-async def get_state(request: Request) -> AppState:
-    # async: FastAPI runs a plain `def` dependency in a worker thread, per request.
+def get_state_of(request: Request) -> AppState:
+    """The app's state, for code that takes the request rather than dependencies."""
     state: AppState = request.app.state.jobgate
     return state
+
+
+async def get_state(request: Request) -> AppState:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, per request.
+    return get_state_of(request)
 
 
 StateDep = Annotated[AppState, Depends(get_state)]

@@ -117,12 +117,25 @@ class RequestContextMiddleware:
                 _record(scope, status, time.perf_counter() - started)
 
 
+# The labelled metrics of each (method, route template, status), found once: looking a
+# child up by labels takes a lock and builds a key each time. Route templates and the
+# methods the HTTP parser accepts are finite, so this stays small.
+_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
 def _record(scope: Scope, status: int, elapsed_s: float) -> None:
     method: str = scope.get("method", "")
     route = route_template(scope)
-    labels: dict[str, Any] = {"method": method, "route": route, "status": str(status)}
-    metrics.HTTP_REQUESTS.labels(**labels).inc()
-    metrics.HTTP_REQUEST_DURATION.labels(**labels).observe(elapsed_s)
+    children = _children.get((method, route, status))
+    if children is None:
+        labels = {"method": method, "route": route, "status": str(status)}
+        children = (
+            metrics.HTTP_REQUESTS.labels(**labels),
+            metrics.HTTP_REQUEST_DURATION.labels(**labels),
+        )
+        _children[method, route, status] = children
+    children[0].inc()
+    children[1].observe(elapsed_s)
     access_log.info(
         "http_request",
         method=method,

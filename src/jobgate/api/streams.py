@@ -401,6 +401,8 @@ async def all_stream(
 
     async def catch_up() -> AsyncGenerator[bytes, None]:
         bound = await hub.safe_event_id()
+        if bound is not None and bound <= watch.seen:
+            return  # nothing is safe to read yet: a writer is still in flight
         while True:
             rows = await _global_page(hub.db, after=watch.seen, bound=bound, owner=owner)
             for row in rows:

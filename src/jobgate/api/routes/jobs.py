@@ -14,11 +14,11 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from jobgate.api import limits, submit, views
-from jobgate.api.deps import CurrentPrincipal, StateDep
+from jobgate.api.deps import CurrentPrincipal, StateDep, current_principal, get_state_of
 from jobgate.api.models import (
     SUBMIT_FORM_SCHEMA,
     Job,
@@ -33,6 +33,8 @@ from jobgate.api.models import (
     request_body,
 )
 from jobgate.api.schemas import problem_responses
+from jobgate.api.state import AppState
+from jobgate.auth import Principal
 from jobgate.errors import Forbidden, NotFound, TooManyJobs, ValidationFailed
 from jobgate.ids import now, parse_rfc3339
 from jobgate.store.repositories import idempotency
@@ -41,10 +43,34 @@ from jobgate.store.repositories import records as record_repo
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-IdempotencyKey = Annotated[
-    str | None,
-    Header(alias="Idempotency-Key", description="replays the first job for 24 h (≤ 255 chars)"),
-]
+IDEMPOTENCY_KEY_HELP = "replays the first job for 24 h (≤ 255 chars)"
+# The submit routes read their caller and this header themselves (`_submitter`), so
+# the header is documented here as FastAPI documents an optional `Header` parameter.
+_IDEMPOTENCY_KEY_PARAMETER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": IDEMPOTENCY_KEY_HELP,
+    "schema": {
+        "anyOf": [{"type": "string"}, {"type": "null"}],
+        "description": IDEMPOTENCY_KEY_HELP,
+        "title": "Idempotency-Key",
+    },
+}
+
+
+async def _submitter(request: Request) -> tuple[AppState, Principal, str | None]:
+    """The app state, the authenticated caller and the Idempotency-Key of a submit.
+
+    What `StateDep`, `CurrentPrincipal` and a `Header` parameter give other routes,
+    without FastAPI's dependency solving: on the hottest route that cost about 70 µs a
+    request, an eighth of a whole submit's CPU.
+    """
+    state = get_state_of(request)
+    principal = await current_principal(request, state)
+    return state, principal, request.headers.get("idempotency-key")
+
+
 RECORDS_MAX_LIMIT = 1000
 
 
@@ -77,15 +103,14 @@ def _batch_size(raw: Any) -> int:
         200: {"model": Job, "description": "An Idempotency-Key replay: the first job"},
         **problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429),
     },
-    openapi_extra=request_body(JobSubmit, multipart=SUBMIT_FORM_SCHEMA),
+    openapi_extra={
+        **request_body(JobSubmit, multipart=SUBMIT_FORM_SCHEMA),
+        "parameters": [_IDEMPOTENCY_KEY_PARAMETER],
+    },
 )
-async def submit_job(
-    request: Request,
-    state: StateDep,
-    principal: CurrentPrincipal,
-    idempotency_key: IdempotencyKey = None,
-) -> Response:
+async def submit_job(request: Request) -> Response:
     """Create a job from JSON (files by `sha256`) or multipart (files streamed in)."""
+    state, principal, idempotency_key = await _submitter(request)
     principal.require_write()
     quota = await limits.check_submit(request, state, principal)
     submission = await submit.read_submission(request, state)
@@ -130,15 +155,11 @@ async def submit_job(
         200: {"model": JobBatch, "description": "An Idempotency-Key replay"},
         **problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429),
     },
-    openapi_extra=request_body(JobBatchSubmit),
+    openapi_extra={**request_body(JobBatchSubmit), "parameters": [_IDEMPOTENCY_KEY_PARAMETER]},
 )
-async def submit_batch(
-    request: Request,
-    state: StateDep,
-    principal: CurrentPrincipal,
-    idempotency_key: IdempotencyKey = None,
-) -> Response:
+async def submit_batch(request: Request) -> Response:
     """Create every job of `{"jobs": [...]}`, or none; errors are located `["jobs", i, ...]`."""
+    state, principal, idempotency_key = await _submitter(request)
     principal.require_write()
     quota = await limits.check_submit(request, state, principal)
     raw = await submit.read_json_body(request, state)
