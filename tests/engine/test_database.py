@@ -315,6 +315,60 @@ async def test_autocommit_connections_stay_set_up_between_uses(
         await admin.close()
 
 
+async def test_a_kept_connection_the_server_closed_is_not_handed_out(
+    postgres_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no idle ping in the way, a kept autocommit connection that the server ended
+    while it sat idle is dropped when next taken: the statement runs on a new one."""
+    monkeypatch.setattr(database_module, "IDLE_PING_S", 3600.0)
+    db = Database(postgres_db_url)
+    try:
+        killed = await _autocommit_pid(db)
+        await _terminate(postgres_db_url, {killed})
+        await asyncio.sleep(0.2)  # the end of stream reaches the client
+        assert await _autocommit_pid(db) != killed
+    finally:
+        await db.aclose()
+
+
+def _fatal_error_message() -> bytes:
+    """A server's `ErrorResponse` as sent to a connection a shutdown terminates."""
+    fields = b"".join(
+        kind + text + b"\0"
+        for kind, text in (
+            (b"S", b"FATAL"),
+            (b"V", b"FATAL"),
+            (b"C", b"57P01"),
+            (b"M", b"terminating connection due to administrator command"),
+        )
+    )
+    body = fields + b"\0"
+    return b"E" + (len(body) + 4).to_bytes(4, "big") + body
+
+
+async def test_a_statement_caught_between_a_shutdown_message_and_its_end_is_an_outage(
+    postgres_db_url: str,
+) -> None:
+    """A restart's "terminating connection" reaches an idle connection a moment before
+    its end of stream; a statement sent in between is refused by the driver. That is a
+    lost connection (an outage: 503 and retry), never a 500, and it is not used again."""
+    db = Database(postgres_db_url)
+    try:
+        async with db.autocommit() as conn:
+            raw = await pg.driver(conn)
+            server_pid = int(await raw.fetchval("SELECT pg_backend_pid()"))
+        # What the server sends before it exits; its end of stream follows right after.
+        raw._protocol.data_received(_fatal_error_message())
+        asyncio.get_running_loop().call_soon(raw._transport.abort)
+        with pytest.raises(ConnectionResetError) as lost:
+            async with db.autocommit() as conn:
+                await pg.value(conn, "SELECT 1")
+        assert database_module.is_outage(lost.value)
+        assert await _autocommit_pid(db) != server_pid
+    finally:
+        await db.aclose()
+
+
 async def test_autocommit_announces_only_what_its_own_use_appended(postgres_db_url: str) -> None:
     """A kept connection carries no changes from one use to the next: a use that fails
     announces nothing, and the next announces only its own."""

@@ -107,8 +107,14 @@ class Database:
     async def _take_warm(self) -> _Warm:
         while self._warm:
             warm = self._warm.pop()
-            if warm.pool is self.engine.pool and time.monotonic() - warm.idle_since < IDLE_PING_S:
+            if (
+                warm.pool is self.engine.pool
+                and time.monotonic() - warm.idle_since < IDLE_PING_S
+                and not warm.driver.is_closed()
+            ):
                 return warm
+            if warm.driver.is_closed():
+                await warm.conn.invalidate()  # the server closed it: not back to the pool
             # Idle long enough to be pinged, or from a pool dropped after a lost
             # connection: back to the pool, which pings or discards it.
             await warm.conn.close()
@@ -118,10 +124,11 @@ class Database:
         options = {"isolation_level": "AUTOCOMMIT", _WRITE: True, OUTBOX: self.outbox}
         try:
             await conn.execution_options(**options, **{CHANGES: changes})
+            driver = (await conn.get_raw_connection()).driver_connection
         except BaseException:
             await conn.close()
             raise
-        return _Warm(conn, changes, pool)
+        return _Warm(conn, changes, pool, driver)
 
     async def _keep_warm(self, warm: _Warm) -> None:
         if self._closed or warm.conn.invalidated or len(self._warm) >= self._warm_max:
@@ -176,12 +183,15 @@ class _Warm:
     it (about 0.1 ms). `changes` is the dict its `CHANGES` option holds, emptied after
     each use."""
 
-    __slots__ = ("changes", "conn", "idle_since", "pool")
+    __slots__ = ("changes", "conn", "driver", "idle_since", "pool")
 
-    def __init__(self, conn: AsyncConnection, changes: dict[str, int], pool: Pool) -> None:
+    def __init__(
+        self, conn: AsyncConnection, changes: dict[str, int], pool: Pool, driver: Any
+    ) -> None:
         self.conn = conn
         self.changes = changes
         self.pool = pool
+        self.driver = driver  # the asyncpg connection under `conn`
         self.idle_since = 0.0
 
 

@@ -10,6 +10,7 @@ same values, one round trip for many rows of many tables. `docs/performance.md`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -68,14 +69,33 @@ async def _call(conn: AsyncConnection, method: str, sql: str, *args: Any) -> Any
     statements hits one), so dead connections are not handed out again; a refused
     row is SQLAlchemy's `IntegrityError`, like everywhere else.
     """
+    raw = await driver(conn)
     try:
-        return await getattr(await driver(conn), method)(sql, *args)
+        return await getattr(raw, method)(sql, *args)
     except _DISCONNECTS:
-        await conn.invalidate()
-        await conn.engine.dispose(close=False)
+        await _retire(conn)
         raise
     except asyncpg_errors.IntegrityConstraintViolationError as exc:
         raise IntegrityError(sql, args, exc) from exc
+    except asyncpg_errors.InternalClientError as exc:
+        # The server's "terminating connection" arrived on an idle connection and its
+        # end of stream not yet: the driver refuses the statement before it sees the
+        # socket close. A connection that closes right after was lost, not misused.
+        for _ in range(_CLOSE_WAIT_STEPS):
+            if raw.is_closed():
+                await _retire(conn)
+                raise ConnectionResetError("the server closed the connection") from exc
+            await asyncio.sleep(0.01)
+        raise
+
+
+_CLOSE_WAIT_STEPS = 10
+
+
+async def _retire(conn: AsyncConnection) -> None:
+    """Drop a lost connection, and the pool with it (the server likely dropped all)."""
+    await conn.invalidate()
+    await conn.engine.dispose(close=False)
 
 
 async def records(conn: AsyncConnection, sql: str, *args: Any) -> list[Any]:
