@@ -1,4 +1,5 @@
-"""`outcomes.complete_many` (PostgreSQL's one statement for many successful runs) leaves
+"""`outcomes.complete_many` (PostgreSQL's one statement for many successful runs) and
+`outcomes.finish_many` (the same for the runs that finish their jobs, on its own) leave
 the store exactly as `outcomes.complete`, run by run, does."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select, text, update
 
 from jobgate.ids import now, uuid7
@@ -241,11 +243,126 @@ async def test_a_group_writes_its_completions_in_one_statement(db: Database) -> 
         assert told[job_id] == state["job"][-1]  # the bus hears of the last event
 
 
+async def test_finishing_on_its_own_writes_what_complete_writes(db: Database) -> None:
+    """`finish_many` on an autocommit connection completes the runs that finish their
+    jobs and writes nothing for the others (a first stage, a job cancelled meanwhile, one
+    with a webhook); those, completed next by `complete_many` as group commit does, end
+    exactly as `complete` leaves them too."""
+    at = now()
+    noop = await _twins(db, "noop")
+    first = await _twins(db, "steps")
+    last = await _twins(db, "steps")
+    for job_id in last:
+        for output in ({"steps": 1}, {"steps": 1, "cost_usd": 0.0}):
+            await _complete(db, await _claim(db, job_id), output, at)
+    cancelled = await _twins(db, "noop")
+    hooked = await _twins(db, "noop", webhook=WEBHOOK)
+    cases = [
+        (*noop, {"echo": [1, 2.5, None]}, True),
+        (*first, {"steps": 1}, False),
+        (*last, {"steps": 1, "cost_usd": 0.0}, True),
+        (*cancelled, {"late": True}, False),
+        (*hooked, {"hooked": True}, False),
+    ]
+    runs: list[outcomes.Completion] = []
+    for by_one, by_finish, output, _ in cases:
+        alone = await _claim(db, by_one)
+        together = await _claim(db, by_finish)
+        if by_one in cancelled:
+            async with db.write() as conn:
+                await conn.execute(
+                    update(jobs).where(jobs.c.id.in_(cancelled)).values(cancel_requested=True)
+                )
+        await _complete(db, alone, output, at)
+        runs.append(outcomes.Completion(together, output))
+    untouched = {by_finish: await _state(db, by_finish) for _, by_finish, _, _ in cases}
+
+    async with db.autocommit() as conn:
+        answers = await outcomes.finish_many(conn, runs, registry=REGISTRY, at=at)
+    assert answers == [done for *_, done in cases]
+    for (_, by_finish, _, _), answer in zip(cases, answers, strict=True):
+        if not answer:
+            assert await _state(db, by_finish) == untouched[by_finish], by_finish
+    rest = [run for run, answer in zip(runs, answers, strict=True) if not answer]
+    async with db.write() as conn:
+        assert await outcomes.complete_many(conn, rest, registry=REGISTRY, at=at) == [None] * 3
+    for by_one, by_finish, _, _ in cases:
+        assert await _state(db, by_finish, at) == await _state(db, by_one, at), by_finish
+
+
+async def test_finishing_on_its_own_tells_a_lost_lease_from_a_job_that_goes_on(
+    db: Database,
+) -> None:
+    lost_job, kept_job, later_job = [await _submit(db, p) for p in ("noop", "noop", "steps")]
+    lost, kept, later = [await _claim(db, j) for j in (lost_job, kept_job, later_job)]
+    async with db.write() as conn:  # another worker took the lease over
+        await conn.execute(
+            text("UPDATE tasks SET lease_token = 'someone-else' WHERE id = :id"),
+            {"id": lost.task_id},
+        )
+    before = await _state(db, lost_job)
+    async with db.autocommit() as conn:
+        answers = await outcomes.finish_many(
+            conn,
+            [outcomes.Completion(t, n) for n, t in enumerate((lost, kept, later))],
+            registry=REGISTRY,
+            at=now(),
+        )
+    assert isinstance(answers[0], tasks.LeaseLost)
+    assert answers[1:] == [True, False]
+    assert await _state(db, lost_job) == before
+    assert (await _state(db, kept_job))["job"][:2] == ("succeeded", 1)
+    assert (await _state(db, later_job))["job"][0] == "running"
+
+
+async def test_a_group_of_finishing_runs_needs_no_transaction(db: Database) -> None:
+    """Through group commit with `finish_many`: runs that finish their jobs are written
+    by that one statement and no transaction is begun; a run whose job goes on is then
+    written in a transaction by `complete_many`."""
+    finishing = [await _submit(db, "noop") for _ in range(4)]
+    going_on = await _submit(db, "steps")
+    claimed = [await _claim(db, job_id) for job_id in (*finishing, going_on)]
+    begun: list[object] = []
+    sqlalchemy_event.listen(db.engine.sync_engine, "begin", begun.append)
+    calls: list[tuple[str, int]] = []
+
+    async def finish_many(conn: Any, runs: Any) -> list[bool | tasks.LeaseLost]:
+        calls.append(("finish", len(runs)))
+        return await outcomes.finish_many(conn, runs, registry=REGISTRY, at=now())
+
+    async def complete_many(conn: Any, runs: Any) -> list[tasks.LeaseLost | None]:
+        calls.append(("complete", len(runs)))
+        return await outcomes.complete_many(conn, runs, registry=REGISTRY, at=now())
+
+    def never(conn: Any) -> Any:
+        raise AssertionError("a completion is written by finish_many or complete_many")
+
+    group = GroupCommit(db, writers=1, complete_many=complete_many, finish_many=finish_many)
+    await asyncio.gather(
+        *(
+            group.write(t.job_id, t.task_id, never, outcomes.Completion(t, n))
+            for n, t in enumerate(claimed[:4])
+        )
+    )
+    assert (calls, begun) == ([("finish", 4)], [])
+    last = claimed[4]
+    await group.write(last.job_id, last.task_id, never, outcomes.Completion(last, {"steps": 1}))
+    assert calls[1:] == [("finish", 1), ("complete", 1)]
+    assert len(begun) == 1
+    for n, job_id in enumerate(finishing):
+        assert (await _state(db, job_id))["job"][:2] == ("succeeded", n)
+    prepare = (await _state(db, going_on))["stages"][0]
+    assert prepare[:2] == ("prepare", "succeeded")
+
+
 def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return [plan, *(node for child in plan.get("Plans", ()) for node in _nodes(child))]
 
 
-async def test_a_batch_reads_by_key_and_never_loops_over_its_own_rows(db: Database) -> None:
+@pytest.mark.parametrize("sql_name", ["_COMPLETE_MANY_PG", "_FINISH_MANY_PG"])
+async def test_a_batch_reads_by_key_and_never_loops_over_its_own_rows(
+    db: Database, sql_name: str
+) -> None:
     """With a backlog and a batch of 40, neither the plan made for the values nor the
     generic plan of the prepared statement scans a table or walks a batch's rows once
     per row of another (the generic plan once did, growing with the batch's cube)."""
@@ -300,7 +417,7 @@ async def test_a_batch_reads_by_key_and_never_loops_over_its_own_rows(db: Databa
             await transaction.start()
             try:
                 statement = await connection.prepare(
-                    "EXPLAIN (ANALYZE, FORMAT JSON) " + outcomes._COMPLETE_MANY_PG
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + getattr(outcomes, sql_name)
                 )
                 (plan,) = await statement.fetchval(*args)
             finally:

@@ -23,6 +23,9 @@ log = structlog.get_logger("jobgate.worker")
 Write = Callable[[AsyncConnection], Awaitable[Any]]
 CompleteMany = Callable[[AsyncConnection, Sequence[Completion]], Awaitable[list[LeaseLost | None]]]
 """Records many successful runs in one go: per run, None or `LeaseLost`."""
+FinishMany = Callable[[AsyncConnection, Sequence[Completion]], Awaitable[list[bool | LeaseLost]]]
+"""Records those of many successful runs that finish their jobs, in one statement that
+needs no transaction: per run, True (written), False (nothing written) or `LeaseLost`."""
 
 
 class Regroup(Exception):
@@ -50,7 +53,10 @@ class GroupCommit:
     its outcomes one by one.)
 
     Successful runs given as a `Completion` are written together by `complete_many`
-    (one statement for the lot on PostgreSQL), before the batch's other writes.
+    (one statement for the lot on PostgreSQL), before the batch's other writes. With
+    `finish_many`, those that finish their jobs are first written by it alone, on an
+    autocommit connection; a batch of only those (a drain of one-stage jobs) then needs
+    no `BEGIN` and `COMMIT` at all.
 
     Each write must raise `LeaseLost` before it writes anything (every outcome checks
     its lease first), so one lost lease leaves the rest of the batch to commit. Any other
@@ -64,11 +70,13 @@ class GroupCommit:
         writers: int = 2,
         max_batch: int = 64,
         complete_many: CompleteMany | None = None,
+        finish_many: FinishMany | None = None,
     ) -> None:
         self.db = db
         self.writers = writers
         self.max_batch = max_batch
         self.complete_many = complete_many
+        self.finish_many = finish_many if complete_many is not None else None
         self._queue: list[_Pending] = []
         self._writing: set[asyncio.Task[None]] = set()
 
@@ -109,6 +117,9 @@ class GroupCommit:
                 self._writing.discard(writer)
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
+        batch = await self._finish_first(batch)
+        if not batch:
+            return
         outcomes: list[tuple[_Pending, Any, BaseException | None]] = []
         try:
             async with self.db.write() as conn:
@@ -136,3 +147,29 @@ class GroupCommit:
                 pending.done.set_result(result)
             else:
                 pending.done.set_exception(error)
+
+    async def _finish_first(self, batch: list[_Pending]) -> list[_Pending]:
+        """Write the batch's completions that finish their jobs with `finish_many`, in
+        one statement and no transaction; what is left for the group's transaction."""
+        runs = [p for p in batch if p.completion is not None and p.completion.may_finish]
+        if self.finish_many is None or not runs:
+            return batch
+        completions = [p.completion for p in runs if p.completion is not None]
+        try:
+            async with self.db.autocommit() as conn:
+                answers = await self.finish_many(conn, completions)
+        except Exception as exc:  # nothing was written: the transaction tries them all
+            log.warning("group_finish_failed", outcomes=len(runs), error=repr(exc))
+            return batch
+        settled: set[int] = set()
+        for pending, answer in zip(runs, answers, strict=True):
+            if answer is False:
+                continue
+            settled.add(id(pending))
+            if pending.done.done():  # its caller was cancelled
+                continue
+            if isinstance(answer, LeaseLost):
+                pending.done.set_exception(answer)
+            else:
+                pending.done.set_result(None)
+        return [p for p in batch if id(p) not in settled]

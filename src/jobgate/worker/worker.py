@@ -115,6 +115,7 @@ class Worker:
                 db,
                 writers=groups,
                 complete_many=None if db.is_sqlite else self._complete_many,
+                finish_many=None if db.is_sqlite else self._finish_many,
             )
             if groups
             else None
@@ -659,7 +660,9 @@ class Worker:
                         aging_s=self.settings.priority_aging_s,
                     ),
                     grouped=True,
-                    completion=outcomes.Completion(task, output),
+                    completion=outcomes.Completion(
+                        task, output, may_finish=pipeline.sinks() == [task.stage]
+                    ),
                 )
             finally:
                 await _stop(runtime.flusher)
@@ -774,6 +777,11 @@ class Worker:
         return await outcomes.complete_many(
             conn, runs, registry=self.registry, at=now(), aging_s=self.settings.priority_aging_s
         )
+
+    async def _finish_many(
+        self, conn: AsyncConnection, runs: Sequence[outcomes.Completion]
+    ) -> list[bool | tasks.LeaseLost]:
+        return await outcomes.finish_many(conn, runs, registry=self.registry, at=now())
 
     async def _flush_loop(self, runtime: TaskRuntime) -> None:
         """Write buffered reports every flush interval; ends when the outcome is due."""

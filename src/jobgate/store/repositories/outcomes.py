@@ -114,10 +114,15 @@ async def complete(
 
 @dataclass(frozen=True)
 class Completion:
-    """A successful run to record among others (`complete_many`)."""
+    """A successful run to record among others (`complete_many`, `finish_many`).
+
+    `may_finish` is False when the run's stage is not its pipeline's only sink: it can
+    never finish the job, so `finish_many` is not worth a try.
+    """
 
     task: Claimed
     output: Any
+    may_finish: bool = True
 
 
 # PostgreSQL, one statement for many successful runs with nothing else to record
@@ -179,6 +184,107 @@ UNION ALL
 SELECT task_id, NULL, NULL, NULL, last_seq FROM finished"""
 
 
+# PostgreSQL, one statement that completes only the runs that finish their jobs
+# (`finish_many`): the same checks and writes as `_COMPLETE_MANY_PG` for those, and
+# nothing at all for the others, so that it may run on its own (autocommit) and leave
+# the rest to a transaction. Jobs are locked before any task is deleted, as a run is
+# taken only once its job is known to finish. Same parameters; rows: per task held, its
+# id (deferred unless also listed as finished); then per job finished, its task and the
+# job's last event `seq`.
+_FINISH_MANY_PG = """
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[],
+        $6::text[], $7::text[]) AS i(task_id, token, output, stage, sink, updated, done)
+), held AS (
+    SELECT t.id, t.job_id, i.output, i.stage, i.sink, i.updated, i.done
+    FROM tasks t JOIN input i ON t.id = i.task_id AND t.lease_token = i.token
+    WHERE t.id = ANY($1::bigint[])  -- by the primary key, never a scan of every task
+    ORDER BY t.job_id, t.id FOR UPDATE OF t
+), locked AS (
+    SELECT j.id, j.status, j.cancel_requested, j.webhook, h.id AS task_id, h.output,
+        h.stage, h.sink, h.updated, h.done
+    FROM held h JOIN jobs j ON j.id = h.job_id ORDER BY j.id FOR UPDATE OF j
+), finishing AS (
+    SELECT * FROM locked l
+    WHERE l.sink AND l.status IN ('queued', 'running') AND NOT l.cancel_requested
+        AND (l.webhook IS NULL OR l.webhook = 'null'::jsonb)
+        AND NOT EXISTS (
+            SELECT 1 FROM stages s
+            WHERE s.job_id = l.id AND s.name <> l.stage AND s.status <> 'succeeded'
+        )
+), taken AS (
+    DELETE FROM tasks t USING finishing f
+    WHERE t.id = f.task_id AND t.id = ANY($1::bigint[])
+), succeeded AS (
+    UPDATE stages s SET status = 'succeeded', output = f.output::jsonb, progress = 1.0,
+        finished_at = $8, error = 'null'::jsonb
+    FROM finishing f WHERE s.job_id = f.id AND s.name = f.stage
+), finished AS (
+    UPDATE jobs j SET status = 'succeeded', finished_at = $8, cancel_requested = false,
+        result = f.output::jsonb, progress = 1.0, error = 'null'::jsonb,
+        last_seq = j.last_seq + 2
+    FROM finishing f WHERE j.id = f.id
+    RETURNING j.id, j.last_seq, f.task_id, f.updated, f.done
+), logged AS (
+    INSERT INTO events (job_id, seq, type, data, created_at)
+    SELECT id, last_seq - 1, 'stage_update', updated::jsonb, $8 FROM finished
+    UNION ALL
+    SELECT id, last_seq, 'completed', done::jsonb, $8 FROM finished
+)
+SELECT task_id, NULL::bigint AS last_seq FROM locked
+UNION ALL
+SELECT task_id, last_seq FROM finished"""
+
+
+def _many_args(runs: Sequence[Completion], registry: Registry, at: float) -> list[Any]:
+    """The parameters of `_COMPLETE_MANY_PG` and `_FINISH_MANY_PG`."""
+    pipelines = [registry.get(run.task.pipeline) for run in runs]
+    outputs = [json.dumps(run.output) for run in runs]  # as `_take_and_succeed` writes it
+    return [
+        [run.task.task_id for run in runs],
+        [run.task.lease_token for run in runs],
+        outputs,
+        [run.task.stage for run in runs],
+        [p.sinks() == [run.task.stage] for run, p in zip(runs, pipelines, strict=True)],
+        [json.dumps(_succeeded(run.task)) for run in runs],
+        [f'{{"result":{output}}}' for output in outputs],
+        at,
+    ]
+
+
+async def finish_many(
+    conn: AsyncConnection, runs: Sequence[Completion], *, registry: Registry, at: float
+) -> list[bool | tasks.LeaseLost]:
+    """Complete, in one statement on PostgreSQL, those of `runs` that finish their jobs
+    (as `complete_many` would), and write nothing for the others.
+
+    One statement, atomic by itself: it needs no transaction around it, which is the
+    point (a `Database.autocommit()` connection: no `BEGIN` and `COMMIT` round trips).
+
+    Returns:
+        Per run, in order: True (completed, its job finished), False (nothing written:
+        its job goes on otherwise; complete it with `complete_many` or `complete`), or
+        `LeaseLost` (its lease was gone; nothing written).
+    """
+    rows = await pg.records(conn, _FINISH_MANY_PG, *_many_args(runs, registry, at))
+    held: set[int] = set()
+    finished: dict[int, int] = {}
+    for row in rows:
+        if row["last_seq"] is None:
+            held.add(row["task_id"])
+        else:
+            finished[row["task_id"]] = int(row["last_seq"])
+    answers: list[bool | tasks.LeaseLost] = []
+    for run in runs:
+        last_seq = finished.get(run.task.task_id)
+        if last_seq is not None:
+            events.note(conn, run.task.job_id, last_seq)
+            answers.append(True)
+        else:
+            answers.append(False if run.task.task_id in held else tasks.LeaseLost())
+    return answers
+
+
 async def complete_many(
     conn: AsyncConnection,
     runs: Sequence[Completion],
@@ -196,19 +302,7 @@ async def complete_many(
         was written).
     """
     pipelines = [registry.get(run.task.pipeline) for run in runs]
-    outputs = [json.dumps(run.output) for run in runs]  # as `_take_and_succeed` writes it
-    rows = await pg.records(
-        conn,
-        _COMPLETE_MANY_PG,
-        [run.task.task_id for run in runs],
-        [run.task.lease_token for run in runs],
-        outputs,
-        [run.task.stage for run in runs],
-        [p.sinks() == [run.task.stage] for run, p in zip(runs, pipelines, strict=True)],
-        [json.dumps(_succeeded(run.task)) for run in runs],
-        [f'{{"result":{output}}}' for output in outputs],
-        at,
-    )
+    rows = await pg.records(conn, _COMPLETE_MANY_PG, *_many_args(runs, registry, at))
     taken: dict[int, Any] = {}
     finished: dict[int, int] = {}
     for row in rows:
