@@ -10,7 +10,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint typecheck unit bench bench-peers lock clean
+.PHONY: help run test lint typecheck unit bench bench-peers bench-compare lock clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench: $(VENV)/.synced ## benchmarks (never part of CI); figures go to bench/RES
 
 bench-peers: $(VENV)/.synced ## peer job queues side by side (venvs in .bench-venvs/; never in CI)
 	$(BIN)/python -m bench.peers $(BENCH_ARGS)
+
+bench-compare: $(VENV)/.synced ## this checkout against commit REF, in pairs (never in CI)
+	$(BIN)/python -m bench.compare $(REF) $(BENCH_ARGS)
 
 clean: ## remove the virtualenvs and the embedded data
 	rm -rf $(VENV) $(TOOLS) .bench-venvs .jobgate .pytest_cache .mypy_cache .ruff_cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -120,14 +121,16 @@ async def _one(stream: AllEvents, submitter: Submitter) -> float:
     return (arrived - started) * 1000
 
 
-async def run_once(database: str, samples: int) -> list[float]:
-    """One server on `database`: `samples` submit→completed latencies (ms)."""
+async def run_once(database: str, samples: int, *, src: Path | None = None) -> list[float]:
+    """One server on `database`: `samples` submit→completed latencies (ms). `src`: run
+    the jobgate found there instead of this checkout's (`bench/compare.py`)."""
     with temp_dir("sse-latency") as tmp:
         url = sqlite_url(tmp) if database == "sqlite" else await fresh_postgres()
+        paths = [str(src)] if src is not None else []
         env = {
             **_env(tmp, url),
             "JOBGATE_TRANSPORT_NAMESPACE": f"bench{uuid.uuid4().hex[:8]}",
-            "PYTHONPATH": str(Path(__file__).parent.parent),
+            "PYTHONPATH": os.pathsep.join([*paths, str(Path(__file__).parent.parent)]),
         }
         if database == "postgres":
             _run_cli(["db", "upgrade"], env, tmp)

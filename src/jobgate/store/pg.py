@@ -69,8 +69,9 @@ async def _call(conn: AsyncConnection, method: str, sql: str, *args: Any) -> Any
     statements hits one), so dead connections are not handed out again; a refused
     row is SQLAlchemy's `IntegrityError`, like everywhere else.
     """
-    raw = await driver(conn)
+    raw: Any = None
     try:
+        raw = await driver(conn)
         return await getattr(raw, method)(sql, *args)
     except _DISCONNECTS:
         await _retire(conn)
@@ -81,7 +82,7 @@ async def _call(conn: AsyncConnection, method: str, sql: str, *args: Any) -> Any
         # The server's "terminating connection" arrived on an idle connection and its
         # end of stream not yet: the driver refuses the statement before it sees the
         # socket close. A connection that closes right after was lost, not misused.
-        for _ in range(_CLOSE_WAIT_STEPS):
+        for _ in range(_CLOSE_WAIT_STEPS if raw is not None else 0):
             if raw.is_closed():
                 await _retire(conn)
                 raise ConnectionResetError("the server closed the connection") from exc
