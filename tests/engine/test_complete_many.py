@@ -140,6 +140,25 @@ async def _twins(db: Database, pipeline: str, **kwargs: Any) -> tuple[str, str]:
     return await _submit(db, pipeline, **kwargs), await _submit(db, pipeline, **kwargs)
 
 
+async def _run_twins(
+    db: Database, cases: list[tuple[str, str, Any]], cancelled: tuple[str, str], at: float
+) -> list[outcomes.Completion]:
+    """Per (job, twin, output): both claimed, the `cancelled` pair asked to cancel, the
+    job completed by `complete`; the twin's run, to record otherwise."""
+    runs: list[outcomes.Completion] = []
+    for by_one, twin, output in cases:
+        alone = await _claim(db, by_one)
+        together = await _claim(db, twin)
+        if by_one in cancelled:
+            async with db.write() as conn:
+                await conn.execute(
+                    update(jobs).where(jobs.c.id.in_(cancelled)).values(cancel_requested=True)
+                )
+        await _complete(db, alone, output, at)
+        runs.append(outcomes.Completion(together, output))
+    return runs
+
+
 async def test_finishing_a_job_writes_what_complete_writes(db: Database) -> None:
     """A one-stage job, a multi-stage job's last stage, a job whose first stage
     unblocks the next, one cancelled while it ran and one with a webhook: all in one
@@ -160,17 +179,7 @@ async def test_finishing_a_job_writes_what_complete_writes(db: Database) -> None
     hooked = await _twins(db, "noop", webhook=WEBHOOK)
     cases.append((*hooked, {"hooked": True}))
 
-    runs: list[outcomes.Completion] = []
-    for by_one, by_many, output in cases:
-        alone = await _claim(db, by_one)
-        together = await _claim(db, by_many)
-        if by_one in cancelled:
-            async with db.write() as conn:
-                await conn.execute(
-                    update(jobs).where(jobs.c.id.in_(cancelled)).values(cancel_requested=True)
-                )
-        await _complete(db, alone, output, at)
-        runs.append(outcomes.Completion(together, output))
+    runs = await _run_twins(db, [(a, b, output) for a, b, output in cases], cancelled, at)
     async with db.write() as conn:
         answers = await outcomes.complete_many(conn, runs, registry=REGISTRY, at=at)
     assert answers == [None] * len(runs)
@@ -264,17 +273,7 @@ async def test_finishing_on_its_own_writes_what_complete_writes(db: Database) ->
         (*cancelled, {"late": True}, False),
         (*hooked, {"hooked": True}, False),
     ]
-    runs: list[outcomes.Completion] = []
-    for by_one, by_finish, output, _ in cases:
-        alone = await _claim(db, by_one)
-        together = await _claim(db, by_finish)
-        if by_one in cancelled:
-            async with db.write() as conn:
-                await conn.execute(
-                    update(jobs).where(jobs.c.id.in_(cancelled)).values(cancel_requested=True)
-                )
-        await _complete(db, alone, output, at)
-        runs.append(outcomes.Completion(together, output))
+    runs = await _run_twins(db, [(a, b, output) for a, b, output, _ in cases], cancelled, at)
     untouched = {by_finish: await _state(db, by_finish) for _, by_finish, _, _ in cases}
 
     async with db.autocommit() as conn:

@@ -125,6 +125,40 @@ class Completion:
     may_finish: bool = True
 
 
+# The parts the two statements below share: the runs given ($1-$7) and their tasks
+# locked if the lease is still ours; which locked jobs a run finishes; and finishing
+# them (the job's row, its `stage_update` and `completed` events).
+_INPUT_HELD = """WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[],
+        $6::text[], $7::text[]) AS i(task_id, token, output, stage, sink, updated, done)
+), held AS (
+    SELECT t.id, t.job_id, i.output, i.stage, i.sink, i.updated, i.done
+    FROM tasks t JOIN input i ON t.id = i.task_id AND t.lease_token = i.token
+    WHERE t.id = ANY($1::bigint[])  -- by the primary key, never a scan of every task
+    ORDER BY t.job_id, t.id FOR UPDATE OF t
+)"""
+_FINISHING = """finishing AS (
+    SELECT * FROM locked l
+    WHERE l.sink AND l.status IN ('queued', 'running') AND NOT l.cancel_requested
+        AND (l.webhook IS NULL OR l.webhook = 'null'::jsonb)
+        AND NOT EXISTS (
+            SELECT 1 FROM stages s
+            WHERE s.job_id = l.id AND s.name <> l.stage AND s.status <> 'succeeded'
+        )
+)"""
+_FINISHED_LOGGED = """finished AS (
+    UPDATE jobs j SET status = 'succeeded', finished_at = $8, cancel_requested = false,
+        result = f.output::jsonb, progress = 1.0, error = 'null'::jsonb,
+        last_seq = j.last_seq + 2
+    FROM finishing f WHERE j.id = f.id
+    RETURNING j.id, j.last_seq, f.task_id, f.updated, f.done
+), logged AS (
+    INSERT INTO events (job_id, seq, type, data, created_at)
+    SELECT id, last_seq - 1, 'stage_update', updated::jsonb, $8 FROM finished
+    UNION ALL
+    SELECT id, last_seq, 'completed', done::jsonb, $8 FROM finished
+)"""
+
 # PostgreSQL, one statement for many successful runs with nothing else to record
 # (`complete_many`). Per task, as `_TAKE_AND_SUCCEED_PG`: the task deleted if the lease
 # is still ours, the job's row locked (tasks first, then jobs, each in (job, task)
@@ -138,16 +172,8 @@ class Completion:
 # none joins one CTE to another (the planner takes a CTE for one row: the nested loops
 # over a batch's rows grew with its cube). Rows: per task taken, its job's state as
 # locked; then per job finished here, its task and the job's last event `seq`.
-_COMPLETE_MANY_PG = """
-WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[],
-        $6::text[], $7::text[]) AS i(task_id, token, output, stage, sink, updated, done)
-), held AS (
-    SELECT t.id, t.job_id, i.output, i.stage, i.sink, i.updated, i.done
-    FROM tasks t JOIN input i ON t.id = i.task_id AND t.lease_token = i.token
-    WHERE t.id = ANY($1::bigint[])  -- by the primary key, never a scan of every task
-    ORDER BY t.job_id, t.id FOR UPDATE OF t
-), taken AS (
+_COMPLETE_MANY_PG = f"""
+{_INPUT_HELD}, taken AS (
     DELETE FROM tasks t USING held h WHERE t.id = h.id
     RETURNING h.id AS task_id, h.job_id, h.output, h.stage, h.sink, h.updated, h.done
 ), locked AS (
@@ -158,30 +184,11 @@ WITH input AS (
     UPDATE stages s SET status = 'succeeded', output = l.output::jsonb, progress = 1.0,
         finished_at = $8, error = 'null'::jsonb
     FROM locked l WHERE s.job_id = l.id AND s.name = l.stage
-), finishing AS (
-    SELECT * FROM locked l
-    WHERE l.sink AND l.status IN ('queued', 'running') AND NOT l.cancel_requested
-        AND (l.webhook IS NULL OR l.webhook = 'null'::jsonb)
-        AND NOT EXISTS (
-            SELECT 1 FROM stages s
-            WHERE s.job_id = l.id AND s.name <> l.stage AND s.status <> 'succeeded'
-        )
-), finished AS (
-    UPDATE jobs j SET status = 'succeeded', finished_at = $8, cancel_requested = false,
-        result = f.output::jsonb, progress = 1.0, error = 'null'::jsonb,
-        last_seq = j.last_seq + 2
-    FROM finishing f WHERE j.id = f.id
-    RETURNING j.id, j.last_seq, f.task_id, f.updated, f.done
-), logged AS (
-    INSERT INTO events (job_id, seq, type, data, created_at)
-    SELECT id, last_seq - 1, 'stage_update', updated::jsonb, $8 FROM finished
-    UNION ALL
-    SELECT id, last_seq, 'completed', done::jsonb, $8 FROM finished
-)
+), {_FINISHING}, {_FINISHED_LOGGED}
 SELECT task_id, status, cancel_requested, webhook::text AS webhook, NULL::bigint AS last_seq
 FROM locked
 UNION ALL
-SELECT task_id, NULL, NULL, NULL, last_seq FROM finished"""
+SELECT task_id, NULL, NULL, NULL, last_seq FROM finished"""  # noqa: S608 - parts written here
 
 
 # PostgreSQL, one statement that completes only the runs that finish their jobs
@@ -191,49 +198,22 @@ SELECT task_id, NULL, NULL, NULL, last_seq FROM finished"""
 # taken only once its job is known to finish. Same parameters; rows: per task held, its
 # id (deferred unless also listed as finished); then per job finished, its task and the
 # job's last event `seq`.
-_FINISH_MANY_PG = """
-WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bool[],
-        $6::text[], $7::text[]) AS i(task_id, token, output, stage, sink, updated, done)
-), held AS (
-    SELECT t.id, t.job_id, i.output, i.stage, i.sink, i.updated, i.done
-    FROM tasks t JOIN input i ON t.id = i.task_id AND t.lease_token = i.token
-    WHERE t.id = ANY($1::bigint[])  -- by the primary key, never a scan of every task
-    ORDER BY t.job_id, t.id FOR UPDATE OF t
-), locked AS (
+_FINISH_MANY_PG = f"""
+{_INPUT_HELD}, locked AS (
     SELECT j.id, j.status, j.cancel_requested, j.webhook, h.id AS task_id, h.output,
         h.stage, h.sink, h.updated, h.done
     FROM held h JOIN jobs j ON j.id = h.job_id ORDER BY j.id FOR UPDATE OF j
-), finishing AS (
-    SELECT * FROM locked l
-    WHERE l.sink AND l.status IN ('queued', 'running') AND NOT l.cancel_requested
-        AND (l.webhook IS NULL OR l.webhook = 'null'::jsonb)
-        AND NOT EXISTS (
-            SELECT 1 FROM stages s
-            WHERE s.job_id = l.id AND s.name <> l.stage AND s.status <> 'succeeded'
-        )
-), taken AS (
+), {_FINISHING}, taken AS (
     DELETE FROM tasks t USING finishing f
     WHERE t.id = f.task_id AND t.id = ANY($1::bigint[])
 ), succeeded AS (
     UPDATE stages s SET status = 'succeeded', output = f.output::jsonb, progress = 1.0,
         finished_at = $8, error = 'null'::jsonb
     FROM finishing f WHERE s.job_id = f.id AND s.name = f.stage
-), finished AS (
-    UPDATE jobs j SET status = 'succeeded', finished_at = $8, cancel_requested = false,
-        result = f.output::jsonb, progress = 1.0, error = 'null'::jsonb,
-        last_seq = j.last_seq + 2
-    FROM finishing f WHERE j.id = f.id
-    RETURNING j.id, j.last_seq, f.task_id, f.updated, f.done
-), logged AS (
-    INSERT INTO events (job_id, seq, type, data, created_at)
-    SELECT id, last_seq - 1, 'stage_update', updated::jsonb, $8 FROM finished
-    UNION ALL
-    SELECT id, last_seq, 'completed', done::jsonb, $8 FROM finished
-)
+), {_FINISHED_LOGGED}
 SELECT task_id, NULL::bigint AS last_seq FROM locked
 UNION ALL
-SELECT task_id, last_seq FROM finished"""
+SELECT task_id, last_seq FROM finished"""  # noqa: S608 - parts written here
 
 
 def _many_args(runs: Sequence[Completion], registry: Registry, at: float) -> list[Any]:
