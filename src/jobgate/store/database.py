@@ -107,14 +107,12 @@ class Database:
     async def _take_warm(self) -> _Warm:
         while self._warm:
             warm = self._warm.pop()
-            if (
-                warm.pool is self.engine.pool
-                and time.monotonic() - warm.idle_since < IDLE_PING_S
-                and not warm.driver.is_closed()
-            ):
-                return warm
             if warm.driver.is_closed():
                 await warm.conn.invalidate()  # the server closed it: not back to the pool
+            elif warm.pool is self.engine.pool and (
+                time.monotonic() - warm.idle_since < IDLE_PING_S
+            ):
+                return warm
             # Idle long enough to be pinged, or from a pool dropped after a lost
             # connection: back to the pool, which pings or discards it.
             await warm.conn.close()

@@ -82,15 +82,20 @@ async def _call(conn: AsyncConnection, method: str, sql: str, *args: Any) -> Any
         # The server's "terminating connection" arrived on an idle connection and its
         # end of stream not yet: the driver refuses the statement before it sees the
         # socket close. A connection that closes right after was lost, not misused.
-        for _ in range(_CLOSE_WAIT_STEPS if raw is not None else 0):
-            if raw.is_closed():
-                await _retire(conn)
-                raise ConnectionResetError("the server closed the connection") from exc
-            await asyncio.sleep(0.01)
+        if raw is not None and await _closes_soon(raw):
+            await _retire(conn)
+            raise ConnectionResetError("the server closed the connection") from exc
         raise
 
 
-_CLOSE_WAIT_STEPS = 10
+async def _closes_soon(raw: Any, within_s: float = 0.1) -> bool:
+    """Whether the asyncpg connection `raw` is closed, or closes within `within_s`: the
+    end of stream the event loop has yet to read."""
+    for _ in range(10):
+        if raw.is_closed():
+            return True
+        await asyncio.sleep(within_s / 10)
+    return bool(raw.is_closed())
 
 
 async def _retire(conn: AsyncConnection) -> None:

@@ -76,7 +76,7 @@ class GroupCommit:
         self.writers = writers
         self.max_batch = max_batch
         self.complete_many = complete_many
-        self.finish_many = finish_many if complete_many is not None else None
+        self.finish_many = finish_many
         self._queue: list[_Pending] = []
         self._writing: set[asyncio.Task[None]] = set()
 
@@ -151,7 +151,7 @@ class GroupCommit:
     async def _finish_first(self, batch: list[_Pending]) -> list[_Pending]:
         """Write the batch's completions that finish their jobs with `finish_many`, in
         one statement and no transaction; what is left for the group's transaction."""
-        runs = [p for p in batch if p.completion is not None and p.completion.may_finish]
+        runs = [p for p in batch if p.completion is not None]
         if self.finish_many is None or not runs:
             return batch
         completions = [p.completion for p in runs if p.completion is not None]

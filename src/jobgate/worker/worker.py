@@ -660,9 +660,7 @@ class Worker:
                         aging_s=self.settings.priority_aging_s,
                     ),
                     grouped=True,
-                    completion=outcomes.Completion(
-                        task, output, may_finish=pipeline.sinks() == [task.stage]
-                    ),
+                    completion=outcomes.Completion(task, output),
                 )
             finally:
                 await _stop(runtime.flusher)

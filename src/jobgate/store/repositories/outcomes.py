@@ -114,15 +114,10 @@ async def complete(
 
 @dataclass(frozen=True)
 class Completion:
-    """A successful run to record among others (`complete_many`, `finish_many`).
-
-    `may_finish` is False when the run's stage is not its pipeline's only sink: it can
-    never finish the job, so `finish_many` is not worth a try.
-    """
+    """A successful run to record among others (`complete_many`, `finish_many`)."""
 
     task: Claimed
     output: Any
-    may_finish: bool = True
 
 
 # The parts the two statements below share: the runs given ($1-$7) and their tasks
@@ -216,16 +211,20 @@ UNION ALL
 SELECT task_id, last_seq FROM finished"""  # noqa: S608 - parts written here
 
 
+def _only_sink(run: Completion, registry: Registry) -> bool:
+    """Whether the run's stage is its pipeline's only sink: the one that can finish it."""
+    return registry.get(run.task.pipeline).sinks() == [run.task.stage]
+
+
 def _many_args(runs: Sequence[Completion], registry: Registry, at: float) -> list[Any]:
     """The parameters of `_COMPLETE_MANY_PG` and `_FINISH_MANY_PG`."""
-    pipelines = [registry.get(run.task.pipeline) for run in runs]
     outputs = [json.dumps(run.output) for run in runs]  # as `_take_and_succeed` writes it
     return [
         [run.task.task_id for run in runs],
         [run.task.lease_token for run in runs],
         outputs,
         [run.task.stage for run in runs],
-        [p.sinks() == [run.task.stage] for run, p in zip(runs, pipelines, strict=True)],
+        [_only_sink(run, registry) for run in runs],
         [json.dumps(_succeeded(run.task)) for run in runs],
         [f'{{"result":{output}}}' for output in outputs],
         at,
@@ -240,13 +239,19 @@ async def finish_many(
 
     One statement, atomic by itself: it needs no transaction around it, which is the
     point (a `Database.autocommit()` connection: no `BEGIN` and `COMMIT` round trips).
+    Runs whose stage is not their pipeline's only sink can never finish their jobs; they
+    are not sent, and with none left no statement is.
 
     Returns:
         Per run, in order: True (completed, its job finished), False (nothing written:
         its job goes on otherwise; complete it with `complete_many` or `complete`), or
         `LeaseLost` (its lease was gone; nothing written).
     """
-    rows = await pg.records(conn, _FINISH_MANY_PG, *_many_args(runs, registry, at))
+    candidates = [run for run in runs if _only_sink(run, registry)]
+    if not candidates:
+        return [False] * len(runs)
+    rows = await pg.records(conn, _FINISH_MANY_PG, *_many_args(candidates, registry, at))
+    sent = {run.task.task_id for run in candidates}
     held: set[int] = set()
     finished: dict[int, int] = {}
     for row in rows:
@@ -261,7 +266,8 @@ async def finish_many(
             events.note(conn, run.task.job_id, last_seq)
             answers.append(True)
         else:
-            answers.append(False if run.task.task_id in held else tasks.LeaseLost())
+            lost = run.task.task_id in sent and run.task.task_id not in held
+            answers.append(tasks.LeaseLost() if lost else False)
     return answers
 
 
