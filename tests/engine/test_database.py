@@ -418,3 +418,35 @@ async def test_counting_active_jobs_reads_only_active_ones(database: Database) -
         explain = "EXPLAIN QUERY PLAN " if database.is_sqlite else "EXPLAIN "
         plan = " ".join(str(row[-1]) for row in await conn.execute(text(explain + sql)))
     assert "ix_jobs_owner_active" in plan
+
+
+async def test_statements_moving_the_same_clocks_in_any_order_do_not_deadlock(
+    postgres_db_url: str,
+) -> None:
+    """Two owners' jobs written together, in either order, by many statements at once:
+    the owners' clock rows are locked in one order, so none waits on another in a
+    cycle, and each clock moves one stride per job."""
+    db = Database(postgres_db_url, pool_size=8)
+    noop = Registry.from_paths([]).get("noop")
+
+    def job(owner: str, n: int) -> job_repo.NewJob:
+        return job_repo.NewJob(
+            id=f"{owner}-{n}", pipeline=noop, owner=owner, params={}, files=[],
+            priority=0, budget_usd=1.0, estimated_usd=0.0,
+        )  # fmt: skip
+
+    async def write(n: int) -> None:
+        owners = ("x", "y") if n % 2 else ("y", "x")
+        async with db.autocommit() as conn:
+            await job_repo.create(conn, [job(o, n) for o in owners], at=100.0, stride_s=1.0)
+
+    try:
+        await asyncio.gather(*(write(n) for n in range(40)))
+        async with db.read() as conn:
+            clocks = {row.owner: row.clock for row in await conn.execute(select(owner_clocks))}
+            keys = (await conn.execute(select(jobs.c.owner, jobs.c.fair_key))).all()
+    finally:
+        await db.aclose()
+    assert clocks == {"x": 140.0, "y": 140.0}
+    for owner in ("x", "y"):
+        assert sorted(key for who, key in keys if who == owner) == [100.0 + i for i in range(40)]

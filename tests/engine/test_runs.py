@@ -357,3 +357,42 @@ async def test_a_write_that_fails_after_the_report_loses_no_message_and_no_cost(
     messages = [e["data"]["text"] for e in log if e["type"] == "message"]
     assert messages == [f"step {n} of 6" for n in range(1, 7)]
     assert sum(e["data"]["delta_usd"] for e in log if e["type"] == "cost_update") == 3.0
+
+
+async def test_one_submit_of_several_owners_moves_each_owners_clock(engine: Engine) -> None:
+    """Jobs of several owners written together get the keys they would get apart: each
+    owner's jobs a stride apart from where that owner's clock stood."""
+    from sqlalchemy import select
+
+    from jobgate.ids import uuid7
+    from jobgate.store.repositories import jobs
+    from jobgate.store.tables import owner_clocks
+
+    noop = engine.registry.get("noop")
+
+    def new(owner: str) -> jobs.NewJob:
+        return jobs.NewJob(
+            id=uuid7(), pipeline=noop, owner=owner, params={}, files=[],
+            priority=0, budget_usd=1, estimated_usd=0,
+        )  # fmt: skip
+
+    at = 1000.0
+    async with engine.db.write() as conn:
+        await jobs.create(conn, [new("b"), new("b"), new("b")], at=at, stride_s=2.0)
+    owners = ["a", "b", "a", "c", "b", "a"]
+    async with engine.db.write() as conn:
+        built = await jobs.create(conn, [new(o) for o in owners], at=at + 1, stride_s=2.0)
+    async with engine.db.read() as conn:
+        stored = await jobs.load(conn, [s.job["id"] for s in built])
+        clocks = {row.owner: row.clock for row in await conn.execute(select(owner_clocks))}
+    keys = [(s.job["owner"], s.job["fair_key"]) for s in stored]
+    assert keys == [
+        ("a", 1001.0),
+        ("b", 1006.0),  # behind b's own three jobs: 1000, 1002, 1004
+        ("a", 1003.0),
+        ("c", 1001.0),
+        ("b", 1008.0),
+        ("a", 1005.0),
+    ]
+    assert [s.job["fair_key"] for s in built] == [key for _, key in keys]
+    assert clocks == {"a": 1007.0, "b": 1010.0, "c": 1003.0}

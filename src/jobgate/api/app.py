@@ -100,6 +100,7 @@ def create_app(
         try:
             yield
         finally:
+            await state.submits.aclose()
             if worker is not None:
                 await worker.stop()
             if relay is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from jobgate.api.limits import RateLimits
 from jobgate.api.streams import Hub
+from jobgate.api.submit_group import SubmitGroup
 from jobgate.auth.jwt import JwtVerifier
 from jobgate.blobs.base import BlobStore
 from jobgate.config import Settings
@@ -21,7 +22,8 @@ class AppState:
 
     `jwt` verifies bearer JWTs; None when no JWT secret or JWKS is configured.
     `limits` holds the rate limits and quotas (`api/limits.py`); `streams` the open
-    event streams and their wake-ups (`api/streams.py`).
+    event streams and their wake-ups (`api/streams.py`); `submits` writes concurrent
+    one-statement submits together (`api/submit_group.py`).
     """
 
     settings: Settings
@@ -33,3 +35,11 @@ class AppState:
     jwt: JwtVerifier | None = None
     limits: RateLimits = field(default_factory=RateLimits)
     webhooks: WebhookSender | None = None  # None: JOBGATE_WEBHOOK_CONCURRENCY=0
+    submits: SubmitGroup = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.submits = SubmitGroup(
+            self.db,
+            aging_s=self.settings.priority_aging_s,
+            stride_s=self.settings.fair_share_stride_s,
+        )

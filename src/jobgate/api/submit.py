@@ -462,7 +462,7 @@ async def commit(
     """
     settings = state.settings
     # Jobs with no key, upload or file to record are one insert statement on PostgreSQL:
-    # written with no BEGIN/COMMIT around it.
+    # written with no BEGIN/COMMIT around it, together with other requests' (`submits`).
     single_statement = (
         key is None
         and not uploads
@@ -474,10 +474,15 @@ async def commit(
         # No replay possible: take the slots before holding any lock (SQLite's writer).
         await reserve()
         reserve = None
+    if single_statement:
+        # Written with the other requests' jobs waiting now, in one statement.
+        snapshots = await state.submits.create(new_jobs)
+        _submitted(state, new_jobs)
+        return snapshots, False
     for attempt in range(2):
         at = now()
         try:
-            async with state.db.autocommit() if single_statement else state.db.write() as conn:
+            async with state.db.write() as conn:
                 if key is not None:
                     found = await idempotency.lookup(
                         conn, owner=principal.id, key=key, at=at, ttl_s=settings.idempotency_ttl_s
@@ -527,11 +532,15 @@ async def commit(
             if key is None or attempt:
                 raise
             continue
-        state.wake()
-        for pipeline, count in Counter(job.pipeline.name for job in new_jobs).items():
-            metrics.JOBS_SUBMITTED.labels(pipeline=pipeline).inc(count)
+        _submitted(state, new_jobs)
         return snapshots, False
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _submitted(state: AppState, new_jobs: Sequence[NewJob]) -> None:
+    state.wake()
+    for pipeline, count in Counter(job.pipeline.name for job in new_jobs).items():
+        metrics.JOBS_SUBMITTED.labels(pipeline=pipeline).inc(count)
 
 
 async def read_json_body(request: Request, state: AppState) -> Any:

@@ -128,14 +128,18 @@ def _column_type(table: Table, column: str) -> tuple[str, bool]:
     return ("TEXT", True) if compiled == "JSONB" else (compiled, False)
 
 
-# With a clock (see `insert_many`): these columns hold offsets from the clock's start.
+# With clocks (see `insert_many`): these columns hold offsets from where the clock of the
+# row's owner ends.
 CLOCKED = frozenset({("jobs", "fair_key"), ("tasks", "sort_key")})
-# $1 owner, $2 now, $3 span: the owner's fair-share clock moves to max(clock, now) + span.
-_CLOCK_CTE = (
-    "clock AS (INSERT INTO owner_clocks (owner, clock) VALUES ($1, $2::FLOAT + $3::FLOAT) "
-    "ON CONFLICT (owner) DO UPDATE "
-    "SET clock = greatest(owner_clocks.clock, $2::FLOAT) + $3::FLOAT "
-    "RETURNING clock - $3::FLOAT AS start)"
+# $1 owners, $2 now, $3 spans (JSON arrays): each owner's fair-share clock moves to
+# max(clock, now) + span. Rows are locked in owner order, so two statements that move
+# the same clocks wait for each other rather than deadlock.
+_CLOCKS_CTE = (
+    "clocks AS (INSERT INTO owner_clocks AS c (owner, clock) "
+    "SELECT o, $2::FLOAT + s::FLOAT FROM ROWS FROM (jsonb_array_elements_text($1::TEXT::JSONB), "
+    "jsonb_array_elements_text($3::TEXT::JSONB)) AS n(o, s) ORDER BY o "
+    "ON CONFLICT (owner) DO UPDATE SET clock = greatest(c.clock - $2::FLOAT, 0) + EXCLUDED.clock "
+    "RETURNING owner, clock)"
 )
 
 
@@ -149,7 +153,7 @@ def _insert_sql(shape: Shape, notify: str | None, clock: bool = False) -> str:
     parameter costs the driver Python work per element. A table whose every column is
     constant gets its row count from `generate_series`.
     """
-    parts: list[str] = [_CLOCK_CTE] if clock else []
+    parts: list[str] = [_CLOCKS_CTE] if clock else []
     number = 3 if clock else 0
     for n, (table, columns, constant) in enumerate(shape):
         arrays: list[str] = []
@@ -159,11 +163,8 @@ def _insert_sql(shape: Shape, notify: str | None, clock: bool = False) -> str:
             number += 1
             sql_type, is_json = _column_type(table, column)
             cast = "::JSONB" if is_json else ""
-            start = (
-                "(SELECT start FROM clock) + " if clock and (table.name, column) in CLOCKED else ""
-            )
             if is_constant:
-                selects.append(f"{start}${number}::{sql_type}{cast}")
+                selects.append(f"${number}::{sql_type}{cast}")
             elif is_json:
                 arrays.append(f"jsonb_array_elements(${number}::TEXT::JSONB)")
                 aliases.append(f"u{number}")
@@ -171,7 +172,16 @@ def _insert_sql(shape: Shape, notify: str | None, clock: bool = False) -> str:
             else:
                 arrays.append(f"jsonb_array_elements_text(${number}::TEXT::JSONB)")
                 aliases.append(f"u{number}")
-                selects.append(f"{start}u{number}::{sql_type}")
+                selects.append(f"u{number}::{sql_type}")
+        if clock:
+            owner = selects[columns.index("owner")] if "owner" in columns else None
+            for i, column in enumerate(columns):
+                if (table.name, column) in CLOCKED:
+                    if owner is None:
+                        raise ValueError(f"{table.name}.{column} is clocked but has no owner")
+                    # `owner` is a parameter or a column alias, never a value.
+                    clock_end = f"(SELECT clock FROM clocks WHERE clocks.owner = {owner})"  # noqa: S608
+                    selects[i] = f"{clock_end} + {selects[i]}"
         if arrays:
             source = f"ROWS FROM ({', '.join(arrays)}) AS u({', '.join(aliases)})"
         else:
@@ -183,7 +193,9 @@ def _insert_sql(shape: Shape, notify: str | None, clock: bool = False) -> str:
     # The main query runs before the CTEs nothing references, so the transaction has its
     # id before any row takes an `events.id`: the event bus's order relies on it
     # (`api/streams.py`, `safe_event_id`).
-    final = "SELECT (SELECT start FROM clock)" if clock else "SELECT NULL"
+    final = "SELECT (SELECT array_agg(owner) FROM clocks), (SELECT array_agg(clock) FROM clocks)"
+    if not clock:
+        final = "SELECT NULL, NULL"
     final += ", pg_current_xact_id()"
     if notify:
         final += f", pg_notify('{notify}', '')"
@@ -229,28 +241,36 @@ async def insert_many(
     inserts: Sequence[tuple[Table, Rows]],
     *,
     notify: str | None = None,
-    clock: tuple[str, float, float] | None = None,
-) -> float | None:
+    clocks: tuple[float, Mapping[str, float]] | None = None,
+) -> dict[str, float]:
     """Insert rows into several tables in one statement (one round trip).
 
     Every row of a table has the same keys. `notify` names a channel to `NOTIFY` in
-    the same statement (delivered when the transaction commits). `clock` is
-    `(owner, now, span)`: the same statement moves that owner's fair-share clock to
+    the same statement (delivered when the transaction commits). `clocks` is
+    `(now, {owner: span})`: the same statement moves each owner's fair-share clock to
     `max(clock, now) + span`, and the `CLOCKED` columns' values count from where the
-    clock started (`clock - span`), which is returned.
+    clock of the row's `owner` then ends.
+
+    Returns:
+        Where each owner's clock ends (empty without `clocks`).
     """
     shape: list[tuple[Table, tuple[str, ...], tuple[bool, ...]]] = []
-    args: list[Any] = list(clock) if clock else []
+    args: list[Any] = []
+    clocked = clocks is not None and bool(clocks[1])
+    if clocks is not None and clocked:
+        at, spans = clocks
+        owners = sorted(spans)
+        args += [to_json(owners).decode(), at, to_json([spans[o] for o in owners]).decode()]
     for table, rows in inserts:
         if rows:
             columns, constant, table_args = _table_args(table, rows)
             shape.append((table, columns, constant))
             args.extend(table_args)
     if not shape:
-        return None
-    sql = _insert_sql(tuple(shape), notify, clock is not None)
-    start = await value(conn, sql, *args)
-    return None if start is None else float(start)
+        return {}
+    sql = _insert_sql(tuple(shape), notify, clocked)
+    row = await record(conn, sql, *args)
+    return dict(zip(row[0] or (), row[1] or (), strict=True))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,11 +82,12 @@ async def create(
     Returns:
         The new jobs as they are now stored, without reading them back.
     """
-    pg_clock = _one_clock(conn, new_jobs, at=at, stride_s=stride_s)
-    if pg_clock is not None:
-        # The insert statement moves the owner's clock itself; keys are offsets from
-        # where it starts, made absolute below.
-        fair_keys = {job.id: i * stride_s for i, job in enumerate(new_jobs)}
+    on_postgres = conn.dialect.name == "postgresql"
+    spans: dict[str, float] = {}
+    if on_postgres and stride_s > 0:
+        # The insert statement moves the owners' clocks itself; keys are offsets from
+        # where the owner's clock ends, made absolute below.
+        fair_keys, spans = _clock_offsets(new_jobs, stride_s)
     else:
         fair_keys = await _fair_keys(conn, new_jobs, at=at, stride_s=stride_s)
     job_rows: list[dict[str, Any]] = []
@@ -168,9 +170,9 @@ async def create(
         )
         events.note(conn, job.id, len(first_events))
     ready = [(row["queue"], row["available_at"]) for row in task_rows]
-    if conn.dialect.name == "postgresql":
+    if on_postgres:
         tokens, wake = tasks.ready_tokens(conn, ready, at=at)
-        start = await pg.insert_many(
+        ends = await pg.insert_many(
             conn,
             [
                 (jobs, job_rows),
@@ -180,11 +182,11 @@ async def create(
                 (outbox, tokens),
             ],
             notify=tasks.CHANNEL if wake else None,
-            clock=pg_clock,
+            clocks=(at, spans),
         )
-        if start is not None:
+        if ends:
             for row in job_rows:
-                row["fair_key"] += start
+                row["fair_key"] += ends[row["owner"]]
     else:
         await conn.execute(_INSERT_JOBS, job_rows)
         await conn.execute(_INSERT_STAGES, stage_rows)
@@ -226,36 +228,27 @@ def _advance_clock_sqlite() -> Any:
 
 
 _ADVANCE_CLOCK_SQLITE = _advance_clock_sqlite()
-# The same on PostgreSQL, as plain SQL for the driver (see `store/pg.py`).
-_ADVANCE_CLOCK_PG = (
-    "INSERT INTO owner_clocks (owner, clock) VALUES ($1, $2::float8 + $3::float8) "
-    "ON CONFLICT (owner) DO UPDATE "
-    "SET clock = greatest(owner_clocks.clock, $2::float8) + $3::float8 RETURNING clock"
-)
 
 
-def _one_clock(
-    conn: AsyncConnection, new_jobs: Sequence[NewJob], *, at: float, stride_s: float
-) -> tuple[str, float, float] | None:
-    """On PostgreSQL, for jobs of one owner: `(owner, now, span)` for `pg.insert_many`,
-    which then moves the owner's clock in the insert statement itself."""
-    owner = new_jobs[0].owner if new_jobs else None
-    if (
-        conn.dialect.name != "postgresql"
-        or stride_s <= 0
-        or owner is None
-        or any(job.owner != owner for job in new_jobs)
-    ):
-        return None
-    return owner, at, len(new_jobs) * stride_s
+def _clock_offsets(
+    new_jobs: Sequence[NewJob], stride_s: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """For `pg.insert_many`'s clocks: each job's key as an offset from where its owner's
+    clock will end, and how far each owner's clock moves."""
+    counts: Counter[str] = Counter(job.owner for job in new_jobs)
+    spans = {owner: count * stride_s for owner, count in counts.items()}
+    seen: Counter[str] = Counter()
+    offsets: dict[str, float] = {}
+    for job in new_jobs:
+        offsets[job.id] = seen[job.owner] * stride_s - spans[job.owner]
+        seen[job.owner] += 1
+    return offsets, spans
 
 
 def needs_transaction(new_jobs: Sequence[NewJob]) -> bool:
-    """Whether `create` writes these jobs in more than one statement on PostgreSQL
-    (several owners, or a map stage over files with no files, finished at once); if
-    not, it may run on an autocommit connection (`Database.autocommit()`)."""
-    if any(job.owner != new_jobs[0].owner for job in new_jobs):
-        return True
+    """Whether `create` writes these jobs in more than one statement on PostgreSQL (a
+    map stage over files with no files, finished at once); if not, it may run on an
+    autocommit connection (`Database.autocommit()`)."""
     return any(
         not stage.after and stage.is_map and not job.files
         for job in new_jobs
@@ -279,18 +272,16 @@ async def _fair_keys(
     for job in new_jobs:
         by_owner.setdefault(job.owner, []).append(job.id)
     keys: dict[str, float] = {}
-    for owner, ids in by_owner.items():
+    for owner, ids in sorted(by_owner.items()):
         # One statement moves the owner's clock past these jobs and returns where it
-        # ends; the upsert's row lock orders concurrent submits of one owner.
+        # ends (SQLite has one writer at a time; PostgreSQL moves clocks in `create`'s
+        # insert statement).
         span = len(ids) * stride_s
-        if conn.dialect.name == "postgresql":
-            end = await pg.value(conn, _ADVANCE_CLOCK_PG, owner, at, span)
-        else:
-            end = (
-                await conn.execute(
-                    _ADVANCE_CLOCK_SQLITE, {"b_owner": owner, "b_at": at, "b_span": span}
-                )
-            ).scalar_one()
+        end = (
+            await conn.execute(
+                _ADVANCE_CLOCK_SQLITE, {"b_owner": owner, "b_at": at, "b_span": span}
+            )
+        ).scalar_one()
         start = float(end) - span
         keys.update((job_id, start + i * stride_s) for i, job_id in enumerate(ids))
     return keys
