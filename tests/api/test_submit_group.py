@@ -125,6 +125,18 @@ async def test_a_batch_holds_at_most_max_jobs_but_never_splits_a_submit(
     assert await _stored_ids(db) == {job.id for s in submits for job in s}
 
 
+async def test_a_large_submit_is_written_by_itself_at_once(
+    db: Database, statements: list[list[str]]
+) -> None:
+    """A submit of `alone_from` jobs or more neither waits for a writer nor shares its
+    statement; the small ones around it still go together."""
+    group = SubmitGroup(db, aging_s=10.0, stride_s=1.0, writers=1, alone_from=5)
+    small = [[_new()] for _ in range(4)]
+    large = [_new() for _ in range(5)]
+    await asyncio.gather(*(group.create(s) for s in [small[0], large, *small[1:]]))
+    assert sorted(statements, key=len) == [[s[0].id for s in small], [j.id for j in large]]
+
+
 async def test_a_refused_submit_fails_alone(db: Database, statements: list[list[str]]) -> None:
     """A submit whose row PostgreSQL refuses (here a job id that exists) takes its batch
     down; the batch's other submits are then written one by one, and only it fails."""

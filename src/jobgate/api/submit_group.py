@@ -37,7 +37,8 @@ class SubmitGroup:
     for the next, which takes every submit queued so far (up to `max_jobs` jobs, but
     never part of one submit). A lone submit is written at once; a burst costs one
     statement per batch. Each statement commits on its own, so every submit in it is
-    stored whole or not at all.
+    stored whole or not at all. A submit of `alone_from` jobs or more already spreads a
+    statement's cost over many rows: it is written at once, by itself.
 
     When PostgreSQL refuses a batch of several submits (an error other than an outage:
     nothing was written), each is written again alone, so one submit's bad row fails
@@ -53,12 +54,14 @@ class SubmitGroup:
         stride_s: float,
         writers: int = 2,
         max_jobs: int = 1000,
+        alone_from: int = 50,
     ) -> None:
         self.db = db
         self.aging_s = aging_s
         self.stride_s = stride_s
         self.writers = writers
         self.max_jobs = max_jobs
+        self.alone_from = alone_from
         self._queue: deque[_Pending] = deque()
         self._writing: set[asyncio.Task[None]] = set()
 
@@ -68,6 +71,8 @@ class SubmitGroup:
 
         The write goes on if the caller is cancelled: the jobs may then be stored.
         """
+        if len(new_jobs) >= self.alone_from:
+            return await self._insert(new_jobs)
         done: asyncio.Future[list[job_repo.JobSnapshot]] = (
             asyncio.get_running_loop().create_future()
         )
