@@ -11,7 +11,7 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from jobgate.pipelines import Registry
 from jobgate.store import database as database_module
@@ -365,6 +365,30 @@ async def test_a_statement_caught_between_a_shutdown_message_and_its_end_is_an_o
                 await pg.value(conn, "SELECT 1")
         assert database_module.is_outage(lost.value)
         assert await _autocommit_pid(db) != server_pid
+    finally:
+        await db.aclose()
+
+
+@pytest.mark.parametrize("use", ["read", "write"])
+async def test_a_sqlalchemy_statement_caught_after_a_shutdown_message_is_an_outage(
+    postgres_db_url: str, use: str
+) -> None:
+    """The same race on a pooled connection, for statements SQLAlchemy runs: the driver
+    refuses the statement while the connection does not look closed yet (its end of
+    stream has not arrived). SQLAlchemy must still see a lost connection: an outage
+    (503), and the connection is dropped, not handed out again."""
+    db = Database(postgres_db_url)
+    try:
+        async with getattr(db, use)() as conn:
+            raw = await pg.driver(conn)
+            server_pid = int(await raw.fetchval("SELECT pg_backend_pid()"))
+        raw._protocol.data_received(_fatal_error_message())
+        with pytest.raises(DBAPIError) as lost:
+            async with getattr(db, use)() as conn:
+                await conn.execute(text("SELECT 1"))
+        assert database_module.is_outage(lost.value), repr(lost.value)
+        async with db.read() as conn:
+            assert int(await conn.scalar(text("SELECT pg_backend_pid()"))) != server_pid
     finally:
         await db.aclose()
 
