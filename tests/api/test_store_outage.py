@@ -70,3 +70,48 @@ async def test_a_postgres_restart_mid_traffic_is_503s_then_success(
     assert set(statuses) <= {200, 202, 503}, sorted(set(statuses))
     assert 503 in statuses
     assert after == [202] * 5
+
+
+@pytest.mark.service("postgres")
+@pytest.mark.timeout(180)
+@pytest.mark.disruptive
+async def test_concurrent_submits_through_a_postgres_restart_lose_no_accepted_job(
+    app_factory: AppFactory,
+) -> None:
+    """Eight clients submit at once while PostgreSQL restarts, so their jobs share
+    statements (`api/submit_group.py`): every answer is 202 or 503 (a shared statement
+    is never written again after an outage, which could store its jobs twice and answer
+    500), and afterwards every accepted job is stored."""
+    from sqlalchemy import select
+
+    from jobgate.store.tables import jobs
+    from tests.api.conftest import state_of
+
+    app = await app_factory()
+    accepted: list[str] = []
+    statuses: list[int] = []
+    async with await client_for(app, "outage-user") as client:
+        restart = asyncio.create_task(asyncio.to_thread(_restart_postgres))
+
+        async def lane() -> None:
+            while not restart.done():
+                response = await client.post("/v1/jobs", json={"pipeline": "noop"})
+                statuses.append(response.status_code)
+                if response.status_code == 202:
+                    accepted.append(response.json()["id"])
+                await asyncio.sleep(0.005)
+
+        await asyncio.gather(*(lane() for _ in range(8)))
+        await restart
+        deadline = time.monotonic() + 30
+        while (await client.post("/v1/jobs", json={"pipeline": "noop"})).status_code != 202:
+            assert time.monotonic() < deadline, "the app never recovered"
+            await asyncio.sleep(0.2)
+    assert set(statuses) <= {202, 503}, sorted(set(statuses))
+    assert 503 in statuses
+    assert len(set(accepted)) == len(accepted) > 0
+    async with state_of(app).db.read() as conn:
+        stored = set(
+            (await conn.execute(select(jobs.c.id).where(jobs.c.id.in_(accepted)))).scalars()
+        )
+    assert stored == set(accepted)
