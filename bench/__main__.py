@@ -91,10 +91,6 @@ async def main(args: argparse.Namespace) -> list[Result]:
             inflight_batch=4,
             runs=args.runs,
         )
-    if args.only in (None, "submit") and "postgres" in databases:
-        results += await submit.run_ceiling(
-            seconds=1.5 if args.quick else 5.0, inflight=16, runs=args.runs
-        )
     if args.only in (None, "latency"):
         results += await latency.run(databases, samples=40 if args.quick else 200, runs=args.runs)
         results += await sse_latency.run(

@@ -9,12 +9,14 @@ must be 202; anything else is counted as an error and printed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -267,6 +269,18 @@ async def _load_wrk(
     return tally, elapsed
 
 
+@dataclass
+class Figure:
+    """One figure to measure: a load on a server, and where its runs go."""
+
+    server: Server
+    result: Result
+    path: str
+    body: dict[str, Any]
+    jobs_each: int
+    inflight: int
+
+
 async def _measure(
     server: Server,
     result: Result,
@@ -278,23 +292,43 @@ async def _measure(
     inflight: int,
     runs: int,
 ) -> None:
+    await _measure_in_turn(
+        [Figure(server, result, path, body, jobs_each, inflight)], seconds=seconds, runs=runs
+    )
+
+
+async def _measure_in_turn(figures: list[Figure], *, seconds: float, runs: int) -> None:
+    """Warm each figure up, then measure them in turn, run by run: figures that are
+    compared with each other see the machine in the same minutes (its speed drifts)."""
     load = _load_wrk if WRK else _load
-    await load(server, path, body, jobs_each, min(1.0, seconds), inflight)  # warm-up
-    for n in range(runs):
-        if result.database == "postgres":
-            await analyze_postgres()
-        tally, elapsed = await load(server, path, body, jobs_each, seconds, inflight)
-        rate = tally.jobs / elapsed
-        result.values.append(rate)
-        result.errors += sum(tally.errors.values())
-        log(
-            f"{result.benchmark} {result.database} run {n + 1}: {rate:,.1f} jobs/s "
-            f"({tally.requests} requests in {elapsed:.1f} s, "
-            f"{sum(tally.errors.values())} errors; CPU: server "
-            f"{tally.server_cpu_s / elapsed:.0%}, client {tally.client_cpu_s / elapsed:.0%})"
+    for figure in figures:
+        await load(
+            figure.server,
+            figure.path,
+            figure.body,
+            figure.jobs_each,
+            min(1.0, seconds),
+            figure.inflight,
         )
-        for message, count in tally.errors.most_common(5):
-            print(f"    error x{count}: {message}", file=sys.stderr)
+    for n in range(runs):
+        for figure in figures:
+            result = figure.result
+            if result.database == "postgres":
+                await analyze_postgres()
+            tally, elapsed = await load(
+                figure.server, figure.path, figure.body, figure.jobs_each, seconds, figure.inflight
+            )
+            rate = tally.jobs / elapsed
+            result.values.append(rate)
+            result.errors += sum(tally.errors.values())
+            log(
+                f"{result.benchmark} {result.database} run {n + 1}: {rate:,.1f} jobs/s "
+                f"({tally.requests} requests in {elapsed:.1f} s, "
+                f"{sum(tally.errors.values())} errors; CPU: server "
+                f"{tally.server_cpu_s / elapsed:.0%}, client {tally.client_cpu_s / elapsed:.0%})"
+            )
+            for message, count in tally.errors.most_common(5):
+                print(f"    error x{count}: {message}", file=sys.stderr)
 
 
 @contextmanager
@@ -312,27 +346,12 @@ def serve_ceiling(tmp: Path, dsn: str) -> Iterator[Server]:
         yield server
 
 
-async def run_ceiling(*, seconds: float, inflight: int, runs: int) -> list[Result]:
-    """The FastAPI + asyncpg one-row-insert ceiling, on a fresh PostgreSQL database."""
-    result = Result(
+def _ceiling_result(inflight: int) -> Result:
+    return Result(
         benchmark=f"FastAPI+asyncpg insert ceiling ({inflight} in flight)",
         database="postgres",
         unit="POST/s",
     )
-    url = await fresh_postgres()
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with temp_dir("ceiling") as tmp, serve_ceiling(tmp, dsn) as server:
-        await _measure(
-            server,
-            result,
-            "/v1/jobs",
-            SINGLE_BODY,
-            1,
-            seconds=seconds,
-            inflight=inflight,
-            runs=runs,
-        )
-    return [result]
 
 
 async def run(
@@ -342,7 +361,11 @@ async def run(
     inflight_single: int,
     inflight_batch: int,
     runs: int,
+    ceiling: bool = True,
 ) -> list[Result]:
+    """Single and batch submits per database; on PostgreSQL (with `ceiling`) also the
+    FastAPI + asyncpg one-row-insert ceiling, each of its runs right after a run of
+    single submits, so that their ratio is of one moment."""
     results: list[Result] = []
     for database in databases:
         single = Result(
@@ -355,29 +378,34 @@ async def run(
             database=database,
             unit="jobs/s",
         )
-        with temp_dir("submit") as tmp:
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(temp_dir("submit"))
             postgres = database == "postgres"
             url = await fresh_postgres() if postgres else sqlite_url(tmp / "data")
-            with serve(tmp, url, postgres=postgres) as server:
-                await _measure(
-                    server,
-                    single,
-                    "/v1/jobs",
-                    SINGLE_BODY,
-                    1,
-                    seconds=seconds,
-                    inflight=inflight_single,
-                    runs=runs,
+            server = stack.enter_context(serve(tmp, url, postgres=postgres))
+            single_figure = Figure(server, single, "/v1/jobs", SINGLE_BODY, 1, inflight_single)
+            figures = [single_figure]
+            if postgres and ceiling:
+                # Its own table in the same database (`bench/ceiling_app.py`).
+                dsn = make_url(url).set(drivername="postgresql")
+                bare = stack.enter_context(
+                    serve_ceiling(tmp, dsn.render_as_string(hide_password=False))
                 )
-                await _measure(
-                    server,
-                    batch,
-                    "/v1/jobs/batch",
-                    BATCH_BODY,
-                    BATCH_SIZE,
-                    seconds=seconds,
-                    inflight=inflight_batch,
-                    runs=runs,
+                ceiling_result = _ceiling_result(inflight_single)
+                figures.append(
+                    Figure(bare, ceiling_result, "/v1/jobs", SINGLE_BODY, 1, inflight_single)
                 )
-        results += [single, batch]
+            await _measure_in_turn(figures, seconds=seconds, runs=runs)
+            batch_figure = Figure(
+                server, batch, "/v1/jobs/batch", BATCH_BODY, BATCH_SIZE, inflight_batch
+            )
+            await _measure_in_turn([batch_figure], seconds=seconds, runs=runs)
+            if len(figures) > 1:
+                shares = [a / b for a, b in zip(single.values, ceiling_result.values, strict=True)]
+                single.note = (
+                    "share of the ceiling run right after it: "
+                    + " / ".join(f"{share:.0%}" for share in shares)
+                    + f" (median {statistics.median(shares):.0%})"
+                )
+        results += [single, batch, *(f.result for f in figures[1:])]
     return results
