@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -43,18 +43,15 @@ def _new(owner: str = "alice", job_id: str | None = None) -> job_repo.NewJob:
 
 @pytest.fixture
 def database_url(postgres_db_url: str) -> str:
-    """The HTTP test's app on PostgreSQL only: SQLite writes each submit in its own
-    transaction (one writer at a time), not through the group."""
+    """PostgreSQL only: SQLite writes each submit in its own transaction (one writer at
+    a time), not through the group."""
     return postgres_db_url
 
 
 @pytest.fixture
-async def db(postgres_db_url: str) -> AsyncIterator[Database]:
-    database = Database(postgres_db_url)
-    try:
-        yield database
-    finally:
-        await database.aclose()
+def db(database: Database) -> Database:
+    """The test's PostgreSQL store (`database`, on the URL above)."""
+    return database
 
 
 @pytest.fixture

@@ -277,22 +277,26 @@ async def test_one_owners_backlog_does_not_hold_up_another_owners_job(engine: En
     assert finished_before <= 3
 
 
-async def test_fair_share_can_be_turned_off(engine: Engine) -> None:
-    """With a stride of 0 the order is plain arrival order."""
-    from jobgate.ids import now, uuid7
+def _noop_job(engine: Engine, owner: str) -> Any:
+    """A `noop` job of `owner`, ready for `jobs.create`."""
+    from jobgate.ids import uuid7
     from jobgate.store.repositories import jobs
 
-    noop = engine.registry.get("noop")
+    return jobs.NewJob(
+        id=uuid7(), pipeline=engine.registry.get("noop"), owner=owner, params={}, files=[],
+        priority=0, budget_usd=1, estimated_usd=0,
+    )  # fmt: skip
 
-    def new(owner: str) -> jobs.NewJob:
-        return jobs.NewJob(
-            id=uuid7(), pipeline=noop, owner=owner, params={}, files=[],
-            priority=0, budget_usd=1, estimated_usd=0,
-        )  # fmt: skip
 
+async def test_fair_share_can_be_turned_off(engine: Engine) -> None:
+    """With a stride of 0 the order is plain arrival order."""
+    from jobgate.ids import now
+    from jobgate.store.repositories import jobs
+
+    busy = [_noop_job(engine, "busy") for _ in range(5)]
     async with engine.db.write() as conn:
-        first = await jobs.create(conn, [new("busy") for _ in range(5)], at=now(), stride_s=0)
-        last = await jobs.create(conn, [new("quiet")], at=now() + 1, stride_s=0)
+        first = await jobs.create(conn, busy, at=now(), stride_s=0)
+        last = await jobs.create(conn, [_noop_job(engine, "quiet")], at=now() + 1, stride_s=0)
     keys = [s.job["fair_key"] for s in first + last]
     assert keys == sorted(keys)
     assert keys[0] == keys[4]  # one submit, one instant
@@ -364,24 +368,17 @@ async def test_one_submit_of_several_owners_moves_each_owners_clock(engine: Engi
     owner's jobs a stride apart from where that owner's clock stood."""
     from sqlalchemy import select
 
-    from jobgate.ids import uuid7
     from jobgate.store.repositories import jobs
     from jobgate.store.tables import owner_clocks
 
-    noop = engine.registry.get("noop")
-
-    def new(owner: str) -> jobs.NewJob:
-        return jobs.NewJob(
-            id=uuid7(), pipeline=noop, owner=owner, params={}, files=[],
-            priority=0, budget_usd=1, estimated_usd=0,
-        )  # fmt: skip
-
     at = 1000.0
     async with engine.db.write() as conn:
-        await jobs.create(conn, [new("b"), new("b"), new("b")], at=at, stride_s=2.0)
+        backlog = [_noop_job(engine, "b") for _ in range(3)]
+        await jobs.create(conn, backlog, at=at, stride_s=2.0)
     owners = ["a", "b", "a", "c", "b", "a"]
     async with engine.db.write() as conn:
-        built = await jobs.create(conn, [new(o) for o in owners], at=at + 1, stride_s=2.0)
+        new = [_noop_job(engine, o) for o in owners]
+        built = await jobs.create(conn, new, at=at + 1, stride_s=2.0)
     async with engine.db.read() as conn:
         stored = await jobs.load(conn, [s.job["id"] for s in built])
         clocks = {row.owner: row.clock for row in await conn.execute(select(owner_clocks))}
