@@ -10,6 +10,7 @@ every submit that is waiting costs one of each for all of them.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ class _Pending:
 
 
 class SubmitGroup:
-    """Writes the jobs of concurrent one-statement submits in shared statements.
+    """Writes the jobs of concurrent one-statement submits in shared statements
+    (PostgreSQL: `Database.autocommit()`).
 
     Up to `writers` statements run at once; submits that arrive while they all do wait
     for the next, which takes every submit queued so far (up to `max_jobs` jobs, but
@@ -78,7 +80,10 @@ class SubmitGroup:
         )
         self._queue.append(_Pending(new_jobs, done))
         if len(self._writing) < self.writers:
-            writer = asyncio.create_task(self._write_queued(), name="jobgate-submit-group")
+            # A context of its own: what it logs belongs to no one request.
+            writer = asyncio.create_task(
+                self._write_queued(), name="jobgate-submit-group", context=contextvars.Context()
+            )
             self._writing.add(writer)
         return await done
 
