@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from jobgate import ids
 from jobgate.api import problems
 from jobgate.api.client_ip import Network, client_ip, ip_bucket, trusted_networks
+from jobgate.api.redis_takes import TAKE_AND_COUNT, RedisTakes
 from jobgate.config import Settings
 from jobgate.errors import RateLimited
 from jobgate.store.repositories import idempotency
@@ -205,61 +206,18 @@ def open_backend(url: str, *, namespace: str) -> Backend:
         storage: Storage = RedisStorage(
             f"async+{url}", implementation="redispy", key_prefix=namespace, **options
         )
-        script = Redis(connection_pool=pool).register_script(_TAKE_AND_COUNT)
+        takes = RedisTakes(Redis(connection_pool=pool).register_script(TAKE_AND_COUNT))
 
         async def take_in_redis(
             item: RateLimitItem, cost: int, key: tuple[str, ...]
         ) -> tuple[bool, float, int]:
             name = f"{namespace}:{item.key_for(*key)}"
-            args = [time.time(), item.amount, item.get_expiry(), cost]
-            taken, start, count = await script([name], args)
-            return bool(taken), float(start), int(count)
+            return await takes.take(name, time.time(), item.amount, item.get_expiry(), cost)
 
         return Backend(
             MovingWindowRateLimiter(storage), (RedisError, OSError), pool.aclose, take_in_redis
         )
     raise ValueError(f"unknown limits URL {url!r}: use memory:// or redis://host:port/db")
-
-
-# `limits` takes slots (`hit`) and reads a window (`get_window_stats`) in two calls; a
-# submit needs both, so on Redis this does the two in one script, on the list `limits`
-# keeps (newest entry first, one timestamp per slot, at most `limit` long), so that
-# `limits` reads what it writes. `tests/contract/test_limit_storages.py` holds the two
-# to the same answers.
-_TAKE_AND_COUNT = """
-local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
-local expiry, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
-local key = KEYS[1]
-local taken = 0
-if cost <= limit then
-    local blocking = redis.call('lindex', key, limit - cost)
-    if not (blocking and tonumber(blocking) >= now - expiry) then
-        local entries = {}
-        for i = 1, math.min(cost, 1000) do entries[i] = now end
-        for pushed = 0, cost - 1, 1000 do
-            redis.call('lpush', key, unpack(entries, 1, math.min(1000, cost - pushed)))
-        end
-        redis.call('ltrim', key, 0, limit - 1)
-        redis.call('expire', key, expiry)
-        taken = 1
-    end
-end
--- The newest entries are first: find the last one still inside the window.
-local low, high, last = 0, redis.call('llen', key) - 1, -1
-while low <= high do
-    local middle = math.floor((low + high) / 2)
-    if tonumber(redis.call('lindex', key, middle)) >= now - expiry then
-        last = middle
-        low = middle + 1
-    else
-        high = middle - 1
-    end
-end
-if last < 0 then
-    return {taken, tostring(now), 0}
-end
-return {taken, redis.call('lindex', key, last), last + 1}
-"""
 
 
 def _item(limit: str) -> RateLimitItem | None:
