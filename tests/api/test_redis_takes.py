@@ -66,7 +66,7 @@ async def test_takes_waiting_together_share_a_call_and_stay_exact(
     ]
     assert all(oldest == pytest.approx(now) for _, oldest, _ in answers)
     assert await client.llen(f"{prefix}:a") == 5
-    assert not takes._calling
+    assert takes.batches.idle
 
 
 async def test_a_failed_call_fails_each_of_its_takes() -> None:
@@ -80,7 +80,7 @@ async def test_a_failed_call_fails_each_of_its_takes() -> None:
     finally:
         await unreachable.aclose()
     assert all(isinstance(answer, RedisConnectionError) for answer in answers)
-    assert not takes._calling
+    assert takes.batches.idle
 
 
 async def test_a_cancelled_caller_leaves_the_others_answered(

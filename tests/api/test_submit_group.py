@@ -109,7 +109,7 @@ async def test_a_lone_submit_is_written_at_once(db: Database, statements: list[l
     assert statements == [[job.id]]
     assert snapshot.job["id"] == job.id
     assert await _stored_ids(db) == {job.id}
-    assert not group._writing
+    assert group.batches.idle
 
 
 async def test_a_batch_holds_at_most_max_jobs_but_never_splits_a_submit(

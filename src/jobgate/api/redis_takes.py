@@ -9,11 +9,11 @@ atomic and exact as if alone (Redis runs a script as a whole).
 from __future__ import annotations
 
 import asyncio
-import contextvars
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from jobgate.batching import Batches, first
 
 # `limits` takes slots (`hit`) and reads a window (`get_window_stats`) in two calls; a
 # submit needs both, so here the script does the two at once, on the list `limits` keeps
@@ -82,10 +82,9 @@ class RedisTakes:
 
     def __init__(self, script: Script, *, calls: int = 2, max_batch: int = 64) -> None:
         self.script = script
-        self.calls = calls
-        self.max_batch = max_batch
-        self._queue: deque[_Take] = deque()
-        self._calling: set[asyncio.Task[None]] = set()
+        self.batches = Batches(
+            self._call, writers=calls, name="jobgate-redis-takes", take=first(max_batch)
+        )
 
     async def take(
         self, key: str, now: float, limit: int, expiry: int, cost: int
@@ -93,26 +92,8 @@ class RedisTakes:
         """Take `cost` slots of the window `key` (all or none) and count it:
         (taken, the oldest entry's time, the entries in the window)."""
         done: asyncio.Future[tuple[bool, float, int]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Take(key, (now, limit, expiry, cost), done))
-        if len(self._calling) < self.calls:
-            # A context of its own: what it logs belongs to no one request.
-            call = asyncio.create_task(
-                self._call_queued(), name="jobgate-redis-takes", context=contextvars.Context()
-            )
-            self._calling.add(call)
+        self.batches.put(_Take(key, (now, limit, expiry, cost), done))
         return await done
-
-    async def _call_queued(self) -> None:
-        try:
-            while self._queue:
-                count = min(self.max_batch, len(self._queue))
-                await self._call([self._queue.popleft() for _ in range(count)])
-        finally:
-            # Gone from the callers the moment it finds the queue empty (no await in
-            # between), so a take queued after that always starts a call.
-            call = asyncio.current_task()
-            if call is not None:
-                self._calling.discard(call)
 
     async def _call(self, batch: list[_Take]) -> None:
         try:

@@ -10,13 +10,13 @@ every submit that is waiting costs one of each for all of them.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 
+from jobgate.batching import Batches
 from jobgate.ids import now
 from jobgate.store import Database
 from jobgate.store.database import is_outage
@@ -61,11 +61,11 @@ class SubmitGroup:
         self.db = db
         self.aging_s = aging_s
         self.stride_s = stride_s
-        self.writers = writers
         self.max_jobs = max_jobs
         self.alone_from = alone_from
-        self._queue: deque[_Pending] = deque()
-        self._writing: set[asyncio.Task[None]] = set()
+        self.batches = Batches(
+            self._write_batch, writers=writers, name="jobgate-submit-group", take=self._take
+        )
 
     async def create(self, new_jobs: Sequence[job_repo.NewJob]) -> list[job_repo.JobSnapshot]:
         """Write `new_jobs` (one submit; `jobs.needs_transaction` false) with the other
@@ -78,41 +78,23 @@ class SubmitGroup:
         done: asyncio.Future[list[job_repo.JobSnapshot]] = (
             asyncio.get_running_loop().create_future()
         )
-        self._queue.append(_Pending(new_jobs, done))
-        if len(self._writing) < self.writers:
-            # A context of its own: what it logs belongs to no one request.
-            writer = asyncio.create_task(
-                self._write_queued(), name="jobgate-submit-group", context=contextvars.Context()
-            )
-            self._writing.add(writer)
+        self.batches.put(_Pending(new_jobs, done))
         return await done
 
     async def aclose(self) -> None:
         """Wait for the statements being written."""
-        while self._writing:
-            await asyncio.gather(*self._writing, return_exceptions=True)
+        await self.batches.wait()
 
-    def _take(self) -> list[_Pending]:
+    def _take(self, queue: deque[_Pending]) -> list[_Pending]:
         batch: list[_Pending] = []
         count = 0
-        while self._queue:
-            size = len(self._queue[0].new_jobs)
+        while queue:
+            size = len(queue[0].new_jobs)
             if batch and count + size > self.max_jobs:
                 break
-            batch.append(self._queue.popleft())
+            batch.append(queue.popleft())
             count += size
         return batch
-
-    async def _write_queued(self) -> None:
-        try:
-            while self._queue:
-                await self._write_batch(self._take())
-        finally:
-            # Gone from the writers the moment it finds the queue empty (no await in
-            # between), so a submit queued after that always starts a writer.
-            writer = asyncio.current_task()
-            if writer is not None:
-                self._writing.discard(writer)
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         try:

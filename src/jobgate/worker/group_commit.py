@@ -7,6 +7,7 @@ transaction spends more on BEGIN, COMMIT and the pool than on the outcome itself
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from jobgate.batching import Batches, first
 from jobgate.store import Database
 from jobgate.store.repositories.outcomes import Completion
 from jobgate.store.repositories.tasks import LeaseLost
@@ -73,12 +75,13 @@ class GroupCommit:
         finish_many: FinishMany | None = None,
     ) -> None:
         self.db = db
-        self.writers = writers
         self.max_batch = max_batch
+        self._oldest = first(max_batch)
         self.complete_many = complete_many
         self.finish_many = finish_many
-        self._queue: list[_Pending] = []
-        self._writing: set[asyncio.Task[None]] = set()
+        self.batches = Batches(
+            self._write_batch, writers=writers, name="jobgate-group-commit", take=self._take
+        )
 
     async def write(
         self, job_id: str, task_id: int, write: Write, completion: Completion | None = None
@@ -95,26 +98,11 @@ class GroupCommit:
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.complete_many is None:
             completion = None
-        self._queue.append(_Pending((job_id, task_id), write, done, completion))
-        if len(self._writing) < self.writers:
-            writer = asyncio.create_task(self._write_queued(), name="jobgate-group-commit")
-            self._writing.add(writer)
+        self.batches.put(_Pending((job_id, task_id), write, done, completion))
         return await done
 
-    async def _write_queued(self) -> None:
-        try:
-            while self._queue:
-                batch = sorted(self._queue[: self.max_batch], key=lambda p: p.order)
-                del self._queue[: self.max_batch]
-                await self._write_batch(batch)
-        finally:
-            # Gone from the writers the moment it finds the queue empty (no await
-            # between): a done callback would run only later, after callers woken by
-            # this writer's last batch may have queued outcomes and, seeing it still
-            # counted, started no writer for them.
-            writer = asyncio.current_task()
-            if writer is not None:
-                self._writing.discard(writer)
+    def _take(self, queue: deque[_Pending]) -> list[_Pending]:
+        return sorted(self._oldest(queue), key=lambda p: p.order)
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         batch = await self._finish_first(batch)
