@@ -97,7 +97,10 @@ async def main(args: argparse.Namespace) -> list[Result]:
             databases=databases, samples=40 if args.quick else 200, runs=args.runs
         )
     if args.only in (None, "auth") and "postgres" in databases:
-        results += await auth.run(seconds=1.5 if args.quick else 5.0, inflight=16, runs=args.runs)
+        # Shorter runs, more rounds: its figures are ratios of runs a few seconds apart.
+        results += await auth.run(
+            seconds=1.5 if args.quick else 3.0, inflight=16, runs=max(5, args.runs)
+        )
     if args.only in (None, "sse") and "postgres" in databases:
         results += await sse.run(
             streams=[1, 100, 1000] if args.quick else [1, 100, 10_000],

@@ -100,8 +100,9 @@ def sqlite_url(directory: Path) -> str:
     return f"sqlite+aiosqlite:///{directory / 'jobgate.db'}"
 
 
-async def fresh_postgres() -> str:
-    """Drop and create `jobgate_bench`; its SQLAlchemy (asyncpg) URL, empty."""
+async def fresh_postgres(name: str = PG_BENCH_DB) -> str:
+    """Drop and create the database `name` (`jobgate_bench`); its SQLAlchemy (asyncpg)
+    URL, empty."""
 
     admin = make_url(PG_ADMIN_URL)
     conn = await asyncpg.connect(
@@ -112,16 +113,32 @@ async def fresh_postgres() -> str:
         database=admin.database or "postgres",
     )
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{PG_BENCH_DB}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{PG_BENCH_DB}"')
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    url = admin.set(drivername="postgresql+asyncpg", database=PG_BENCH_DB)
+    url = admin.set(drivername="postgresql+asyncpg", database=name)
     return url.render_as_string(hide_password=False)
 
 
-async def analyze_postgres() -> None:
-    """ANALYZE `jobgate_bench` (untimed). The bench server may run with autovacuum off;
+async def drop_postgres(name: str) -> None:
+    """Drop the database `name`, if it is there."""
+    admin = make_url(PG_ADMIN_URL)
+    conn = await asyncpg.connect(
+        host=admin.host or "127.0.0.1",
+        port=admin.port or 5432,
+        user=admin.username or "postgres",
+        password=admin.password,
+        database=admin.database or "postgres",
+    )
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def analyze_postgres(name: str = PG_BENCH_DB) -> None:
+    """ANALYZE the database `name` (untimed). The bench server may run with autovacuum off;
     without statistics PostgreSQL seq-scans the `id IN (...)` reads, and every figure
     would then degrade with the table size instead of measuring jobgate."""
 
@@ -131,7 +148,7 @@ async def analyze_postgres() -> None:
         port=admin.port or 5432,
         user=admin.username or "postgres",
         password=admin.password,
-        database=PG_BENCH_DB,
+        database=name,
     )
     try:
         await conn.execute("ANALYZE")

@@ -1,21 +1,27 @@
 """The cost of authentication and rate limits on the submit path.
 
-A `jobgate serve --worker-concurrency 0` per variant and run, on a fresh PostgreSQL
-database, one at a time; the runs go round the variants in turn (run 1 of each, then
-run 2 of each, ...), so drift in the machine's speed hits every variant alike. Each
-answer must be 202.
+A `jobgate serve --worker-concurrency 0` per variant, each on a fresh PostgreSQL
+database, all started at once and measured in turn (run 1 of each, then run 2 of each,
+...), so that drift in the machine's speed hits every variant alike; only the one
+measured is busy. Each answer must be 202. A variant's figure is the median, over the
+rounds, of its run's ratio to the baseline's run of the same round, and beside it the
+server's CPU per submit (median of the runs): on this shared machine the throughput of
+one server swings by a third between minutes, and the ratio of neighbours far less.
 
-Every run starts on an empty database. The load comes from 100 users in turn (an API key
-or a JWT each), as a shared API sees it. Variants: API keys (the baseline), HS256 JWTs,
+The load comes from 100 users in turn (an API key or a JWT each), as a shared API sees
+it. Variants: API keys (the baseline), HS256 JWTs,
 RS256 JWTs verified against a JWKS served on loopback, and the per-user submit limit on
-memory and on Redis storage, with the per-IP limit on top in the last. The limits are set
+memory and on Redis storage (with and without slots taken ahead), with the per-IP limit
+on top in the last. The limits are set
 high enough never to refuse, so every request pays for the checks and nothing else
 changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -28,8 +34,8 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bench._common import Result, fresh_postgres, log, temp_dir
-from bench.submit import SINGLE_BODY, Server, _measure, serve
+from bench._common import PG_BENCH_DB, Result, drop_postgres, fresh_postgres, log, temp_dir
+from bench.submit import SINGLE_BODY, Figure, Server, _measure_in_turn, serve
 
 KID = "bench-rsa-1"
 HS_SECRET = "bench-hs256-secret-0123456789abcdef0123"
@@ -85,6 +91,10 @@ def _variants(jwks_url: str) -> list[Variant]:
         Variant("API key + submit limit, memory", {**submit, "JOBGATE_LIMITS_URL": "memory://"}),
         Variant("API key + submit limit, Redis", {**submit, **redis}),
         Variant(
+            "API key + submit limit, Redis, no take-ahead",
+            {**submit, **redis, "JOBGATE_LIMITS_TAKE_AHEAD": "false"},
+        ),
+        Variant(
             "RS256 JWT + submit limit, Redis",
             {**submit, **redis, "JOBGATE_AUTH_JWKS_URL": jwks_url},
             "rs256",
@@ -121,40 +131,37 @@ async def run(*, seconds: float, inflight: int, runs: int) -> list[Result]:
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private_key.public_key()))
     document = {"keys": [{**public, "kid": KID, "alg": "RS256", "use": "sig"}]}
-    with jwks_server(document) as jwks_url:
-        variants = _variants(jwks_url)
-        results = [
-            Result(
-                benchmark=f"HTTP submit noop, {v.name} ({USERS} users, {inflight} in flight)",
+    with jwks_server(document) as jwks_url, contextlib.ExitStack() as stack:
+        figures: list[Figure] = []
+        for number, variant in enumerate(_variants(jwks_url)):
+            database = f"{PG_BENCH_DB}_auth_{number}"
+            url = await fresh_postgres(database)
+            tmp = stack.enter_context(temp_dir("auth"))
+            server = stack.enter_context(serve(tmp, url, postgres=True, settings=variant.settings))
+            server.tokens = _credentials(variant, server, private_key)
+            result = Result(
+                benchmark=f"HTTP submit noop, {variant.name} ({USERS} users, {inflight} in flight)",
                 database="postgres",
                 unit="jobs/s",
             )
-            for v in variants
+            figures.append(Figure(server, result, "/v1/jobs", SINGLE_BODY, 1, inflight, database))
+        log(f"auth: {len(figures)} servers up, measured in turn, {runs} rounds")
+        await _measure_in_turn(figures, seconds=seconds, runs=runs)
+    for figure in figures:
+        await drop_postgres(figure.database_name)
+    baseline = figures[0]
+    base_cpu = statistics.median(baseline.cpu_us)
+    baseline.result.note = f"server CPU {base_cpu:.0f} µs a submit"
+    for figure in figures[1:]:
+        shares = [
+            mine / base
+            for mine, base in zip(figure.result.values, baseline.result.values, strict=True)
         ]
-        for round_no in range(runs):
-            log(f"auth round {round_no + 1} of {runs}")
-            for variant, result in zip(variants, results, strict=True):
-                # An empty database for every run: the jobs of earlier runs slow the
-                # inserts (about 1.5 % a run here), which would favour the variants
-                # measured first.
-                url = await fresh_postgres()
-                with (
-                    temp_dir("auth") as tmp,
-                    serve(tmp, url, postgres=True, settings=variant.settings) as server,
-                ):
-                    server.tokens = _credentials(variant, server, private_key)
-                    await _measure(
-                        server,
-                        result,
-                        "/v1/jobs",
-                        SINGLE_BODY,
-                        1,
-                        seconds=seconds,
-                        inflight=inflight,
-                        runs=1,
-                    )
-    baseline = results[0].median
-    for result in results[1:]:
-        cost = 1 - result.median / baseline
-        result.note = f"{result.median / baseline:.0%} of the baseline (costs {cost:.1%})"
-    return results
+        share = statistics.median(shares)
+        cpu = statistics.median(figure.cpu_us)
+        figure.result.note = (
+            f"{share:.0%} of the baseline run for run (median of "
+            + " / ".join(f"{s:.0%}" for s in shares)
+            + f"); server CPU {cpu:.0f} µs a submit ({cpu - base_cpu:+.0f} µs)"
+        )
+    return [figure.result for figure in figures]

@@ -30,7 +30,15 @@ from typing import Any
 import httpx
 from sqlalchemy.engine import make_url
 
-from bench._common import Result, analyze_postgres, fresh_postgres, log, sqlite_url, temp_dir
+from bench._common import (
+    PG_BENCH_DB,
+    Result,
+    analyze_postgres,
+    fresh_postgres,
+    log,
+    sqlite_url,
+    temp_dir,
+)
 
 STARTUP_TIMEOUT_S = 60.0
 BATCH_SIZE = 100
@@ -279,6 +287,10 @@ class Figure:
     body: dict[str, Any]
     jobs_each: int
     inflight: int
+    database_name: str = PG_BENCH_DB
+    """The PostgreSQL database to ANALYZE before each run."""
+    cpu_us: list[float] = field(default_factory=list)
+    """The server's CPU per job in each run, in microseconds."""
 
 
 async def _measure(
@@ -314,12 +326,14 @@ async def _measure_in_turn(figures: list[Figure], *, seconds: float, runs: int) 
         for figure in figures:
             result = figure.result
             if result.database == "postgres":
-                await analyze_postgres()
+                await analyze_postgres(figure.database_name)
             tally, elapsed = await load(
                 figure.server, figure.path, figure.body, figure.jobs_each, seconds, figure.inflight
             )
             rate = tally.jobs / elapsed
             result.values.append(rate)
+            if tally.jobs:
+                figure.cpu_us.append(tally.server_cpu_s / tally.jobs * 1e6)
             result.errors += sum(tally.errors.values())
             log(
                 f"{result.benchmark} {result.database} run {n + 1}: {rate:,.1f} jobs/s "

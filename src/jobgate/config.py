@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     blobs_url: str = ""
     limits_url: str = "memory://"
     limits_namespace: str = Field("jobgate-limits", min_length=1)
+    limits_take_ahead: bool = True
     pipelines: str = ""
     public_url: str = "http://127.0.0.1:8000"
 

@@ -56,15 +56,15 @@ async def test_takes_waiting_together_share_a_call_and_stay_exact(
     # All twelve were queued before the call started: one call for them all.
     assert calls == [12]
     a, b = answers[:8], answers[8:]
-    assert [count for _, _, count in a] == [1, 2, 3, 4, 5, 5, 5, 5]
-    assert [taken for taken, _, _ in a] == [True] * 5 + [False] * 3
-    assert [(taken, count) for taken, _, count in b] == [
+    assert [t.entries for t in a] == [1, 2, 3, 4, 5, 5, 5, 5]
+    assert [t.taken for t in a] == [True] * 5 + [False] * 3
+    assert [(t.taken, t.entries) for t in b] == [
         (True, 2),
         (True, 4),
         (False, 4),
         (False, 4),
     ]
-    assert all(oldest == pytest.approx(now) for _, oldest, _ in answers)
+    assert all(t.oldest == pytest.approx(now) for t in answers)
     assert await client.llen(f"{prefix}:a") == 5
     assert takes.batches.idle
 
@@ -94,7 +94,7 @@ async def test_a_cancelled_caller_leaves_the_others_answered(
     callers[2].cancel()
     answers = await asyncio.gather(*callers, return_exceptions=True)
     assert isinstance(answers[2], asyncio.CancelledError)
-    assert [a[2] for i, a in enumerate(answers) if i != 2] == [1, 2, 4]  # type: ignore[index]
+    assert [a.entries for i, a in enumerate(answers) if i != 2] == [1, 2, 4]  # type: ignore[union-attr]
     # The cancelled take was already sent with the others: its slot is taken.
     assert await client.llen(f"{prefix}:c") == 4
 
@@ -122,4 +122,4 @@ async def test_takes_arriving_during_a_call_go_together_in_the_next(
     release.set()
     answers = await asyncio.gather(first, *later)
     assert calls == [1, 3]
-    assert [count for _, _, count in answers] == [1, 2, 3, 4]
+    assert [t.entries for t in answers] == [1, 2, 3, 4]

@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from jobgate import ids
 from jobgate.api import problems
 from jobgate.api.client_ip import Network, client_ip, ip_bucket, trusted_networks
+from jobgate.api.permits import PermitBlocks, block_life_s
 from jobgate.api.redis_takes import TAKE_AND_COUNT, RedisTakes
 from jobgate.config import Settings
 from jobgate.errors import RateLimited
@@ -119,6 +120,8 @@ class Backend:
     errors: tuple[type[Exception], ...]
     aclose: Callable[[], Awaitable[None]]
     take: Take
+    held: Callable[[RateLimitItem, tuple[str, ...]], int] = lambda item, key: 0
+    """Slots of a window this process holds ahead and has not handed out (`api/permits.py`)."""
 
 
 async def _nothing() -> None:
@@ -167,13 +170,22 @@ class SweepingMemoryStorage(MemoryStorage):
                 self.locks.pop(key, None)
 
 
-def open_backend(url: str, *, namespace: str) -> Backend:
+def open_backend(
+    url: str,
+    *,
+    namespace: str,
+    take_ahead: bool = True,
+    block_life: Callable[[int], float] = block_life_s,
+) -> Backend:
     """The moving-window limiter over the storage `url` names.
 
     Args:
         url: `memory://` (this process only) or `redis://host:port/db` / `rediss://...`
             (shared by every process that uses it).
         namespace: prefix of the keys in Redis.
+        take_ahead: on Redis, take a busy window's slots in blocks ahead (`api/permits.py`).
+        block_life: on Redis, how long a block of slots taken ahead is handed out, for
+            a window's length in seconds (`api/permits.py`).
 
     Raises:
         ValueError: the URL names no known storage.
@@ -207,15 +219,23 @@ def open_backend(url: str, *, namespace: str) -> Backend:
             f"async+{url}", implementation="redispy", key_prefix=namespace, **options
         )
         takes = RedisTakes(Redis(connection_pool=pool).register_script(TAKE_AND_COUNT))
+        blocks = PermitBlocks(takes, life_s=block_life, ahead=take_ahead)
 
         async def take_in_redis(
             item: RateLimitItem, cost: int, key: tuple[str, ...]
         ) -> tuple[bool, float, int]:
             name = f"{namespace}:{item.key_for(*key)}"
-            return await takes.take(name, time.time(), item.amount, item.get_expiry(), cost)
+            return await blocks.take(name, item.amount, item.get_expiry(), cost)
+
+        def held(item: RateLimitItem, key: tuple[str, ...]) -> int:
+            return blocks.held(f"{namespace}:{item.key_for(*key)}")
+
+        async def close() -> None:
+            await blocks.give_back()
+            await pool.aclose()
 
         return Backend(
-            MovingWindowRateLimiter(storage), (RedisError, OSError), pool.aclose, take_in_redis
+            MovingWindowRateLimiter(storage), (RedisError, OSError), close, take_in_redis, held
         )
     raise ValueError(f"unknown limits URL {url!r}: use memory:// or redis://host:port/db")
 
@@ -264,7 +284,11 @@ class RateLimits:
         submit, ip = _item(settings.rate_limit_submit), _item(settings.rate_limit_ip)
         backend = None
         if submit or ip:
-            backend = open_backend(settings.limits_url, namespace=settings.limits_namespace)
+            backend = open_backend(
+                settings.limits_url,
+                namespace=settings.limits_namespace,
+                take_ahead=settings.limits_take_ahead,
+            )
         return cls(
             submit=submit,
             ip=ip,
@@ -351,7 +375,8 @@ class RateLimits:
         if stats is None:
             return None
         now = time.time()
-        remaining = max(0, stats.remaining)
+        # Slots this process holds ahead are free to its own requests.
+        remaining = min(item.amount, max(0, stats.remaining) + self._backend.held(item, key))
         # An empty window has no oldest entry: `limits` then reports a time to ignore.
         reset_at = stats.reset_time if remaining < item.amount else now
         return Window(item.amount, remaining, reset_at)
