@@ -31,7 +31,4 @@ def test_listed_defaults_are_the_defaults() -> None:
         default = getattr(defaults, field)
         if value == "":
             continue  # derived from data_dir, or off
-        if isinstance(default, bool):
-            assert value == str(default).lower(), name
-            continue
         assert str(default) == value or float(default) == float(value), name
