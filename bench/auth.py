@@ -46,6 +46,9 @@ SUBMIT_LIMIT = "2000/minute"
 # One client address sends everything: the IP limit must let all of it through.
 IP_LIMIT = "1000000/minute"
 REDIS_LIMITS = "redis://127.0.0.1:6379/0"
+# Eight servers at once must stay under PostgreSQL's 100 connections; a submit here
+# needs a connection only inside the submit group's two statements.
+POOL_SIZE = "5"
 
 
 @dataclass
@@ -137,7 +140,8 @@ async def run(*, seconds: float, inflight: int, runs: int) -> list[Result]:
             database = f"{PG_BENCH_DB}_auth_{number}"
             url = await fresh_postgres(database)
             tmp = stack.enter_context(temp_dir("auth"))
-            server = stack.enter_context(serve(tmp, url, postgres=True, settings=variant.settings))
+            settings = {**variant.settings, "JOBGATE_DATABASE_POOL_SIZE": POOL_SIZE}
+            server = stack.enter_context(serve(tmp, url, postgres=True, settings=settings))
             server.tokens = _credentials(variant, server, private_key)
             result = Result(
                 benchmark=f"HTTP submit noop, {variant.name} ({USERS} users, {inflight} in flight)",
