@@ -100,60 +100,43 @@ def sqlite_url(directory: Path) -> str:
     return f"sqlite+aiosqlite:///{directory / 'jobgate.db'}"
 
 
-async def fresh_postgres(name: str = PG_BENCH_DB) -> str:
-    """Drop and create the database `name` (`jobgate_bench`); its SQLAlchemy (asyncpg)
-    URL, empty."""
-
+async def _run_sql(database: str | None, *statements: str) -> None:
+    """Run `statements` one by one on `database` (None: the admin URL's own)."""
     admin = make_url(PG_ADMIN_URL)
     conn = await asyncpg.connect(
         host=admin.host or "127.0.0.1",
         port=admin.port or 5432,
         user=admin.username or "postgres",
         password=admin.password,
-        database=admin.database or "postgres",
+        database=database or admin.database or "postgres",
     )
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        for statement in statements:
+            await conn.execute(statement)
     finally:
         await conn.close()
-    url = admin.set(drivername="postgresql+asyncpg", database=name)
+
+
+async def fresh_postgres(name: str = PG_BENCH_DB) -> str:
+    """Drop and create the database `name` (`jobgate_bench`); its SQLAlchemy (asyncpg)
+    URL, empty."""
+    await _run_sql(
+        None, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"'
+    )
+    url = make_url(PG_ADMIN_URL).set(drivername="postgresql+asyncpg", database=name)
     return url.render_as_string(hide_password=False)
 
 
 async def drop_postgres(name: str) -> None:
     """Drop the database `name`, if it is there."""
-    admin = make_url(PG_ADMIN_URL)
-    conn = await asyncpg.connect(
-        host=admin.host or "127.0.0.1",
-        port=admin.port or 5432,
-        user=admin.username or "postgres",
-        password=admin.password,
-        database=admin.database or "postgres",
-    )
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await _run_sql(None, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def analyze_postgres(name: str = PG_BENCH_DB) -> None:
     """ANALYZE the database `name` (untimed). The bench server may run with autovacuum off;
     without statistics PostgreSQL seq-scans the `id IN (...)` reads, and every figure
     would then degrade with the table size instead of measuring jobgate."""
-
-    admin = make_url(PG_ADMIN_URL)
-    conn = await asyncpg.connect(
-        host=admin.host or "127.0.0.1",
-        port=admin.port or 5432,
-        user=admin.username or "postgres",
-        password=admin.password,
-        database=name,
-    )
-    try:
-        await conn.execute("ANALYZE")
-    finally:
-        await conn.close()
+    await _run_sql(name, "ANALYZE")
 
 
 async def postgres_version() -> tuple[str | None, str | None]:
