@@ -204,6 +204,19 @@ def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 # -- databases --------------------------------------------------------------------------
 
 
+async def drop_redis_keys(pattern: str) -> None:
+    """Delete the test Redis's keys matching `pattern` (a test's own namespace)."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(f"redis://{TCP_SERVICES['redis']}/0")
+    try:
+        keys = [key async for key in client.scan_iter(match=pattern)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
 def _asyncpg_url(database: str) -> str:
     url = make_url(POSTGRES_DSN).set(drivername="postgresql+asyncpg", database=database)
     return url.render_as_string(hide_password=False)

@@ -17,7 +17,7 @@ from limits import parse
 from jobgate.api.limits import RateLimits, open_backend
 from jobgate.api.permits import PermitBlocks
 from jobgate.api.redis_takes import TAKE_AND_COUNT, RedisTakes
-from tests.conftest import TCP_SERVICES
+from tests.conftest import TCP_SERVICES, drop_redis_keys
 
 pytestmark = pytest.mark.service("redis")
 REDIS_URL = f"redis://{TCP_SERVICES['redis']}/0"
@@ -27,13 +27,7 @@ REDIS_URL = f"redis://{TCP_SERVICES['redis']}/0"
 async def prefix() -> AsyncIterator[str]:
     made = f"jgtest-permits-{uuid.uuid4().hex[:12]}"
     yield made
-    client = redis.asyncio.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(f"{made}*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await drop_redis_keys(f"{made}*")
 
 
 class Process:

@@ -14,7 +14,7 @@ import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from jobgate.api.redis_takes import TAKE_AND_COUNT, RedisTakes
-from tests.conftest import TCP_SERVICES
+from tests.conftest import TCP_SERVICES, drop_redis_keys
 
 pytestmark = pytest.mark.service("redis")
 REDIS_URL = f"redis://{TCP_SERVICES['redis']}/0"
@@ -28,10 +28,8 @@ async def client() -> AsyncIterator[redis.asyncio.Redis]:
     try:
         yield made
     finally:
-        keys = [key async for key in made.scan_iter(f"{prefix}:*")]
-        if keys:
-            await made.delete(*keys)
         await made.aclose()
+        await drop_redis_keys(f"{prefix}:*")
 
 
 def _counting(script: Any, calls: list[int]) -> Any:

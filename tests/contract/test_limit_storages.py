@@ -13,12 +13,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio
 from limits import parse
 
 from jobgate.api.limits import Backend, RateLimits, SubmitQuota, open_backend
 from jobgate.errors import RateLimited
-from tests.conftest import TCP_SERVICES
+from tests.conftest import TCP_SERVICES, drop_redis_keys
 
 REDIS_URL = f"redis://{TCP_SERVICES['redis']}/0"
 
@@ -38,13 +37,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     finally:
         await made.aclose()
         if request.param == "redis":
-            client = redis.asyncio.Redis.from_url(REDIS_URL)
-            try:
-                keys = [key async for key in client.scan_iter(f"{namespace}:*")]
-                if keys:
-                    await client.delete(*keys)
-            finally:
-                await client.aclose()
+            await drop_redis_keys(f"{namespace}:*")
 
 
 async def test_a_take_reports_the_window_limits_reads(backend: Backend) -> None:

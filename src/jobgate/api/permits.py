@@ -93,7 +93,7 @@ class PermitBlocks:
         """Take `cost` slots of the window `key` (all or none): (taken, the oldest entry's
         time, the slots of the window taken, not counting those this process holds)."""
         block = self._blocks.get(key)
-        if block is None or (block.limit, block.expiry) != (limit, expiry):
+        if block is None:  # a window's key names its limit: the two never change
             if len(self._blocks) >= _KEPT_MAX:
                 self._forget_idle()
             block = self._blocks[key] = _Block(limit, expiry)
