@@ -47,8 +47,8 @@ LIMIT_CODE = (
     "jobgate/api/permits.py",
     "jobgate/api/redis_takes.py",
     "jobgate/api/client_ip.py",
-    "site-packages/redis/",
-    "site-packages/limits/",
+    "(redis/",  # py-spy names a package's files from the package on
+    "(limits/",
 )
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage.memory import Entry
 from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -147,10 +148,30 @@ class SweepingMemoryStorage(MemoryStorage):
         self._next_sweep = 0.0
 
     async def _MemoryStorage__schedule_expiry(self) -> None:
+        self._sweep_when_due()
+
+    def _sweep_when_due(self) -> None:
         at = time.monotonic()
         if at >= self._next_sweep:
             self._next_sweep = at + self.SWEEP_INTERVAL_S
             self.sweep()
+
+    def take_now(self, key: str, limit: int, expiry: int, cost: int) -> tuple[bool, float, int]:
+        """`limits`' `acquire_entry` then `get_moving_window`, at once and without a lock:
+        nothing in between awaits, so on the event loop it is atomic, as their locked
+        body is. (taken, the oldest entry's time, the entries in the window)."""
+        self._sweep_when_due()
+        now = time.time()
+        entries = self.events.setdefault(key, [])
+        taken = False
+        if cost <= limit:
+            blocking = entries[limit - cost] if len(entries) > limit - cost else None
+            if blocking is None or blocking.atime < now - expiry:
+                entries[:0] = [Entry(expiry)] * cost
+                taken = True
+        # Newest first: the entries still in the window are a head.
+        count = bisect.bisect_left(entries, -(now - expiry), key=lambda entry: -entry.atime)
+        return taken, entries[count - 1].atime if count else now, count
 
     def sweep(self) -> None:
         """Drop expired entries, and the windows and counters left empty."""
@@ -199,11 +220,7 @@ def open_backend(
         async def take_in_memory(
             item: RateLimitItem, cost: int, key: tuple[str, ...]
         ) -> tuple[bool, float, int]:
-            taken = await limiter.hit(item, *key, cost=cost)
-            start, count = await memory.get_moving_window(
-                item.key_for(*key), item.amount, item.get_expiry()
-            )
-            return taken, start, count
+            return memory.take_now(item.key_for(*key), item.amount, item.get_expiry(), cost)
 
         return Backend(limiter, (), _nothing, take_in_memory)
     if separator and scheme in ("redis", "rediss"):
