@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 from limits import parse
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from jobgate.api.limits import RateLimits, open_backend
 from jobgate.api.permits import PermitBlocks
@@ -37,10 +38,14 @@ class Process:
         self.client = redis.asyncio.Redis.from_url(REDIS_URL)
         self.calls = 0
         self.blocks_taken = 0  # calls that took more than one slot
+        self.failing = False  # calls fail as with Redis gone
         script = self.client.register_script(TAKE_AND_COUNT)
 
         async def counted(keys: Sequence[str], args: Sequence[Any]) -> Any:
             self.calls += 1
+            if self.failing:
+                await asyncio.sleep(0.01)
+                raise RedisConnectionError("Redis is gone")
             answers = await script(keys, args)
             self.blocks_taken += sum(1 for answer in answers if int(answer[0]) > 1)
             return answers
@@ -163,6 +168,32 @@ async def test_take_ahead_off_calls_for_every_take(prefix: str) -> None:
         assert a.blocks_taken == 0
         assert a.blocks.held(key) == 0
         assert await a.client.llen(key) == len(granted)
+    finally:
+        await a.aclose()
+
+
+async def test_failed_calls_fail_every_take_and_leave_none_waiting(prefix: str) -> None:
+    """Redis gone while takes of a busy window wait for a block: each take fails with the
+    error (its caller fails open), none waits forever, nothing is held, and takes work
+    again once Redis answers."""
+    key, limit, expiry = f"{prefix}:gone", 10_000, 60
+    a = Process(1.0)
+    try:
+        await _busy(a, key, limit, expiry, 0.2, callers=2, pause_s=0.005)
+        cost = a.blocks.held(key) + 1  # more than is held: every take must call
+        a.failing = True
+        answers = await asyncio.wait_for(
+            asyncio.gather(
+                *(a.blocks.take(key, limit, expiry, cost) for _ in range(6)),
+                return_exceptions=True,
+            ),
+            timeout=5,
+        )
+        assert all(isinstance(answer, RedisConnectionError) for answer in answers)
+        assert a.blocks.held(key) == 0
+        a.failing = False
+        taken, _, _ = await a.blocks.take(key, limit, expiry, 1)
+        assert taken
     finally:
         await a.aclose()
 
