@@ -4,6 +4,7 @@ the per-job cap, stream tokens, lost wake-ups, and clients that go away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import resource
@@ -319,6 +320,69 @@ async def test_a_writer_in_another_database_does_not_hold_global_streams_back(
     finally:
         await other.close()
     assert [e.data["text"] for e in got] == ["hi"]
+
+
+class _RolledBack(Exception):
+    pass
+
+
+@pytest.mark.service("postgres")
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_global_stream_gets_past_an_id_a_rolled_back_write_used(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """An event id taken by a write that rolled back never becomes a row: the stream
+    must not wait for it. Events before and after it arrive, in order, and the stream
+    reads whole pages in one statement again afterwards."""
+    app = await app_factory()
+    state = state_of(app)
+    _, key = await make_key("root", ["admin"])
+    async with signed_in(app, key, SSE) as admin:
+        job_id = await _submit(admin, "noop")
+        reader = asyncio.create_task(_read_all(admin, 3, kind="message"))
+        await asyncio.sleep(0.3)
+        async with state.db.write() as conn:
+            await event_repo.append(conn, job_id, [("message", {"text": "before"})], at=now())
+        with contextlib.suppress(_RolledBack):
+            async with state.db.write() as conn:
+                await event_repo.append(conn, job_id, [("message", {"text": "lost"})], at=now())
+                raise _RolledBack
+        for text in ("after", "later"):
+            async with state.db.write() as conn:
+                await event_repo.append(conn, job_id, [("message", {"text": text})], at=now())
+        async with asyncio.timeout(3):
+            got = await reader
+    assert [e.data["text"] for e in got] == ["before", "after", "later"]
+    ids = [e.id for e in got if e.id is not None]
+    assert len(ids) == 3
+    assert ids[1] > ids[0] + 1, "the rolled-back write took no id: the test proves nothing"
+    assert state.streams.whole_pages
+
+
+@pytest.mark.service("postgres")
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_callers_stream_reads_past_pages_of_other_owners_events(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """More than a page of someone else's events between two of the caller's: the
+    caller's stream skips them all and sends its own, and nothing else, at once (the
+    periodic check, which would hide a stream that stops at a page, is off)."""
+    app = await app_factory(sse_poll_s=60)
+    state = state_of(app)
+    _, alice_key = await make_key("alice", ["user"])
+    _, bob_key = await make_key("bob", ["user"])
+    async with signed_in(app, alice_key, SSE) as alice, signed_in(app, bob_key, SSE) as bob:
+        mine = await _submit(alice, "noop")
+        theirs = await _submit(bob, "noop")
+        reader = asyncio.create_task(_read_all(alice, 2, kind="message"))
+        await asyncio.sleep(0.3)
+        for text, job_id, count in (("first", mine, 1), ("noise", theirs, 1200), ("last", mine, 1)):
+            async with state.db.write() as conn:
+                items = [("message", {"text": text})] * count
+                await event_repo.append(conn, job_id, items, at=now())
+        async with asyncio.timeout(3):
+            got = await reader
+    assert [(e.data["text"], e.data["job_id"]) for e in got] == [("first", mine), ("last", mine)]
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the hub's, not the store's

@@ -146,3 +146,53 @@ async def test_an_idle_worker_barely_touches_the_database(
         await worker.stop(grace_s=0)
         await blobs.aclose()
         await db.aclose()
+
+
+async def test_an_idle_worker_claims_once_per_job_not_again_when_it_ends(
+    postgres_db_url: str, tmp_path: Path
+) -> None:
+    """A one-stage job's end makes nothing ready: the worker, whose last claim found
+    the queue empty, does not claim again for it. (On an idle system that claim would
+    run just as live streams read the job's end.) A second job is still claimed at once."""
+    settings = Settings(data_dir=tmp_path, database_url=postgres_db_url, worker_poll_interval_s=30)
+    db = Database(postgres_db_url)
+    blobs = open_blob_store((tmp_path / "blobs").as_uri())
+    worker = Worker(
+        settings=settings, db=db, blobs=blobs, registry=Registry.from_paths([]), concurrency=4
+    )
+    claims: list[int] = []
+    claim = worker._claim
+
+    async def counted(*args: object, **kwargs: object) -> list[object]:
+        found = await claim(*args, **kwargs)  # type: ignore[arg-type]
+        claims.append(len(found))
+        return list(found)
+
+    worker._claim = counted  # type: ignore[method-assign]
+
+    async def succeeded() -> int:
+        async with db.read() as conn:
+            return int(
+                await conn.scalar(
+                    select(func.count())
+                    .select_from(job_table)
+                    .where(job_table.c.status == "succeeded")
+                )
+                or 0
+            )
+
+    await worker.start()
+    try:
+        await asyncio.sleep(0.5)  # past the start-up claim
+        for done in (1, 2):
+            claims.clear()
+            await _submit(db)
+            async with asyncio.timeout(3):
+                while await succeeded() < done:
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            assert claims == [1], f"job {done}: claims after its submit found {claims}"
+    finally:
+        await worker.stop(grace_s=0)
+        await blobs.aclose()
+        await db.aclose()

@@ -57,6 +57,36 @@ _LAST_ID_THEN_WRITERS = (
     "FROM pg_stat_activity WHERE datname = current_database() "
     "AND backend_xid IS NOT NULL AND taken.id IS NOT NULL) FROM taken"
 )
+# A global stream's page and the proof that it is whole, in one round trip: the
+# sequence's value `v` (capped at a page past `$1`), how many events exist in
+# ($1, v], and the caller's events among them. When every id in ($1, v] is a visible
+# row, no transaction can still commit an event with a smaller id, so the page is safe
+# to send whatever `safe_event_id` would say. The count and the page share one
+# snapshot. A missing id (a writer in flight, or an id a rolled-back write used) makes
+# the caller fall back to `safe_event_id` and `_global_page`.
+_WHOLE_PAGE = """
+WITH v AS MATERIALIZED (
+    SELECT least(coalesce(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')
+        ::regclass), 0), $1::BIGINT + {page}) AS v
+), n AS MATERIALIZED (
+    SELECT count(*) AS n FROM events, v WHERE events.id > $1::BIGINT AND events.id <= v.v
+)
+SELECT v.v AS bound, n.n = v.v - $1::BIGINT AS whole, p.id, p.job_id, p.seq, p.type, p.data
+FROM v CROSS JOIN n LEFT JOIN LATERAL (
+    SELECT events.id, events.job_id, events.seq, events.type, events.data
+    FROM events {owned}
+    WHERE n.n = v.v - $1::BIGINT AND events.id > $1::BIGINT AND events.id <= v.v
+    ORDER BY events.id LIMIT {page}
+) p ON true
+ORDER BY p.id
+"""
+_WHOLE_PAGES = {
+    owned: _WHOLE_PAGE.format(
+        page=PAGE,
+        owned="JOIN jobs ON jobs.id = events.job_id AND jobs.owner = $2::TEXT" if owned else "",
+    )
+    for owned in (False, True)
+}
 HEARTBEAT = b"event: heartbeat\ndata: {}\n\n"
 STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
@@ -153,6 +183,9 @@ class Hub:
         self._safe_at = 0.0
         self._safe_lock = asyncio.Lock()
         self._retry: asyncio.TimerHandle | None = None
+        # Whether global streams' last one-statement page was whole; after one that was
+        # not, the next read goes the two-statement way (writers are in flight).
+        self.whole_pages = True
 
     @property
     def open_streams(self) -> int:
@@ -400,6 +433,23 @@ async def all_stream(
     watch.seen = await _latest_id(hub) if resume_after is None else resume_after
 
     async def catch_up() -> AsyncGenerator[bytes, None]:
+        if hub.whole_pages and not hub.db.is_sqlite:
+            while True:
+                after = watch.seen
+                found = await _whole_page(hub.db, after=after, owner=owner)
+                if found is None:
+                    hub.whole_pages = False
+                    break
+                whole_to, page = found
+                for row in page:
+                    watch.seen = int(row["id"])
+                    yield _global_frame(row)
+                # Every id up to `whole_to` was read: those not sent are other owners'.
+                watch.seen = max(watch.seen, whole_to)
+                if whole_to < after + PAGE:
+                    return
+        else:
+            hub.whole_pages = True  # the one statement again next time
         bound = await hub.safe_event_id()
         if bound is not None and bound <= watch.seen:
             return  # nothing is safe to read yet: a writer is still in flight
@@ -407,8 +457,7 @@ async def all_stream(
             rows = await _global_page(hub.db, after=watch.seen, bound=bound, owner=owner)
             for row in rows:
                 watch.seen = int(row["id"])
-                data = {**row["data"], "job_id": row["job_id"], "seq": int(row["seq"])}
-                yield frame(data, kind=row["type"], event_id=watch.seen)
+                yield _global_frame(row)
             if len(rows) < PAGE:
                 return
 
@@ -447,6 +496,24 @@ async def _follow(
         if loop.time() >= heartbeat_due and not watch.closed:
             heartbeat_due = loop.time() + heartbeat_s
             yield HEARTBEAT
+
+
+def _global_frame(row: Any) -> bytes:
+    data = {**row["data"], "job_id": row["job_id"], "seq": int(row["seq"])}
+    return frame(data, kind=row["type"], event_id=int(row["id"]))
+
+
+async def _whole_page(
+    db: Database, *, after: int, owner: str | None
+) -> tuple[int, list[Any]] | None:
+    """(bound, the page) when every event id in (`after`, bound] is committed and
+    visible (`_WHOLE_PAGE`); None when one is not (yet)."""
+    args: list[Any] = [after] if owner is None else [after, owner]
+    async with db.autocommit() as conn:
+        rows = await pg.records(conn, _WHOLE_PAGES[owner is not None], *args)
+    if not rows or not rows[0]["whole"]:
+        return None
+    return int(rows[0]["bound"]), [row for row in rows if row["id"] is not None]
 
 
 async def _latest_id(hub: Hub) -> int:

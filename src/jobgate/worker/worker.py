@@ -556,10 +556,12 @@ class Worker:
         if token is not None:
             # The outcome is committed (or the lease is gone): the broker may forget it.
             self._settle(token, ack=True)
+        self._slot_freed.set()
         if self._capped and not self._stopping.is_set():
             self._recheck = True  # a cap this stage held may let a waiting task run
-        self._slot_freed.set()
-        self._wakeup.set()
+            self._wakeup.set()
+        # Otherwise a freed slot is no news: a claim loop short of tasks waits for a
+        # wake-up (a task made ready), and one that filled every slot waits for a slot.
 
     def _stop_soon(self, runtime: TaskRuntime) -> None:
         """Cancellation: async stages get `CancelledError` now; sync ones get the grace.
@@ -627,7 +629,9 @@ class Worker:
             except JobCancelled:
                 outcome = "cancelled"
                 await self._write(
-                    runtime, lambda conn, r: outcomes.stopped(conn, task, r, at=now())
+                    runtime,
+                    lambda conn, r: outcomes.stopped(conn, task, r, at=now()),
+                    readies=False,
                 )
             except BudgetExhausted as exc:
                 outcome = "failed"
@@ -661,6 +665,7 @@ class Worker:
                     ),
                     grouped=True,
                     completion=outcomes.Completion(task, output),
+                    readies=bool(pipeline.dependents(task.stage)),
                 )
             finally:
                 await _stop(runtime.flusher)
@@ -718,6 +723,7 @@ class Worker:
         *,
         grouped: bool = False,
         completion: outcomes.Completion | None = None,
+        readies: bool = True,
     ) -> T | None:
         """Write a task's outcome, retrying transient store errors until the lease ends.
 
@@ -726,6 +732,10 @@ class Worker:
                 (`group_commit.py`); alone if the group's transaction fails.
             completion: the outcome is this successful run: in a group, with no report
                 and no item, it is written with the group's others in one go.
+            readies: the outcome may make tasks ready (a next stage, a retry, a task
+                handed back): this worker then claims at once, not at the notification.
+                A worker that claims for nothing costs an idle system's streams a round
+                trip at the moment they deliver the job's end.
 
         Returns:
             What the outcome returned, or None when it could not be written.
@@ -767,7 +777,8 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
-                self.wake()
+                if readies:
+                    self.wake()
 
     async def _complete_many(
         self, conn: AsyncConnection, runs: Sequence[outcomes.Completion]
