@@ -42,4 +42,5 @@ class AppState:
             self.db,
             aging_s=self.settings.priority_aging_s,
             stride_s=self.settings.fair_share_stride_s,
+            on_written=lambda: self.wake(),
         )

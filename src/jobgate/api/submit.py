@@ -476,8 +476,8 @@ async def commit(
         reserve = None
     if single_statement:
         # Written with the other requests' jobs waiting now, in one statement.
-        snapshots = await state.submits.create(new_jobs)
-        _submitted(state, new_jobs)
+        snapshots = await state.submits.create(new_jobs)  # it wakes the worker
+        _submitted(state, new_jobs, wake=False)
         return snapshots, False
     for attempt in range(2):
         at = now()
@@ -537,8 +537,9 @@ async def commit(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _submitted(state: AppState, new_jobs: Sequence[NewJob]) -> None:
-    state.wake()
+def _submitted(state: AppState, new_jobs: Sequence[NewJob], *, wake: bool = True) -> None:
+    if wake:
+        state.wake()
     for pipeline, count in Counter(job.pipeline.name for job in new_jobs).items():
         metrics.JOBS_SUBMITTED.labels(pipeline=pipeline).inc(count)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -40,7 +40,8 @@ class SubmitGroup:
     never part of one submit). A lone submit is written at once; a burst costs one
     statement per batch. Each statement commits on its own, so every submit in it is
     stored whole or not at all. A submit of `alone_from` jobs or more already spreads a
-    statement's cost over many rows: it is written at once, by itself.
+    statement's cost over many rows: it is written at once, by itself. `on_written` is
+    called after each statement commits (the in-process worker's wake-up).
 
     When PostgreSQL refuses a batch of several submits (an error other than an outage:
     nothing was written), each is written again alone, so one submit's bad row fails
@@ -57,8 +58,10 @@ class SubmitGroup:
         writers: int = 2,
         max_jobs: int = 1000,
         alone_from: int = 50,
+        on_written: Callable[[], None] = lambda: None,
     ) -> None:
         self.db = db
+        self.on_written = on_written
         self.aging_s = aging_s
         self.stride_s = stride_s
         self.max_jobs = max_jobs
@@ -119,9 +122,13 @@ class SubmitGroup:
 
     async def _insert(self, new_jobs: Sequence[job_repo.NewJob]) -> list[job_repo.JobSnapshot]:
         async with self.db.autocommit() as conn:
-            return await job_repo.create(
+            snapshots = await job_repo.create(
                 conn, new_jobs, at=now(), aging_s=self.aging_s, stride_s=self.stride_s
             )
+        # Before the submits' own tasks resume: an in-process worker's claim then goes
+        # out while their answers are built, not after.
+        self.on_written()
+        return snapshots
 
 
 def _settle(pending: _Pending, snapshots: list[job_repo.JobSnapshot]) -> None:

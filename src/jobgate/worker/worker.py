@@ -250,7 +250,9 @@ class Worker:
                 self._launch(task)
             if len(claimed) < free and not self._stopping.is_set():
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval())
+                    # Not `wait_for`: its inner task costs a wake-up two more loop turns.
+                    async with asyncio.timeout(self._poll_interval()):
+                        await self._wakeup.wait()
                 except TimeoutError:
                     self._recheck = True
 
