@@ -13,10 +13,14 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
+from sqlalchemy import func, select
 
 from jobgate.blobs.signing import sign_token
 from jobgate.ids import now
+from jobgate.store import Database
 from jobgate.store.repositories import events as event_repo
+from jobgate.store.tables import events as event_table
+from jobgate.store.tables import jobs as job_table
 from tests.api.conftest import AppFactory
 from tests.api.helpers import state_of
 from tests.api.sse import Sse, collect, read_events, serving, signed_in
@@ -24,6 +28,7 @@ from tests.conftest import POSTGRES_DSN
 
 SSE = {"Accept": "text/event-stream"}
 TERMINAL = {"completed", "error", "cancelled"}
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 async def _submit(client: httpx.AsyncClient, pipeline: str = "steps", **params: Any) -> str:
@@ -320,6 +325,87 @@ async def test_a_writer_in_another_database_does_not_hold_global_streams_back(
     finally:
         await other.close()
     assert [e.data["text"] for e in got] == ["hi"]
+
+
+@pytest.mark.service("postgres")
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_global_stream_under_a_burst_gets_every_event_once_in_id_order(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """200 jobs submitted 20 at a time and run by 8 slots while `/v1/events` reads:
+    writers are in flight at most reads, so the stream goes back and forth between
+    one-statement pages and the safe id. It gets every stored event of those jobs
+    exactly once, in increasing id order."""
+    app = await app_factory(worker_concurrency=8)
+    db = state_of(app).db
+    _, key = await make_key("root", ["admin"])
+    got: list[Sse] = []
+    ended: set[str] = set()
+    submitted: set[str] = set()
+    all_in = asyncio.Event()
+
+    async with signed_in(app, key, SSE) as admin:
+
+        async def read() -> None:
+            async with admin.stream("GET", "/v1/events") as response:
+                async for event in read_events(response):
+                    if event.kind == "heartbeat":
+                        continue
+                    got.append(event)
+                    if event.kind in TERMINAL:
+                        ended.add(event.data["job_id"])
+                    if all_in.is_set() and ended >= submitted:
+                        return
+
+        hub = state_of(app).streams
+        safe_reads = 0
+        safe_event_id = hub.safe_event_id
+
+        async def counted() -> int | None:
+            nonlocal safe_reads
+            safe_reads += 1
+            return await safe_event_id()
+
+        hub.safe_event_id = counted  # type: ignore[method-assign]
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0.3)
+        for _ in range(10):
+            batch = await asyncio.gather(*(_submit(admin, "noop") for _ in range(20)))
+            submitted.update(batch)
+        all_in.set()
+        async with asyncio.timeout(60):
+            while await _unfinished(db, submitted):
+                await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):  # a skipped event shows in the sets below
+            async with asyncio.timeout(5):
+                await reader
+        reader.cancel()
+    async with db.read() as conn:
+        stored = {
+            (row.id, row.job_id, row.seq)
+            for row in await conn.execute(
+                select(event_table.c.id, event_table.c.job_id, event_table.c.seq).where(
+                    event_table.c.job_id.in_(submitted)
+                )
+            )
+        }
+    ids = [e.id for e in got]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    mine = {(e.id, e.data["job_id"], e.data["seq"]) for e in got if e.data["job_id"] in submitted}
+    assert len(stored) >= 200 * 3
+    assert mine == stored
+    assert safe_reads, "no read fell back to the safe id: the burst tested one path only"
+
+
+async def _unfinished(db: Database, job_ids: set[str]) -> int:
+    async with db.read() as conn:
+        count = await conn.scalar(
+            select(func.count())
+            .select_from(job_table)
+            .where(job_table.c.id.in_(job_ids), job_table.c.status.not_in(TERMINAL_STATUSES))
+        )
+    return int(count or 0)
 
 
 class _RolledBack(Exception):
