@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import resource
 from typing import Any
@@ -367,6 +368,15 @@ async def test_a_global_stream_under_a_burst_gets_every_event_once_in_id_order(
             return await safe_event_id()
 
         hub.safe_event_id = counted  # type: ignore[method-assign]
+        handed_over = 0
+        reported = hub.reported
+
+        def counted_rows(rows: list[dict[str, Any]]) -> None:
+            nonlocal handed_over
+            handed_over += len(rows)
+            reported(rows)
+
+        db.on_rows = counted_rows
         reader = asyncio.create_task(read())
         await asyncio.sleep(0.3)
         for _ in range(10):
@@ -382,20 +392,35 @@ async def test_a_global_stream_under_a_burst_gets_every_event_once_in_id_order(
         reader.cancel()
     async with db.read() as conn:
         stored = {
-            (row.id, row.job_id, row.seq)
+            (row.id, row.job_id, row.seq, row.type, json.dumps(row.data, sort_keys=True))
             for row in await conn.execute(
-                select(event_table.c.id, event_table.c.job_id, event_table.c.seq).where(
-                    event_table.c.job_id.in_(submitted)
-                )
+                select(
+                    event_table.c.id,
+                    event_table.c.job_id,
+                    event_table.c.seq,
+                    event_table.c.type,
+                    event_table.c.data,
+                ).where(event_table.c.job_id.in_(submitted))
             )
         }
     ids = [e.id for e in got]
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
-    mine = {(e.id, e.data["job_id"], e.data["seq"]) for e in got if e.data["job_id"] in submitted}
+    mine = {
+        (e.id, e.data["job_id"], e.data["seq"], e.kind, _stored_data(e.data))
+        for e in got
+        if e.data["job_id"] in submitted
+    }
     assert len(stored) >= 200 * 3
     assert mine == stored
+    assert handed_over, "no write handed its events over: the burst tested reads only"
     assert safe_reads, "no read fell back to the safe id: the burst tested one path only"
+
+
+def _stored_data(data: dict[str, Any]) -> str:
+    """An event's data as stored: what the stream sends, less the `job_id` and `seq` it
+    adds."""
+    return json.dumps({k: v for k, v in data.items() if k not in ("job_id", "seq")}, sort_keys=True)
 
 
 async def _unfinished(db: Database, job_ids: set[str]) -> int:
@@ -406,6 +431,41 @@ async def _unfinished(db: Database, job_ids: set[str]) -> int:
             .where(job_table.c.id.in_(job_ids), job_table.c.status.not_in(TERMINAL_STATUSES))
         )
     return int(count or 0)
+
+
+@pytest.mark.service("postgres")
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_global_stream_reads_back_what_it_was_not_handed(
+    app_factory: AppFactory, make_key: Any, database_url: str
+) -> None:
+    """Events a write of this process hands the hub go out as they are only when no id
+    is missing before them. An event another process wrote first, which this one was
+    not told of, is read from the store and sent first, in id order."""
+    app = await app_factory(sse_poll_s=60)  # no periodic check to cover for a skip
+    db = state_of(app).db
+    _, key = await make_key("root", ["admin"])
+    elsewhere = Database(database_url)  # another process: no bus, no hub
+    try:
+        async with signed_in(app, key, SSE) as admin:
+            job_id = await _submit(admin, "noop")
+            reader = asyncio.create_task(_read_all(admin, 2, kind="message"))
+            await asyncio.sleep(0.3)
+            async with elsewhere.write() as conn:
+                await event_repo.append(conn, job_id, [("message", {"text": "there"})], at=now())
+            async with db.write() as conn:
+                seq = await event_repo.append(
+                    conn, job_id, [("message", {"text": "here"})], at=now()
+                )
+                event_id = await conn.scalar(select(func.max(event_table.c.id)))
+                row = {"id": event_id, "job_id": job_id, "seq": seq, "type": "message"}
+                event_repo.note_rows(conn, [{**row, "data": {"text": "here"}, "owner": "root"}])
+            async with asyncio.timeout(3):
+                got = await reader
+    finally:
+        await elsewhere.aclose()
+    assert [e.data["text"] for e in got] == ["there", "here"]
+    assert got[0].id is not None
+    assert got[0].id + 1 == got[1].id
 
 
 class _RolledBack(Exception):
@@ -438,10 +498,18 @@ async def test_a_global_stream_gets_past_an_id_a_rolled_back_write_used(
                 await event_repo.append(conn, job_id, [("message", {"text": text})], at=now())
         async with asyncio.timeout(3):
             got = await reader
+        # Past the gap, a stream's read is one statement again.
+        reader = asyncio.create_task(_read_all(admin, 1, kind="message"))
+        await asyncio.sleep(0.3)
+        async with state.db.write() as conn:
+            await event_repo.append(conn, job_id, [("message", {"text": "again"})], at=now())
+        async with asyncio.timeout(3):
+            again = await reader
     assert [e.data["text"] for e in got] == ["before", "after", "later"]
     ids = [e.id for e in got if e.id is not None]
     assert len(ids) == 3
     assert ids[1] > ids[0] + 1, "the rolled-back write took no id: the test proves nothing"
+    assert [e.data["text"] for e in again] == ["again"]
     assert state.streams.whole_pages
 
 

@@ -61,6 +61,7 @@ def create_app(
         )
         db.on_changes = bus.publish
         streams = Hub(db, bus, poll_s=settings.sse_poll_s, max_per_job=settings.sse_max_per_job)
+        db.on_rows = streams.reported
         await bus.start()
         await streams.start()
         state = AppState(

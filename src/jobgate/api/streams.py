@@ -44,6 +44,7 @@ _CACHED_ROWS = 1000  # the newest events of a watched job its streams share
 _SWEEP_CHUNK = 1000  # job ids per query of the periodic check
 _SAFE_RETRY_S = 0.01  # how soon global streams look again while a writer is in flight
 _OUTAGE_RETRY_S = 1.0  # how soon a stream tries the store again after it failed
+_REPORTED_ROWS = 4096  # the newest events this process's writers handed the hub
 # The newest event id taken, then the transactions of this database that hold a
 # transaction id (writers), running now: only these can hold an event id, and other
 # databases' transactions on the same server do not delay streams (the cluster-wide
@@ -96,15 +97,17 @@ STREAM_HEADERS = {
 
 class Watch:
     """One open stream's place in the hub: woken when its job (any job, for a global
-    stream) may have events past `seen`."""
+    stream) may have events past `seen`. A global stream woken only by events the hub
+    was handed (`Hub.reported`) has `needs_read` false: it may send them as they are."""
 
-    __slots__ = ("closed", "job_id", "seen", "wake")
+    __slots__ = ("closed", "job_id", "needs_read", "seen", "wake")
 
     def __init__(self, job_id: str | None, seen: int = 0) -> None:
         self.job_id = job_id
         self.seen = seen
         self.wake = asyncio.Event()
         self.closed = False
+        self.needs_read = True
 
     def close(self) -> None:
         """The client went away: end the stream at its next step."""
@@ -186,6 +189,11 @@ class Hub:
         # Whether global streams' last one-statement page was whole; after one that was
         # not, the next read goes the two-statement way (writers are in flight).
         self.whole_pages = True
+        # Committed events this process's writers handed over (`reported`), by global
+        # id, and which (job, seq) they cover.
+        self.reported_rows: dict[int, dict[str, Any]] = {}
+        self.reported_max = 0
+        self._reported_seqs: set[tuple[str, int]] = set()
 
     @property
     def open_streams(self) -> int:
@@ -220,6 +228,7 @@ class Hub:
         watch = Watch(job_id)
         if job_id is None:
             self._all.add(watch)
+            self.db.rows_wanted = True  # writers hand over their events (`reported`)
             return watch
         log = self._jobs.get(job_id)
         if log is None:
@@ -235,6 +244,7 @@ class Hub:
         watch.closed = True
         if watch.job_id is None:
             self._all.discard(watch)
+            self.db.rows_wanted = bool(self._all)
             return
         log = self._jobs.get(watch.job_id)
         if log is not None:
@@ -245,11 +255,27 @@ class Hub:
     def _every(self) -> list[Watch]:
         return [*self._all, *(w for log in self._jobs.values() for w in log.watches)]
 
+    def reported(self, rows: list[dict[str, Any]]) -> None:
+        """Events a write of this process committed, as rows with their global `id` and
+        their job's `owner` (`Database.on_rows`). Called before the bus announces the
+        same write: global streams then send them without reading them back, when
+        every id between what they sent and these is known (`all_stream`)."""
+        for row in rows:
+            event_id = int(row["id"])
+            self.reported_rows[event_id] = row
+            self.reported_max = max(self.reported_max, event_id)
+            self._reported_seqs.add((row["job_id"], int(row["seq"])))
+        while len(self.reported_rows) > _REPORTED_ROWS:
+            oldest = next(iter(self.reported_rows))
+            row = self.reported_rows.pop(oldest)
+            self._reported_seqs.discard((row["job_id"], int(row["seq"])))
+
     def _changed(self, changes: Changes | None) -> None:
         if changes is None:
             for job_log in self._jobs.values():
                 job_log.stale = True
             for watch in self._every():
+                watch.needs_read = True
                 watch.wake.set()
             return
         for job_id, seq in changes.items():
@@ -261,7 +287,10 @@ class Hub:
                 if seq > watch.seen:
                     watch.wake.set()
         if changes:
+            covered = all((job_id, seq) in self._reported_seqs for job_id, seq in changes.items())
             for watch in self._all:
+                if not covered:
+                    watch.needs_read = True
                 watch.wake.set()
 
     async def _sweep(self) -> None:
@@ -279,6 +308,7 @@ class Hub:
                         )
                         self._changed({row.id: int(row.last_seq) for row in rows})
                 for watch in self._all:
+                    watch.needs_read = True
                     watch.wake.set()
             except Exception as exc:  # the store is away: try again next time
                 log.warning("streams_sweep_failed", error=type(exc).__name__)
@@ -348,6 +378,7 @@ class Hub:
     def _wake_global(self) -> None:
         self._retry = None
         for watch in self._all:
+            watch.needs_read = True
             watch.wake.set()
 
 
@@ -433,6 +464,18 @@ async def all_stream(
     watch.seen = await _latest_id(hub) if resume_after is None else resume_after
 
     async def catch_up() -> AsyncGenerator[bytes, None]:
+        if not watch.needs_read:
+            # Woken only by events this process committed and handed over: those that
+            # follow what was sent without a gap are committed rows, every id up to
+            # them too, so they go as they are.
+            reported = hub.reported_rows
+            while (row := reported.get(watch.seen + 1)) is not None:
+                watch.seen += 1
+                if owner is None or row["owner"] == owner:
+                    yield _global_frame(row)
+            if watch.seen >= hub.reported_max:
+                return
+        watch.needs_read = False
         if hub.whole_pages and not hub.db.is_sqlite:
             while True:
                 after = watch.seen

@@ -23,6 +23,25 @@ _WRITE = "jobgate_write"
 OUTBOX = "jobgate_outbox"
 CHANGES = "jobgate_changes"
 """Execution option of a write connection: job id -> last event `seq` it appended."""
+EVENT_ROWS = "jobgate_event_rows"
+"""Execution option of a write connection: a `NotedRows`, the events it appended whose
+rows the writer read back (`events.note_rows`), each with its job's `owner`."""
+
+
+class NotedRows(list[dict[str, Any]]):
+    """A write's event rows for this process's live streams; `wanted` says whether
+    anything would use them now (`Database.rows_wanted`), so writers read them back
+    only then."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: Database) -> None:
+        super().__init__()
+        self._db = db
+
+    @property
+    def wanted(self) -> bool:
+        return self._db.on_rows is not None and self._db.rows_wanted
 
 
 class Database:
@@ -33,10 +52,15 @@ class Database:
     writer; reads start deferred and, under WAL, never wait for writers.
 
     `on_changes`, when set, is called after each committed write that appended events,
-    with the jobs' new last `seq` (`events.note`): the event bus's publish.
+    with the jobs' new last `seq` (`events.note`): the event bus's publish. `on_rows`,
+    when set, is called just before it with the event rows the write noted
+    (`events.note_rows`): this process's live streams send them without reading them back.
     """
 
     on_changes: Callable[[Mapping[str, int]], None] | None = None
+    on_rows: Callable[[list[dict[str, Any]]], None] | None = None
+    rows_wanted = False
+    """Whether `on_rows` has a use now (a global stream is open in this process)."""
 
     def __init__(
         self, url: str, *, echo: bool = False, pool_size: int = 20, outbox: bool = False
@@ -97,12 +121,15 @@ class Database:
             yield warm.conn
         except BaseException:
             warm.changes.clear()
+            warm.rows.clear()
             await warm.conn.close()
             raise
         changes = dict(warm.changes)
         warm.changes.clear()
+        rows = warm.rows[:]
+        warm.rows.clear()
         await self._keep_warm(warm)
-        self._announce(changes)
+        self._announce(changes, rows)
 
     async def _take_warm(self) -> _Warm:
         while self._warm:
@@ -119,14 +146,15 @@ class Database:
         pool = self.engine.pool
         conn = await self.engine.connect()
         changes: dict[str, int] = {}
+        rows = NotedRows(self)
         options = {"isolation_level": "AUTOCOMMIT", _WRITE: True, OUTBOX: self.outbox}
         try:
-            await conn.execution_options(**options, **{CHANGES: changes})
+            await conn.execution_options(**options, **{CHANGES: changes, EVENT_ROWS: rows})
             driver = (await conn.get_raw_connection()).driver_connection
         except BaseException:
             await conn.close()
             raise
-        return _Warm(conn, changes, pool, driver)
+        return _Warm(conn, changes, rows, pool, driver)
 
     async def _keep_warm(self, warm: _Warm) -> None:
         if self._closed or warm.conn.invalidated or len(self._warm) >= self._warm_max:
@@ -144,15 +172,23 @@ class Database:
     @asynccontextmanager
     async def _transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
         changes: dict[str, int] = {}
+        rows = NotedRows(self)
         async with self.engine.connect() as conn:
             if write:
-                options = {_WRITE: True, OUTBOX: self.outbox, CHANGES: changes}
+                options = {
+                    _WRITE: True,
+                    OUTBOX: self.outbox,
+                    CHANGES: changes,
+                    EVENT_ROWS: rows,
+                }
                 conn = await conn.execution_options(**options)
             async with conn.begin():
                 yield conn
-        self._announce(changes)
+        self._announce(changes, rows)
 
-    def _announce(self, changes: dict[str, int]) -> None:
+    def _announce(self, changes: dict[str, int], rows: list[dict[str, Any]]) -> None:
+        if rows and self.on_rows is not None:
+            self.on_rows(rows)
         if changes and self.on_changes is not None:
             self.on_changes(changes)
 
@@ -178,16 +214,22 @@ class Database:
 class _Warm:
     """An autocommit connection kept checked out and set up between uses: taking one
     from the pool and setting its options costs more Python than the statement run on
-    it (about 0.1 ms). `changes` is the dict its `CHANGES` option holds, emptied after
-    each use."""
+    it (about 0.1 ms). `changes` and `rows` are what its `CHANGES` and `EVENT_ROWS`
+    options hold, emptied after each use."""
 
-    __slots__ = ("changes", "conn", "driver", "idle_since", "pool")
+    __slots__ = ("changes", "conn", "driver", "idle_since", "pool", "rows")
 
     def __init__(
-        self, conn: AsyncConnection, changes: dict[str, int], pool: Pool, driver: Any
+        self,
+        conn: AsyncConnection,
+        changes: dict[str, int],
+        rows: NotedRows,
+        pool: Pool,
+        driver: Any,
     ) -> None:
         self.conn = conn
         self.changes = changes
+        self.rows = rows
         self.pool = pool
         self.driver = driver  # the asyncpg connection under `conn`
         self.idle_since = 0.0

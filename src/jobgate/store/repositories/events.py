@@ -11,7 +11,7 @@ from sqlalchemy import JSON, Update, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.store import pg
-from jobgate.store.database import CHANGES
+from jobgate.store.database import CHANGES, EVENT_ROWS, NotedRows
 from jobgate.store.tables import events, jobs
 
 Event = tuple[str, dict[str, Any]]
@@ -75,6 +75,24 @@ def note(conn: AsyncConnection, job_id: str, last_seq: int) -> None:
     changes = sync.get_execution_options().get(CHANGES) if sync is not None else None
     if changes is not None and last_seq > changes.get(job_id, 0):
         changes[job_id] = last_seq
+
+
+def rows_wanted(conn: AsyncConnection) -> bool:
+    """Whether this process's live streams would use the rows of events this write
+    appends (`note_rows`): a writer reads them back only then."""
+    sync = conn.sync_connection
+    noted = sync.get_execution_options().get(EVENT_ROWS) if sync is not None else None
+    return isinstance(noted, NotedRows) and noted.wanted
+
+
+def note_rows(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Remember events this transaction appended, as rows (`id`, `job_id`, `seq`,
+    `type`, `data`, and the job's `owner`), for this process's live streams to send
+    once it commits (`Database.on_rows`) without reading them back."""
+    sync = conn.sync_connection
+    noted = sync.get_execution_options().get(EVENT_ROWS) if sync is not None else None
+    if noted is not None:
+        noted.extend(rows)
 
 
 @functools.cache

@@ -152,7 +152,17 @@ _FINISHED_LOGGED = """finished AS (
     SELECT id, last_seq - 1, 'stage_update', updated::jsonb, $8 FROM finished
     UNION ALL
     SELECT id, last_seq, 'completed', done::jsonb, $8 FROM finished
+    RETURNING id, job_id, seq, type, data
 )"""
+# The events the statements below wrote, after the rows they return of their own, when
+# this process's live streams would use them (`events.note_rows`; the `_ROWS_` ones).
+_LOGGED_ROWS = """
+UNION ALL
+SELECT NULL, {nulls} NULL, id, job_id, seq, type, data FROM logged"""
+_NO_EVENT = (
+    "NULL::bigint AS event_id, NULL::text AS event_job, NULL::int AS event_seq, "
+    "NULL::text AS event_type, NULL::jsonb AS event_data"
+)
 
 # PostgreSQL, one statement for many successful runs with nothing else to record
 # (`complete_many`). Per task, as `_TAKE_AND_SUCCEED_PG`: the task deleted if the lease
@@ -180,10 +190,12 @@ _COMPLETE_MANY_PG = f"""
         finished_at = $8, error = 'null'::jsonb
     FROM locked l WHERE s.job_id = l.id AND s.name = l.stage
 ), {_FINISHING}, {_FINISHED_LOGGED}
-SELECT task_id, status, cancel_requested, webhook::text AS webhook, NULL::bigint AS last_seq
+SELECT task_id, status, cancel_requested, webhook::text AS webhook, NULL::bigint AS last_seq,
+    {_NO_EVENT}
 FROM locked
 UNION ALL
-SELECT task_id, NULL, NULL, NULL, last_seq FROM finished"""  # noqa: S608 - parts written here
+SELECT task_id, NULL, NULL, NULL, last_seq, {_NO_EVENT} FROM finished"""  # noqa: S608
+_COMPLETE_MANY_ROWS_PG = _COMPLETE_MANY_PG + _LOGGED_ROWS.format(nulls="NULL, NULL, NULL,")
 
 
 # PostgreSQL, one statement that completes only the runs that finish their jobs
@@ -206,9 +218,37 @@ _FINISH_MANY_PG = f"""
         finished_at = $8, error = 'null'::jsonb
     FROM finishing f WHERE s.job_id = f.id AND s.name = f.stage
 ), {_FINISHED_LOGGED}
-SELECT task_id, NULL::bigint AS last_seq FROM locked
+SELECT task_id, NULL::bigint AS last_seq, {_NO_EVENT} FROM locked
 UNION ALL
-SELECT task_id, last_seq FROM finished"""  # noqa: S608 - parts written here
+SELECT task_id, last_seq, {_NO_EVENT} FROM finished"""  # noqa: S608 - parts written here
+_FINISH_MANY_ROWS_PG = _FINISH_MANY_PG + _LOGGED_ROWS.format(nulls="")
+
+
+def _note_logged(
+    conn: AsyncConnection, rows: Sequence[Any], runs: Sequence[Completion]
+) -> list[Any]:
+    """The statement's own rows; the events it wrote go to `events.note_rows`."""
+    owners = {run.task.job_id: run.task.owner for run in runs}
+    own: list[Any] = []
+    logged: list[dict[str, Any]] = []
+    for row in rows:
+        if row["event_id"] is None:
+            own.append(row)
+            continue
+        job_id = row["event_job"]
+        logged.append(
+            {
+                "id": row["event_id"],
+                "job_id": job_id,
+                "seq": row["event_seq"],
+                "type": row["event_type"],
+                "data": row["event_data"],
+                "owner": owners[job_id],
+            }
+        )
+    if logged:
+        events.note_rows(conn, logged)
+    return own
 
 
 def _only_sink(run: Completion, registry: Registry) -> bool:
@@ -250,7 +290,11 @@ async def finish_many(
     candidates = [run for run in runs if _only_sink(run, registry)]
     if not candidates:
         return [False] * len(runs)
-    rows = await pg.records(conn, _FINISH_MANY_PG, *_many_args(candidates, registry, at))
+    if events.rows_wanted(conn):
+        rows = await pg.records(conn, _FINISH_MANY_ROWS_PG, *_many_args(candidates, registry, at))
+        rows = _note_logged(conn, rows, candidates)
+    else:
+        rows = await pg.records(conn, _FINISH_MANY_PG, *_many_args(candidates, registry, at))
     sent = {run.task.task_id for run in candidates}
     held: set[int] = set()
     finished: dict[int, int] = {}
@@ -288,7 +332,11 @@ async def complete_many(
         was written).
     """
     pipelines = [registry.get(run.task.pipeline) for run in runs]
-    rows = await pg.records(conn, _COMPLETE_MANY_PG, *_many_args(runs, registry, at))
+    if events.rows_wanted(conn):
+        rows = await pg.records(conn, _COMPLETE_MANY_ROWS_PG, *_many_args(runs, registry, at))
+        rows = _note_logged(conn, rows, runs)
+    else:
+        rows = await pg.records(conn, _COMPLETE_MANY_PG, *_many_args(runs, registry, at))
     taken: dict[int, Any] = {}
     finished: dict[int, int] = {}
     for row in rows:
