@@ -244,7 +244,11 @@ class Hub:
         watch.closed = True
         if watch.job_id is None:
             self._all.discard(watch)
-            self.db.rows_wanted = bool(self._all)
+            if not self._all:  # no stream left to send handed-over events
+                self.db.rows_wanted = False
+                self.reported_rows.clear()
+                self._reported_seqs.clear()
+                self.reported_max = 0
             return
         log = self._jobs.get(watch.job_id)
         if log is not None:
@@ -286,7 +290,7 @@ class Hub:
             for watch in log.watches:
                 if seq > watch.seen:
                     watch.wake.set()
-        if changes:
+        if changes and self._all:
             covered = all((job_id, seq) in self._reported_seqs for job_id, seq in changes.items())
             for watch in self._all:
                 if not covered:

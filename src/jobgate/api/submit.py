@@ -477,7 +477,7 @@ async def commit(
     if single_statement:
         # Written with the other requests' jobs waiting now, in one statement.
         snapshots = await state.submits.create(new_jobs)  # it wakes the worker
-        _submitted(state, new_jobs, wake=False)
+        _count_submitted(new_jobs)
         return snapshots, False
     for attempt in range(2):
         at = now()
@@ -532,14 +532,13 @@ async def commit(
             if key is None or attempt:
                 raise
             continue
-        _submitted(state, new_jobs)
+        state.wake()
+        _count_submitted(new_jobs)
         return snapshots, False
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _submitted(state: AppState, new_jobs: Sequence[NewJob], *, wake: bool = True) -> None:
-    if wake:
-        state.wake()
+def _count_submitted(new_jobs: Sequence[NewJob]) -> None:
     for pipeline, count in Counter(job.pipeline.name for job in new_jobs).items():
         metrics.JOBS_SUBMITTED.labels(pipeline=pipeline).inc(count)
 

@@ -71,8 +71,7 @@ async def append(
 def note(conn: AsyncConnection, job_id: str, last_seq: int) -> None:
     """Remember that this transaction took job `job_id`'s log to `last_seq`, for the
     event bus to announce once it commits (`Database.on_changes`)."""
-    sync = conn.sync_connection
-    changes = sync.get_execution_options().get(CHANGES) if sync is not None else None
+    changes = _option(conn, CHANGES)
     if changes is not None and last_seq > changes.get(job_id, 0):
         changes[job_id] = last_seq
 
@@ -80,8 +79,7 @@ def note(conn: AsyncConnection, job_id: str, last_seq: int) -> None:
 def rows_wanted(conn: AsyncConnection) -> bool:
     """Whether this process's live streams would use the rows of events this write
     appends (`note_rows`): a writer reads them back only then."""
-    sync = conn.sync_connection
-    noted = sync.get_execution_options().get(EVENT_ROWS) if sync is not None else None
+    noted = _option(conn, EVENT_ROWS)
     return isinstance(noted, NotedRows) and noted.wanted
 
 
@@ -89,10 +87,15 @@ def note_rows(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     """Remember events this transaction appended, as rows (`id`, `job_id`, `seq`,
     `type`, `data`, and the job's `owner`), for this process's live streams to send
     once it commits (`Database.on_rows`) without reading them back."""
-    sync = conn.sync_connection
-    noted = sync.get_execution_options().get(EVENT_ROWS) if sync is not None else None
+    noted = _option(conn, EVENT_ROWS)
     if noted is not None:
         noted.extend(rows)
+
+
+def _option(conn: AsyncConnection, name: str) -> Any:
+    """A `Database` execution option of a write connection (None elsewhere)."""
+    sync = conn.sync_connection
+    return sync.get_execution_options().get(name) if sync is not None else None
 
 
 @functools.cache
