@@ -89,6 +89,8 @@ def create_app(
                 transport=transport,
             )
             state.wake = worker.wake
+            state.expect_notice = worker.expect_notice
+            state.submits.lender = worker
             await worker.start()
         elif transport is not None:
             # The API alone still publishes the tokens its own submits and retries leave.

@@ -18,7 +18,9 @@ from jobgate.webhooks import WebhookSender
 
 @dataclass
 class AppState:
-    """The app's backends. `wake` tells in-process workers that new tasks are ready.
+    """The app's backends. `wake` tells in-process workers that new tasks are ready;
+    `expect_notice` tells them the payload of the notification that will say so again
+    (`PostgresWakeups.expect`), when the submit group woke them directly.
 
     `jwt` verifies bearer JWTs; None when no JWT secret or JWKS is configured.
     `limits` holds the rate limits and quotas (`api/limits.py`); `streams` the open
@@ -32,6 +34,7 @@ class AppState:
     registry: Registry
     streams: Hub
     wake: Callable[[], None] = field(default=lambda: None)
+    expect_notice: Callable[[str], None] = field(default=lambda _notice: None)
     jwt: JwtVerifier | None = None
     limits: RateLimits = field(default_factory=RateLimits)
     webhooks: WebhookSender | None = None  # None: JOBGATE_WEBHOOK_CONCURRENCY=0
@@ -42,5 +45,9 @@ class AppState:
             self.db,
             aging_s=self.settings.priority_aging_s,
             stride_s=self.settings.fair_share_stride_s,
-            on_written=lambda: self.wake(),
+            on_written=self._written,
         )
+
+    def _written(self, notice: str) -> None:
+        self.expect_notice(notice)
+        self.wake()

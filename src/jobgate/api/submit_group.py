@@ -10,9 +10,12 @@ every submit that is waiting costs one of each for all of them.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -21,6 +24,7 @@ from jobgate.ids import now
 from jobgate.store import Database
 from jobgate.store.database import is_outage
 from jobgate.store.repositories import jobs as job_repo
+from jobgate.store.repositories.tasks import SlotLoan
 
 log = structlog.get_logger("jobgate.api")
 
@@ -41,7 +45,14 @@ class SubmitGroup:
     statement per batch. Each statement commits on its own, so every submit in it is
     stored whole or not at all. A submit of `alone_from` jobs or more already spreads a
     statement's cost over many rows: it is written at once, by itself. `on_written` is
-    called after each statement commits (the in-process worker's wake-up).
+    called after each statement that made tasks ready commits (the in-process worker's
+    wake-up), with the payload of the notification the statement sent workers, unique to
+    it.
+
+    `lender`, when set, is the in-process worker: each statement asks it for its free
+    slots (`lend`), the jobs that fit start in the statement itself, leased to it (no
+    claim between the submit and the stage), and it gets them back (`settle`) once the
+    statement is done, with the tasks it is to run (none when the statement failed).
 
     When PostgreSQL refuses a batch of several submits (an error other than an outage:
     nothing was written), each is written again alone, so one submit's bad row fails
@@ -58,10 +69,13 @@ class SubmitGroup:
         writers: int = 2,
         max_jobs: int = 1000,
         alone_from: int = 50,
-        on_written: Callable[[], None] = lambda: None,
+        on_written: Callable[[str], None] = lambda _notice: None,
     ) -> None:
         self.db = db
         self.on_written = on_written
+        self._notice_prefix = f"submit-{uuid.uuid4().hex[:12]}-"
+        self._notices = itertools.count()
+        self.lender: Lender | None = None
         self.aging_s = aging_s
         self.stride_s = stride_s
         self.max_jobs = max_jobs
@@ -121,14 +135,40 @@ class SubmitGroup:
             start = end
 
     async def _insert(self, new_jobs: Sequence[job_repo.NewJob]) -> list[job_repo.JobSnapshot]:
-        async with self.db.autocommit() as conn:
-            snapshots = await job_repo.create(
-                conn, new_jobs, at=now(), aging_s=self.aging_s, stride_s=self.stride_s
-            )
-        # Before the submits' own tasks resume: an in-process worker's claim then goes
-        # out while their answers are built, not after.
-        self.on_written()
+        notice = f"{self._notice_prefix}{next(self._notices)}"
+        lender = self.lender
+        loan = lender.lend() if lender is not None else None
+        try:
+            async with self.db.autocommit() as conn:
+                snapshots = await job_repo.create(
+                    conn,
+                    new_jobs,
+                    at=now(),
+                    aging_s=self.aging_s,
+                    stride_s=self.stride_s,
+                    notice=notice,
+                    loan=loan,
+                )
+        finally:
+            # Failed: whether its tasks were stored is unknown; if they were, their lease
+            # runs out unrenewed and the sweeper hands them back, as after a crash.
+            if lender is not None and loan is not None:
+                lender.settle(loan)
+        if loan is None or loan.left_ready:
+            # Before the submits' own tasks resume: an in-process worker's claim then
+            # goes out while their answers are built, not after.
+            self.on_written(notice)
         return snapshots
+
+
+class Lender(Protocol):
+    """An in-process worker that lends its free slots to submit statements."""
+
+    def lend(self) -> SlotLoan | None:
+        """Free slots to start new jobs on, reserved until `settle`; None to lend none."""
+
+    def settle(self, loan: SlotLoan) -> None:
+        """Run the tasks `loan.started` holds, and free the slots they do not use."""
 
 
 def _settle(pending: _Pending, snapshots: list[job_repo.JobSnapshot]) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg.exceptions as asyncpg_errors
 from pydantic_core import to_json
@@ -144,17 +145,21 @@ _CLOCKS_CTE = (
 
 
 @functools.cache
-def _insert_sql(shape: Shape, notify: str | None, clock: bool = False) -> str:
+def _insert_sql(
+    shape: Shape, notify: str | None, clock: bool = False, keyed: tuple[str, str] | None = None
+) -> str:
     """`WITH i0 AS (INSERT ... SELECT ... FROM ROWS FROM (...)), i1 AS (...) SELECT ...`.
 
     A column whose value is the same in every row is one scalar parameter. The others
     are each one JSON array, sent as text and unrolled by PostgreSQL (`ROWS FROM` zips
     them): encoding a list is one call into pydantic-core, where a PostgreSQL array
     parameter costs the driver Python work per element. A table whose every column is
-    constant gets its row count from `generate_series`.
+    constant gets its row count from `generate_series`. `keyed` is (table, column): the
+    statement also returns that table's new ids by the column's non-null values.
     """
     parts: list[str] = [_CLOCKS_CTE] if clock else []
     number = 3 if clock else 0
+    key_of = ""
     for n, (table, columns, constant) in enumerate(shape):
         arrays: list[str] = []
         aliases: list[str] = []
@@ -189,16 +194,23 @@ def _insert_sql(shape: Shape, notify: str | None, clock: bool = False) -> str:
             source = f"generate_series(1, ${number}::INTEGER)"
         # Table and column names come from `tables.py`; values only ever as parameters.
         insert = f"INSERT INTO {table.name} ({', '.join(columns)}) "
-        parts.append(f"i{n} AS ({insert}SELECT {', '.join(selects)} FROM {source})")  # noqa: S608
+        returning = ""
+        if keyed is not None and keyed[0] == table.name:
+            returning = f" RETURNING id, {keyed[1]}"
+            key_of = (
+                f"(SELECT jsonb_object_agg({keyed[1]}, id) FROM i{n} WHERE {keyed[1]} IS NOT NULL)"  # noqa: S608
+            )
+        parts.append(f"i{n} AS ({insert}SELECT {', '.join(selects)} FROM {source}{returning})")  # noqa: S608
     # The main query runs before the CTEs nothing references, so the transaction has its
     # id before any row takes an `events.id`: the event bus's order relies on it
     # (`api/streams.py`, `safe_event_id`).
     final = "SELECT (SELECT array_agg(owner) FROM clocks), (SELECT array_agg(clock) FROM clocks)"
     if not clock:
         final = "SELECT NULL, NULL"
-    final += ", pg_current_xact_id()"
+    final += f", {key_of if key_of else 'NULL'}::TEXT, pg_current_xact_id()"
     if notify:
-        final += f", pg_notify('{notify}', '')"
+        number += 1
+        final += f", pg_notify('{notify}', ${number}::TEXT)"
     return f"WITH {', '.join(parts)} {final}"
 
 
@@ -236,23 +248,33 @@ def _table_args(table: Table, rows: Rows) -> tuple[tuple[str, ...], tuple[bool, 
     return columns, tuple(constant), args
 
 
+class Inserted(NamedTuple):
+    """What `insert_many` returns."""
+
+    clocks: dict[str, float]
+    """Where each owner's clock ends (empty without `clocks`)."""
+    ids: dict[str, int]
+    """The `keyed` table's new ids by their key (empty without `keyed`)."""
+
+
 async def insert_many(
     conn: AsyncConnection,
     inserts: Sequence[tuple[Table, Rows]],
     *,
     notify: str | None = None,
+    notice: str = "",
     clocks: tuple[float, Mapping[str, float]] | None = None,
-) -> dict[str, float]:
+    keyed: tuple[Table, str] | None = None,
+) -> Inserted:
     """Insert rows into several tables in one statement (one round trip).
 
     Every row of a table has the same keys. `notify` names a channel to `NOTIFY` in
-    the same statement (delivered when the transaction commits). `clocks` is
-    `(now, {owner: span})`: the same statement moves each owner's fair-share clock to
-    `max(clock, now) + span`, and the `CLOCKED` columns' values count from where the
-    clock of the row's `owner` then ends.
-
-    Returns:
-        Where each owner's clock ends (empty without `clocks`).
+    the same statement (delivered when the transaction commits), with `notice` as its
+    payload. `clocks` is `(now, {owner: span})`: the same statement moves each owner's
+    fair-share clock to `max(clock, now) + span`, and the `CLOCKED` columns' values
+    count from where the clock of the row's `owner` then ends. `keyed` is `(table,
+    column)`: the ids PostgreSQL gave that table's rows are returned by the column's
+    value, for the rows where it is not null (each such value unique).
     """
     shape: list[tuple[Table, tuple[str, ...], tuple[bool, ...]]] = []
     args: list[Any] = []
@@ -267,10 +289,14 @@ async def insert_many(
             shape.append((table, columns, constant))
             args.extend(table_args)
     if not shape:
-        return {}
-    sql = _insert_sql(tuple(shape), notify, clocked)
+        return Inserted({}, {})
+    key = (keyed[0].name, keyed[1]) if keyed is not None else None
+    sql = _insert_sql(tuple(shape), notify, clocked, key)
+    if notify:
+        args.append(notice)
     row = await record(conn, sql, *args)
-    return dict(zip(row[0] or (), row[1] or (), strict=True))
+    ids = json.loads(row[2]) if row[2] else {}
+    return Inserted(dict(zip(row[0] or (), row[1] or (), strict=True)), ids)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ _RESIGN = "resign"
 # How long followers of an idle leader wait before they make sure it still lives. Only
 # a race (the leader dies as work arrives) needs it: work itself makes them expect it.
 _IDLE_PATIENCE_S = 300.0
+EXPECTED_MAX = 1024
+"""Expected notifications (`PostgresWakeups.expect`) kept, at most."""
 _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]  # untyped in SQLAlchemy
 
 
@@ -105,6 +107,8 @@ class PostgresWakeups:
         """Set whenever this connection becomes the leader; its owner clears it."""
         self.notified_at = 0.0
         """Loop time of the last notification that tasks are ready."""
+        # Payloads of notifications whose news `on_wake` already had (`expect`).
+        self._expected: dict[str, None] = {}
 
     @property
     def beacon_every_s(self) -> float:
@@ -123,6 +127,14 @@ class PostgresWakeups:
         self._task = asyncio.create_task(self._run(), name="jobgate-wakeups")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._connected.wait(), timeout=5)
+
+    def expect(self, notice: str) -> None:
+        """The notification with payload `notice` is no news: its owner was woken
+        directly after the write that sends it committed, so `on_wake` is not called for
+        it. A notification that never comes is forgotten after `EXPECTED_MAX` others."""
+        if len(self._expected) >= EXPECTED_MAX:
+            del self._expected[next(iter(self._expected))]
+        self._expected[notice] = None
 
     @property
     def listening(self) -> bool:
@@ -295,13 +307,17 @@ class PostgresWakeups:
                 log.warning("leader_election_failed", error=type(exc).__name__)
                 self._deadline = loop.time() + self.beacon_patience_s
 
-    def _notified(self, *_args: Any) -> None:
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         loop = asyncio.get_running_loop()
         self.notified_at = loop.time()
         # Work arrives: followers expect the leader to beacon soon (busy, or idle again).
         self._followers_expect = True
         self._deadline = min(self._deadline, loop.time() + self.beacon_patience_s)
         self._nudged.set()
+        if payload in self._expected:
+            # Its claim went out when the write committed; another would find nothing.
+            del self._expected[payload]
+            return
         self._on_wake()
 
     def _beacon(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:

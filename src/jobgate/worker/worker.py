@@ -107,6 +107,10 @@ class Worker:
         self._token_of: dict[int, Delivery] = {}
         self._settling: set[asyncio.Task[None]] = set()
         self._recheck = True
+        # Slots lent to submit statements (`lend`), and whether the claim loop waits for
+        # a wake-up after a claim that found fewer tasks than it asked for.
+        self._lent = 0
+        self._idle = False
         # Whether any concurrency cap applies: then a finished stage may free a waiting one.
         self._capped = bool(settings.max_running_per_owner) or any(p.max_running for p in registry)
         groups = settings.worker_group_commit
@@ -156,6 +160,58 @@ class Worker:
             self.relay.wake()
         else:
             self._wakeup.set()
+
+    def lend(self) -> tasks.SlotLoan | None:
+        """This worker's free slots, for a submit statement to start its jobs on
+        (`SubmitGroup.lender`), reserved until `settle`.
+
+        Only while the worker is idle: its last claim found fewer tasks than it asked
+        for, and nothing woke it since, so no task of its queues is known to wait (new
+        jobs then skip no one). Never with a concurrency cap or a broker: there the
+        claim decides. None: the jobs queue, to be claimed.
+        """
+        if (
+            not self._idle
+            or self._wakeup.is_set()
+            or self._stopping.is_set()
+            or self._capped
+            or self.transport is not None
+            or self.db.is_sqlite
+        ):
+            return None
+        free = self.concurrency - len(self._running) - self._lent
+        if free <= 0:
+            return None
+        self._lent += free
+        return tasks.SlotLoan(
+            worker_id=self.id,
+            token_prefix=tasks.lease_prefix(),
+            expires_at=now() + self.settings.lease_s,
+            queues=frozenset(self.queues),
+            pipelines=frozenset(self.registry.names()),
+            slots=free,
+        )
+
+    def settle(self, loan: tasks.SlotLoan) -> None:
+        """Run the tasks a submit statement started on `loan`, and free its other slots."""
+        self._lent -= loan.slots
+        if self._stopping.is_set():
+            # Too late to run: unrenewed, their leases run out and the sweeper hands
+            # them back, as after a crash.
+            if loan.started:
+                log.warning("lent_tasks_not_run", tasks=len(loan.started))
+            return
+        for task in loan.started:
+            self._launch(task)
+        if len(loan.started) < loan.slots:
+            self._slot_freed.set()
+
+    def expect_notice(self, notice: str) -> None:
+        """A write that made tasks ready woke this worker (`wake`) once it committed, and
+        its notification carries `notice`: that notification is then no news, and costs
+        no second claim (which would find nothing, just as the first one's stage runs)."""
+        if self._wakeups is not None:
+            self._wakeups.expect(notice)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop claiming, let running stages finish within the grace, hand back the rest."""
@@ -231,7 +287,7 @@ class Worker:
     async def _claim_loop(self) -> None:
         pipelines = self.registry.names()
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._running)
+            free = self.concurrency - len(self._running) - self._lent
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -249,12 +305,15 @@ class Worker:
             for task in claimed:
                 self._launch(task)
             if len(claimed) < free and not self._stopping.is_set():
+                self._idle = True
                 try:
                     # Not `wait_for`: its inner task costs a wake-up two more loop turns.
                     async with asyncio.timeout(self._poll_interval()):
                         await self._wakeup.wait()
                 except TimeoutError:
                     self._recheck = True
+                finally:
+                    self._idle = False
 
     async def _claim(
         self, queues: Sequence[str], pipelines: Sequence[str], limit: int

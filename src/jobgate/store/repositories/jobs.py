@@ -72,12 +72,18 @@ async def create(
     at: float,
     aging_s: float = tasks.DEFAULT_AGING_S,
     stride_s: float = DEFAULT_STRIDE_S,
+    notice: str = "",
+    loan: tasks.SlotLoan | None = None,
 ) -> list[JobSnapshot]:
     """Insert jobs, their stages, first events and first tasks: one submit, one transaction.
 
     Args:
         aging_s: seconds of waiting one priority point is worth.
         stride_s: how far each job moves its owner's fair-share clock (0: plain FIFO).
+        notice: on PostgreSQL, the payload of the notification that wakes workers
+            (`PostgresWakeups.expect`).
+        loan: on PostgreSQL, an idle worker's free slots: jobs whose root tasks fit
+            start at once, leased to it (`tasks.SlotLoan`; `loan.started` gets them).
 
     Returns:
         The new jobs as they are now stored, without reading them back.
@@ -94,38 +100,48 @@ async def create(
     stage_rows: list[dict[str, Any]] = []
     event_rows: list[dict[str, Any]] = []
     task_rows: list[dict[str, Any]] = []
+    lending = loan is not None and on_postgres
+    slots_left = loan.slots if loan is not None and lending else 0
     for job in new_jobs:
         pipeline = job.pipeline
         order = pipeline.topological_order()
         first_events: list[tuple[str, dict[str, Any]]] = []
+        start_events: list[tuple[str, dict[str, Any]]] = []
+        starts = lending and loan is not None and _startable(job, loan, slots_left)
         expected = 0
         for position, name in enumerate(order):
             stage = pipeline.stages[name]
             is_root = not stage.after
+            running = starts and is_root
             items = len(job.files) if stage.map_over == "files" else 0
             if stage.is_map and stage.map_over == "files":
                 expected += items
-            stage_rows.append(
-                {
-                    "job_id": job.id,
-                    "name": name,
-                    "position": position,
-                    "status": "queued" if is_root else "pending",
-                    "attempt": 0,
-                    "progress": 0.0,
-                    "is_map": stage.is_map,
-                    "items_total": items,
-                    "items_succeeded": 0,
-                    "items_failed": 0,
-                }
-            )
+            stage_row = {
+                "job_id": job.id,
+                "name": name,
+                "position": position,
+                "status": "running" if running else "queued" if is_root else "pending",
+                "attempt": 1 if running else 0,
+                "progress": 0.0,
+                "is_map": stage.is_map,
+                "items_total": items,
+                "items_succeeded": 0,
+                "items_failed": 0,
+            }
+            if lending:
+                stage_row["started_at"] = at if running else None
+            stage_rows.append(stage_row)
             if is_root:
                 first_events.append(
                     ("stage_update", {"stage": name, "status": "queued", "attempt": 0})
                 )
+                if running:
+                    start_events.append(
+                        ("stage_update", {"stage": name, "status": "running", "attempt": 1})
+                    )
                 indexes: list[int | None] = list(range(items)) if stage.is_map else [None]
-                task_rows.extend(
-                    tasks.task_row(
+                for i in indexes:
+                    row = tasks.task_row(
                         job.id,
                         job.owner,
                         pipeline.name,
@@ -137,42 +153,49 @@ async def create(
                         at=at,
                         aging_s=aging_s,
                     )
-                    for i in indexes
-                )
-        job_rows.append(
-            {
-                "id": job.id,
-                "pipeline": pipeline.name,
-                "pipeline_version": pipeline.version,
-                "owner": job.owner,
-                "status": "queued",
-                "cancel_requested": False,
-                "priority": job.priority,
-                "params": job.params,
-                "files": job.files,
-                "correlation_id": job.correlation_id,
-                "webhook": job.webhook,
-                "estimated_usd": job.estimated_usd,
-                "actual_usd": 0.0,
-                "budget_usd": job.budget_usd,
-                "progress": 0.0,
-                "records_expected": expected,
-                "records_succeeded": 0,
-                "records_failed": 0,
-                "last_seq": len(first_events),
-                "fair_key": fair_keys[job.id],
-                "created_at": at,
-            }
-        )
+                    if loan is not None and lending:
+                        _lend(row, loan if running else None, len(task_rows))
+                    task_rows.append(row)
+        if starts:
+            slots_left -= len(start_events)
+            first_events += start_events
+        job_row: dict[str, Any] = {
+            "id": job.id,
+            "pipeline": pipeline.name,
+            "pipeline_version": pipeline.version,
+            "owner": job.owner,
+            "status": "running" if starts else "queued",
+            "cancel_requested": False,
+            "priority": job.priority,
+            "params": job.params,
+            "files": job.files,
+            "correlation_id": job.correlation_id,
+            "webhook": job.webhook,
+            "estimated_usd": job.estimated_usd,
+            "actual_usd": 0.0,
+            "budget_usd": job.budget_usd,
+            "progress": 0.0,
+            "records_expected": expected,
+            "records_succeeded": 0,
+            "records_failed": 0,
+            "last_seq": len(first_events),
+            "fair_key": fair_keys[job.id],
+            "created_at": at,
+        }
+        if lending:
+            # As a claim leaves a job: its stage is the first one started.
+            job_row["stage"] = start_events[0][1]["stage"] if starts else None
+            job_row["started_at"] = at if starts else None
+        job_rows.append(job_row)
         event_rows.extend(
             {"job_id": job.id, "seq": i + 1, "type": kind, "data": data, "created_at": at}
             for i, (kind, data) in enumerate(first_events)
         )
         events.note(conn, job.id, len(first_events))
-    ready = [(row["queue"], row["available_at"]) for row in task_rows]
+    ready = [(row["queue"], row["available_at"]) for row in task_rows if not row.get("lease_token")]
     if on_postgres:
         tokens, wake = tasks.ready_tokens(conn, ready, at=at)
-        ends = await pg.insert_many(
+        inserted = await pg.insert_many(
             conn,
             [
                 (jobs, job_rows),
@@ -182,11 +205,16 @@ async def create(
                 (outbox, tokens),
             ],
             notify=tasks.CHANNEL if wake else None,
+            notice=notice,
             clocks=(at, spans),
+            keyed=(task_table, "lease_token") if lending else None,
         )
-        if ends:
+        if inserted.clocks:
             for row in job_rows:
-                row["fair_key"] += ends[row["owner"]]
+                row["fair_key"] += inserted.clocks[row["owner"]]
+        if loan is not None and lending:
+            loan.started = _started(new_jobs, task_rows, inserted.ids)
+            loan.left_ready = bool(ready)
     else:
         await conn.execute(_INSERT_JOBS, job_rows)
         await conn.execute(_INSERT_STAGES, stage_rows)
@@ -205,12 +233,62 @@ async def create(
     if finished_early:
         return await load(conn, [job.id for job in new_jobs])
     unset = {"stage": None, "result": None, "error": None, "started_at": None, "finished_at": None}
+    unset_stage = {"output": None, "error": None, "started_at": None, "finished_at": None}
     by_job: dict[str, list[Mapping[str, Any]]] = {job.id: [] for job in new_jobs}
     for row in stage_rows:
-        by_job[row["job_id"]].append(
-            {**row, "output": None, "error": None, "started_at": None, "finished_at": None}
-        )
-    return [JobSnapshot(job={**row, **unset}, stages=by_job[row["id"]]) for row in job_rows]
+        by_job[row["job_id"]].append({**unset_stage, **row})
+    return [JobSnapshot(job={**unset, **row}, stages=by_job[row["id"]]) for row in job_rows]
+
+
+def _startable(job: NewJob, loan: tasks.SlotLoan, slots: int) -> bool:
+    """Whether `job` may start on `slots` of `loan`: each root stage is one task (not a
+    map), of a queue and pipeline the worker runs, and they all fit."""
+    roots = [stage for stage in job.pipeline.stages.values() if not stage.after]
+    return (
+        job.pipeline.name in loan.pipelines
+        and len(roots) <= slots
+        and all(not stage.is_map and stage.queue in loan.queues for stage in roots)
+    )
+
+
+def _lend(row: dict[str, Any], loan: tasks.SlotLoan | None, position: int) -> None:
+    """A task row (the statement's `position`-th) as `loan`'s claim leaves it, leased to
+    its worker (None: not leased; every row of one statement has the same columns)."""
+    if loan is None:
+        row.update(lease_token=None, lease_expires_at=None, leased_by=None)
+        return
+    # Unique as a claim's (the loan's random prefix, then the row's place), and as short.
+    token = f"{loan.token_prefix}n{position}"
+    row.update(
+        lease_token=token,
+        lease_expires_at=loan.expires_at,
+        leased_by=loan.worker_id,
+        attempt=1,
+        deliveries=1,
+    )
+
+
+def _started(
+    new_jobs: Sequence[NewJob], task_rows: Sequence[Mapping[str, Any]], ids: Mapping[str, int]
+) -> list[tasks.Claimed]:
+    """The leased rows of `task_rows` as claims, with the ids the statement gave them."""
+    by_id = {job.id: job for job in new_jobs}
+    started: list[tasks.Claimed] = []
+    for row in task_rows:
+        token = row["lease_token"]
+        if token is None:
+            continue
+        job = by_id[row["job_id"]]
+        task = {**row, "id": ids[token]}
+        job_fields = {
+            "params": job.params,
+            "files": job.files,
+            "budget_usd": job.budget_usd,
+            "actual_usd": 0.0,
+            "cancel_requested": False,
+        }
+        started.append(tasks.Claimed.from_rows(task, job_fields))
+    return started
 
 
 def _advance_clock_sqlite() -> Any:

@@ -102,6 +102,26 @@ class Claimed:
 
 
 @dataclass
+class SlotLoan:
+    """Free slots an idle worker lends one submit statement (`jobs.create`): the root
+    tasks of the jobs that fit are written already leased to it, their stages and jobs
+    running, as its claim would have left them; the statement is their claim.
+
+    Once the statement committed, `started` holds those tasks, for the worker to run,
+    and `left_ready` says whether it left other tasks ready to be claimed.
+    """
+
+    worker_id: str
+    token_prefix: str
+    expires_at: float
+    queues: frozenset[str]
+    pipelines: frozenset[str]
+    slots: int
+    started: list[Claimed] = field(default_factory=list)
+    left_ready: bool = True
+
+
+@dataclass
 class Report:
     """What a running stage produced since the last flush."""
 
@@ -480,7 +500,7 @@ async def claim(
         if not ids:
             return []
     if conn.dialect.name == "postgresql":
-        lease_args = (worker_id, _lease_prefix(), at + lease_s, at)
+        lease_args = (worker_id, lease_prefix(), at + lease_s, at)
         if ids is None:
             records = await pg.records(
                 conn, _claim_next_pg(limit), *lease_args, list(queues), list(pipelines)
@@ -509,7 +529,7 @@ async def claim(
     return claimed
 
 
-def _lease_prefix() -> str:
+def lease_prefix() -> str:
     """A claim's random prefix; each lease token is it and the task id."""
     return uuid.uuid4().hex[:20] + "-"
 
@@ -527,7 +547,7 @@ async def _lease_and_start(
     """`_CLAIM_PG`'s work in several statements, for SQLite: the leased task rows (best
     first) and each one's job row."""
     lease = {
-        "b_prefix": _lease_prefix(),
+        "b_prefix": lease_prefix(),
         "b_expires": at + lease_s,
         "b_worker": worker_id,
     }
