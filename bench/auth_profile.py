@@ -1,6 +1,6 @@
 """Where a saturated API server's CPU goes: the share in auth and in rate-limit code.
 
-    python -m bench.auth_profile [--seconds 15]
+    python -m bench.auth_profile [--seconds 15] [--keep DIR]
 
 Throughput ratios (`bench/auth.py`) move by ±10 % or more between minutes on a shared
 machine; the share of a server's CPU samples spent in a piece of code moves far less,
@@ -69,7 +69,7 @@ def shares(raw: Path) -> tuple[float, float, int]:
     return in_auth / max(total, 1), in_limits / max(total, 1), total
 
 
-async def main(seconds: float) -> None:
+async def main(seconds: float, keep: Path | None = None) -> None:
     pyspy = os.environ.get("PYSPY") or shutil.which("py-spy")
     if not pyspy or not WRK:
         raise SystemExit("needs py-spy (or PYSPY=...) and wrk on the PATH")
@@ -101,6 +101,9 @@ async def main(seconds: float) -> None:
                 )
                 tally, elapsed = await _load_wrk(server, "/v1/jobs", SINGLE_BODY, 1, seconds, 16)
                 await asyncio.to_thread(spy.wait)
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(raw, keep / raw.name)
             in_auth, in_limits, samples = shares(raw)
             print(
                 f"| {name} | {tally.jobs / elapsed:,.0f} | {in_auth:.1%} | {in_limits:.1%} "
@@ -111,4 +114,6 @@ async def main(seconds: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0)
-    asyncio.run(main(parser.parse_args().seconds))
+    parser.add_argument("--keep", type=Path, help="copy py-spy's raw stacks to this directory")
+    args = parser.parse_args()
+    asyncio.run(main(args.seconds, args.keep))

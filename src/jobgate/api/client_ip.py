@@ -11,6 +11,7 @@ Key contracts:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 
@@ -30,6 +31,9 @@ def trusted_networks(value: str) -> tuple[Network, ...]:
     )
 
 
+# Parsing an address costs a few microseconds; a busy server sees the same few again and
+# again. Bounded, so addresses a client makes up cannot grow it.
+@functools.lru_cache(maxsize=4096)
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = text.strip()
     if text.startswith("["):  # [v6]:port
@@ -58,6 +62,7 @@ def _forwarded_for(scope: Scope) -> list[str]:
     return hops
 
 
+@functools.lru_cache(maxsize=4096)
 def _canonical(text: str) -> str:
     address = _address(text)
     return str(address) if address is not None else text.strip()
@@ -90,6 +95,7 @@ def client_ip(scope: Scope, trusted: Sequence[Network]) -> str:
     return _canonical(hops[0]) if hops else host
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_bucket(address: str) -> str:
     """The key an address is limited under: itself, or its /64 for IPv6."""
     parsed = _address(address)
