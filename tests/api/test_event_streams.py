@@ -16,6 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from jobgate.api import streams
 from jobgate.blobs.signing import sign_token
 from jobgate.ids import now
 from jobgate.store import Database
@@ -466,6 +467,62 @@ async def test_a_global_stream_reads_back_what_it_was_not_handed(
     assert [e.data["text"] for e in got] == ["there", "here"]
     assert got[0].id is not None
     assert got[0].id + 1 == got[1].id
+
+
+@pytest.mark.service("postgres")
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_an_idle_servers_global_stream_sends_a_jobs_whole_life_without_a_read(
+    app_factory: AppFactory, make_key: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an idle `serve`, a submit starts its job in its own statement (the 202 says
+    running), and every write on the way to `completed` hands its events to the hub: the
+    global stream sends them all, as stored, without reading the store once."""
+    app = await app_factory(worker_concurrency=2, sse_poll_s=60)
+    db = state_of(app).db
+    _, key = await make_key("root", ["admin"])
+    reads: list[str] = []
+    for name in ("_whole_page", "_global_page"):
+        read = getattr(streams, name)
+
+        async def counted(*args: Any, _read: Any = read, _name: str = name, **kwargs: Any) -> Any:
+            reads.append(_name)
+            return await _read(*args, **kwargs)
+
+        monkeypatch.setattr(streams, name, counted)
+
+    async def until_completed(client: httpx.AsyncClient) -> list[Sse]:
+        got: list[Sse] = []
+        async with asyncio.timeout(10), client.stream("GET", "/v1/events") as response:
+            async for event in read_events(response):
+                if event.kind != "heartbeat":
+                    got.append(event)
+                if event.kind == "completed":
+                    return got
+        raise AssertionError("the stream ended before `completed`")
+
+    async with signed_in(app, key, SSE) as admin:
+        for _ in range(3):
+            reader = asyncio.create_task(until_completed(admin))
+            await asyncio.sleep(0.3)  # the stream is open; the worker idle
+            reads.clear()  # what opening the stream read
+            response = await admin.post("/v1/jobs", json={"pipeline": "noop", "params": {}})
+            assert response.status_code == 202, response.text
+            job = response.json()
+            assert job["status"] == "running", "the submit did not start its job"
+            sent = await reader
+            assert reads == [], f"the stream read the store: {reads}"
+            stored = await _stored_events(db, job["id"])
+            assert [(e.id, e.kind, _stored_data(e.data)) for e in sent] == [
+                (row["id"], row["type"], json.dumps(row["data"], sort_keys=True)) for row in stored
+            ]
+
+
+async def _stored_events(db: Database, job_id: str) -> list[dict[str, Any]]:
+    async with db.read() as conn:
+        rows = await conn.execute(
+            select(event_table).where(event_table.c.job_id == job_id).order_by(event_table.c.id)
+        )
+        return [dict(row) for row in rows.mappings()]
 
 
 class _RolledBack(Exception):

@@ -162,6 +162,42 @@ async def test_fast_path_keeps_equal_values_of_other_types_apart(postgres_db_url
         assert (stored, type(stored)) == (v, type(v))
 
 
+async def test_fast_path_inserts_return_the_ids_of_keyed_rows(postgres_db_url: str) -> None:
+    """`keyed` tables give back the id of each row by its key (rows without one are
+    left out), one mapping per table asked, whichever columns are constant."""
+    db = Database(postgres_db_url)
+    event_rows = [
+        {"job_id": job_id, "seq": seq, "type": "message", "data": {}, "created_at": 1.0}
+        for job_id in ("k-a", "k-b")
+        for seq in (1, 2)
+    ]
+    try:
+        async with db.write() as conn:
+            inserted = await pg.insert_many(
+                conn,
+                [
+                    (jobs, [_job_row("k-a", last_seq=2), _job_row("k-b", last_seq=2)]),
+                    (events, event_rows),
+                    (outbox, [{"queue": q, "available_at": 1.0} for q in ("x", "y", "z")]),
+                ],
+                keyed=[(events, "job_id || '/' || seq"), (outbox, "nullif(queue, 'y')")],
+            )
+        async with db.read() as conn:
+            stored_events = {
+                f"{row.job_id}/{row.seq}": row.id
+                for row in await conn.execute(select(events.c.id, events.c.job_id, events.c.seq))
+            }
+            stored_tokens = {
+                row.queue: row.id
+                for row in await conn.execute(select(outbox.c.id, outbox.c.queue))
+                if row.queue != "y"
+            }
+    finally:
+        await db.aclose()
+    assert inserted.ids == [stored_events, stored_tokens]
+    assert len(stored_events) == 4
+
+
 class Abandoned(Exception):
     """Raised to roll a transaction back."""
 

@@ -146,7 +146,7 @@ _CLOCKS_CTE = (
 
 @functools.cache
 def _insert_sql(
-    shape: Shape, notify: str | None, clock: bool = False, keyed: tuple[str, str] | None = None
+    shape: Shape, notify: str | None, clock: bool = False, keyed: tuple[tuple[str, str], ...] = ()
 ) -> str:
     """`WITH i0 AS (INSERT ... SELECT ... FROM ROWS FROM (...)), i1 AS (...) SELECT ...`.
 
@@ -154,12 +154,13 @@ def _insert_sql(
     are each one JSON array, sent as text and unrolled by PostgreSQL (`ROWS FROM` zips
     them): encoding a list is one call into pydantic-core, where a PostgreSQL array
     parameter costs the driver Python work per element. A table whose every column is
-    constant gets its row count from `generate_series`. `keyed` is (table, column): the
-    statement also returns that table's new ids by the column's non-null values.
+    constant gets its row count from `generate_series`. `keyed` holds (table, key): the
+    statement also returns each such table's new ids by the key, an SQL expression of
+    the row's columns, where it is not null.
     """
     parts: list[str] = [_CLOCKS_CTE] if clock else []
     number = 3 if clock else 0
-    key_of = ""
+    keys_of = dict.fromkeys(keyed, "NULL")
     for n, (table, columns, constant) in enumerate(shape):
         arrays: list[str] = []
         aliases: list[str] = []
@@ -195,11 +196,13 @@ def _insert_sql(
         # Table and column names come from `tables.py`; values only ever as parameters.
         insert = f"INSERT INTO {table.name} ({', '.join(columns)}) "
         returning = ""
-        if keyed is not None and keyed[0] == table.name:
-            returning = f" RETURNING id, {keyed[1]}"
-            key_of = (
-                f"(SELECT jsonb_object_agg({keyed[1]}, id) FROM i{n} WHERE {keyed[1]} IS NOT NULL)"  # noqa: S608
-            )
+        for name, key in keyed:
+            if name == table.name:
+                returning = " RETURNING *"
+                # Keys are expressions written in the code, never values.
+                keys_of[name, key] = (
+                    f"(SELECT jsonb_object_agg({key}, id) FROM i{n} WHERE ({key}) IS NOT NULL)"  # noqa: S608
+                )
         parts.append(f"i{n} AS ({insert}SELECT {', '.join(selects)} FROM {source}{returning})")  # noqa: S608
     # The main query runs before the CTEs nothing references, so the transaction has its
     # id before any row takes an `events.id`: the event bus's order relies on it
@@ -207,7 +210,9 @@ def _insert_sql(
     final = "SELECT (SELECT array_agg(owner) FROM clocks), (SELECT array_agg(clock) FROM clocks)"
     if not clock:
         final = "SELECT NULL, NULL"
-    final += f", {key_of if key_of else 'NULL'}::TEXT, pg_current_xact_id()"
+    for key_of in keys_of.values():
+        final += f", {key_of}::TEXT"
+    final += ", pg_current_xact_id()"
     if notify:
         number += 1
         final += f", pg_notify('{notify}', ${number}::TEXT)"
@@ -253,8 +258,8 @@ class Inserted(NamedTuple):
 
     clocks: dict[str, float]
     """Where each owner's clock ends (empty without `clocks`)."""
-    ids: dict[str, int]
-    """The `keyed` table's new ids by their key (empty without `keyed`)."""
+    ids: list[dict[str, int]]
+    """For each of `keyed`, its table's new ids by their key."""
 
 
 async def insert_many(
@@ -264,7 +269,7 @@ async def insert_many(
     notify: str | None = None,
     notice: str = "",
     clocks: tuple[float, Mapping[str, float]] | None = None,
-    keyed: tuple[Table, str] | None = None,
+    keyed: Sequence[tuple[Table, str]] = (),
 ) -> Inserted:
     """Insert rows into several tables in one statement (one round trip).
 
@@ -272,9 +277,10 @@ async def insert_many(
     the same statement (delivered when the transaction commits), with `notice` as its
     payload. `clocks` is `(now, {owner: span})`: the same statement moves each owner's
     fair-share clock to `max(clock, now) + span`, and the `CLOCKED` columns' values
-    count from where the clock of the row's `owner` then ends. `keyed` is `(table,
-    column)`: the ids PostgreSQL gave that table's rows are returned by the column's
-    value, for the rows where it is not null (each such value unique).
+    count from where the clock of the row's `owner` then ends. Each of `keyed` is
+    `(table, key)`: the ids PostgreSQL gave that table's rows are returned by the key,
+    an SQL expression of the row's columns, for the rows where it is not null (each
+    such key unique).
     """
     shape: list[tuple[Table, tuple[str, ...], tuple[bool, ...]]] = []
     args: list[Any] = []
@@ -289,13 +295,13 @@ async def insert_many(
             shape.append((table, columns, constant))
             args.extend(table_args)
     if not shape:
-        return Inserted({}, {})
-    key = (keyed[0].name, keyed[1]) if keyed is not None else None
-    sql = _insert_sql(tuple(shape), notify, clocked, key)
+        return Inserted({}, [{} for _ in keyed])
+    keys = tuple((table.name, key) for table, key in keyed)
+    sql = _insert_sql(tuple(shape), notify, clocked, keys)
     if notify:
         args.append(notice)
     row = await record(conn, sql, *args)
-    ids = json.loads(row[2]) if row[2] else {}
+    ids = [json.loads(found) if found else {} for found in row[2 : 2 + len(keys)]]
     return Inserted(dict(zip(row[0] or (), row[1] or (), strict=True)), ids)
 
 

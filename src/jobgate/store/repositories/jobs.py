@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Float, String, bindparam, func, insert, select, text, update
+from sqlalchemy import Float, String, Table, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -195,6 +195,13 @@ async def create(
     ready = [(row["queue"], row["available_at"]) for row in task_rows if not row.get("lease_token")]
     if on_postgres:
         tokens, wake = tasks.ready_tokens(conn, ready, at=at)
+        keyed: list[tuple[Table, str]] = []
+        if lending:
+            keyed.append((task_table, "lease_token"))
+        # This process's global streams then send the first events without a read.
+        hand_over = bool(event_rows) and events.rows_wanted(conn)
+        if hand_over:
+            keyed.append((event_table, "job_id || '/' || seq"))
         inserted = await pg.insert_many(
             conn,
             [
@@ -207,14 +214,29 @@ async def create(
             notify=tasks.CHANNEL if wake else None,
             notice=notice,
             clocks=(at, spans),
-            keyed=(task_table, "lease_token") if lending else None,
+            keyed=keyed,
         )
+        ids = iter(inserted.ids)
         if inserted.clocks:
             for row in job_rows:
                 row["fair_key"] += inserted.clocks[row["owner"]]
         if loan is not None and lending:
-            loan.started = _started(new_jobs, task_rows, inserted.ids)
+            loan.started = _started(new_jobs, task_rows, next(ids))
             loan.left_ready = bool(ready)
+        if hand_over:
+            event_ids = next(ids)
+            owners = {job.id: job.owner for job in new_jobs}
+            events.note_rows(
+                conn,
+                [
+                    {
+                        **row,
+                        "id": event_ids[f"{row['job_id']}/{row['seq']}"],
+                        "owner": owners[row["job_id"]],
+                    }
+                    for row in event_rows
+                ],
+            )
     else:
         await conn.execute(_INSERT_JOBS, job_rows)
         await conn.execute(_INSERT_STAGES, stage_rows)
