@@ -224,19 +224,7 @@ async def create(
             loan.started = _started(new_jobs, task_rows, next(ids))
             loan.left_ready = bool(ready)
         if hand_over:
-            event_ids = next(ids)
-            owners = {job.id: job.owner for job in new_jobs}
-            events.note_rows(
-                conn,
-                [
-                    {
-                        **row,
-                        "id": event_ids[f"{row['job_id']}/{row['seq']}"],
-                        "owner": owners[row["job_id"]],
-                    }
-                    for row in event_rows
-                ],
-            )
+            _hand_over(conn, new_jobs, event_rows, next(ids))
     else:
         await conn.execute(_INSERT_JOBS, job_rows)
         await conn.execute(_INSERT_STAGES, stage_rows)
@@ -260,6 +248,24 @@ async def create(
     for row in stage_rows:
         by_job[row["job_id"]].append({**unset_stage, **row})
     return [JobSnapshot(job={**unset, **row}, stages=by_job[row["id"]]) for row in job_rows]
+
+
+def _hand_over(
+    conn: AsyncConnection,
+    new_jobs: Sequence[NewJob],
+    event_rows: Sequence[Mapping[str, Any]],
+    ids: Mapping[str, int],
+) -> None:
+    """Note the events written, with the ids the statement gave them, for this
+    process's live streams (`events.note_rows`)."""
+    owners = {job.id: job.owner for job in new_jobs}
+    events.note_rows(
+        conn,
+        [
+            {**row, "id": ids[f"{row['job_id']}/{row['seq']}"], "owner": owners[row["job_id"]]}
+            for row in event_rows
+        ],
+    )
 
 
 def _startable(job: NewJob, loan: tasks.SlotLoan, slots: int) -> bool:
