@@ -58,6 +58,7 @@ STORAGE_TIMEOUT_S = 0.5
 VIEW_TTL_S = 1.0
 """How long a process trusts its last reading of a submit window with room, for the check."""
 _SEEN_MAX = 100_000  # readings kept; older ones are dropped when there are more
+_NAMES_MAX = 100_000  # Redis key names kept, by window and key
 STORAGE_RETRY_S = 1.0
 """After a storage failure, limits are not enforced for this long before trying again."""
 ACTIVE_RETRY_AFTER_S = 5
@@ -107,6 +108,12 @@ class Window:
 
 Take = Callable[[RateLimitItem, int, tuple[str, ...]], Awaitable[tuple[bool, float, int]]]
 """Take `cost` slots of a window (all or none), then count it: (taken, oldest entry, count)."""
+TakeNow = Callable[[RateLimitItem, int, tuple[str, ...]], tuple[bool, float, int] | None]
+"""`Take` done at once, without a call to the storage, or None when it needs one."""
+
+
+def _needs_a_call(_item: RateLimitItem, _cost: int, _key: tuple[str, ...]) -> None:
+    return None
 
 
 @dataclass
@@ -123,6 +130,10 @@ class Backend:
     take: Take
     held: Callable[[RateLimitItem, tuple[str, ...]], int] = lambda item, key: 0
     """Slots of a window this process holds ahead and has not handed out (`api/permits.py`)."""
+    take_now: TakeNow = _needs_a_call
+    """`take` without awaiting, where the storage allows: memory always, Redis from a
+    block this process holds. Every request takes at least once: a take that needs no
+    storage call costs no coroutines either."""
 
 
 async def _nothing() -> None:
@@ -217,12 +228,17 @@ def open_backend(
         memory = SweepingMemoryStorage()
         limiter = MovingWindowRateLimiter(memory)
 
-        async def take_in_memory(
+        def take_in_memory_now(
             item: RateLimitItem, cost: int, key: tuple[str, ...]
         ) -> tuple[bool, float, int]:
             return memory.take_now(item.key_for(*key), item.amount, item.get_expiry(), cost)
 
-        return Backend(limiter, (), _nothing, take_in_memory)
+        async def take_in_memory(
+            item: RateLimitItem, cost: int, key: tuple[str, ...]
+        ) -> tuple[bool, float, int]:
+            return take_in_memory_now(item, cost, key)
+
+        return Backend(limiter, (), _nothing, take_in_memory, take_now=take_in_memory_now)
     if separator and scheme in ("redis", "rediss"):
         from redis.asyncio import ConnectionPool, Redis
         from redis.exceptions import RedisError
@@ -238,21 +254,40 @@ def open_backend(
         takes = RedisTakes(Redis(connection_pool=pool).register_script(TAKE_AND_COUNT))
         blocks = PermitBlocks(takes, life_s=block_life, ahead=take_ahead)
 
+        names: dict[tuple[RateLimitItem, tuple[str, ...]], str] = {}
+
+        def name_of(item: RateLimitItem, key: tuple[str, ...]) -> str:
+            name = names.get((item, key))
+            if name is None:
+                if len(names) >= _NAMES_MAX:
+                    names.clear()
+                name = names[item, key] = f"{namespace}:{item.key_for(*key)}"
+            return name
+
         async def take_in_redis(
             item: RateLimitItem, cost: int, key: tuple[str, ...]
         ) -> tuple[bool, float, int]:
-            name = f"{namespace}:{item.key_for(*key)}"
-            return await blocks.take(name, item.amount, item.get_expiry(), cost)
+            return await blocks.take(name_of(item, key), item.amount, item.get_expiry(), cost)
+
+        def take_in_redis_now(
+            item: RateLimitItem, cost: int, key: tuple[str, ...]
+        ) -> tuple[bool, float, int] | None:
+            return blocks.take_held(name_of(item, key), cost)
 
         def held(item: RateLimitItem, key: tuple[str, ...]) -> int:
-            return blocks.held(f"{namespace}:{item.key_for(*key)}")
+            return blocks.held(name_of(item, key))
 
         async def close() -> None:
             await blocks.give_back()
             await pool.aclose()
 
         return Backend(
-            MovingWindowRateLimiter(storage), (RedisError, OSError), close, take_in_redis, held
+            MovingWindowRateLimiter(storage),
+            (RedisError, OSError),
+            close,
+            take_in_redis,
+            held,
+            take_in_redis_now,
         )
     raise ValueError(f"unknown limits URL {url!r}: use memory:// or redis://host:port/db")
 
@@ -335,7 +370,9 @@ class RateLimits:
         the window as the take left it (None without a limit, or when storage fails)."""
         if self.submit is None:
             return True, None
-        taken, window = await self._take(self.submit, cost, "submit", owner)
+        key = ("submit", owner)
+        answer = self._take_now(self.submit, cost, key)
+        taken, window = answer if answer is not None else await self._take(self.submit, cost, key)
         if window is not None:
             self._remember(owner, window)
         return taken, window
@@ -375,12 +412,23 @@ class RateLimits:
                 active = await job_repo.count_active(conn, owner)
         return SubmitQuota(self, owner, window, active)
 
+    def admitted_now(self, scope: Scope) -> bool:
+        """Count one request from the scope's client, if that needs no storage call (no
+        IP limit; memory; a slot of a block held): whether it was admitted. False: not
+        counted, `admit_ip` decides."""
+        if self.ip is None:
+            return True
+        assert self._backend is not None
+        key = ("ip", ip_bucket(client_ip(scope, self.trusted_proxies)))
+        answer = self._backend.take_now(self.ip, 1, key)
+        return answer is not None and answer[0]
+
     async def admit_ip(self, scope: Scope) -> Window | None:
         """Count one request from the scope's client: None if admitted, else its window."""
         if self.ip is None:
             return None
-        key = ip_bucket(client_ip(scope, self.trusted_proxies))
-        taken, window = await self._take(self.ip, 1, "ip", key)
+        key = ("ip", ip_bucket(client_ip(scope, self.trusted_proxies)))
+        taken, window = await self._take(self.ip, 1, key)
         if taken:
             return None
         return window or Window(self.ip.amount, 0, time.time() + 1)
@@ -398,16 +446,24 @@ class RateLimits:
         reset_at = stats.reset_time if remaining < item.amount else now
         return Window(item.amount, remaining, reset_at)
 
-    async def _take(self, item: RateLimitItem, cost: int, *key: str) -> tuple[bool, Window | None]:
+    def _take_now(
+        self, item: RateLimitItem, cost: int, key: tuple[str, ...]
+    ) -> tuple[bool, Window | None] | None:
+        """`_take`, when the storage needs no call for it (`Backend.take_now`); else None."""
         assert self._backend is not None
+        result = self._backend.take_now(item, cost, key)
+        return None if result is None else _taken(item, result)
+
+    async def _take(
+        self, item: RateLimitItem, cost: int, key: tuple[str, ...]
+    ) -> tuple[bool, Window | None]:
+        assert self._backend is not None
+        answer = self._take_now(item, cost, key)
+        if answer is not None:
+            return answer
         take = self._backend.take
         result = await self._guard(lambda: take(item, cost, key), None, "take")
-        if result is None:
-            return True, None
-        taken, oldest, count = result
-        remaining = max(0, item.amount - count)
-        reset_at = oldest + item.get_expiry() if count else time.time()
-        return taken, Window(item.amount, remaining, reset_at)
+        return (True, None) if result is None else _taken(item, result)
 
     async def _guard(self, call: Callable[[], Awaitable[T]], fallback: T, operation: str) -> T:
         """`call()`, or `fallback` (fail open) while the storage fails."""
@@ -429,6 +485,14 @@ class RateLimits:
                 retry_in_s=STORAGE_RETRY_S,
             )
             return fallback
+
+
+def _taken(item: RateLimitItem, result: tuple[bool, float, int]) -> tuple[bool, Window]:
+    """A take's answer, and the window it left."""
+    taken, oldest, count = result
+    remaining = max(0, item.amount - count)
+    reset_at = oldest + item.get_expiry() if count else time.time()
+    return taken, Window(item.amount, remaining, reset_at)
 
 
 # -- one submit request ------------------------------------------------------------------
@@ -540,7 +604,7 @@ async def check_submit(request: Request, state: AppState, principal: Principal) 
     if not limits.checks_submits:
         return SubmitQuota(limits, principal.id)
     quota = await limits.admit_submit(state.db, principal.id)
-    request.state.response_headers = quota.headers()
+    request.state.response_headers = quota.headers  # for an error answer: the window then
     try:
         quota.require(1)
     except RateLimited:
@@ -580,7 +644,7 @@ class IpRateLimitMiddleware:
         """Answer 429 when the client's window is full, else pass the request on."""
         if scope["type"] == "http" and _is_v1(scope["path"]):
             limits: RateLimits = scope["app"].state.jobgate.limits
-            refused = await limits.admit_ip(scope)
+            refused = None if limits.admitted_now(scope) else await limits.admit_ip(scope)
             if refused is not None:
                 exc = refused.refusal("too many requests from this address")
                 response = problems.from_error(Request(scope), exc)

@@ -89,6 +89,12 @@ class PermitBlocks:
             return 0
         return block.left
 
+    def take_held(self, key: str, cost: int) -> tuple[bool, float, int] | None:
+        """`take` from the block this process holds, if it has `cost` slots to hand out
+        now; None: the take needs a call."""
+        block = self._blocks.get(key)
+        return None if block is None else _hand_out(block, cost)
+
     async def take(self, key: str, limit: int, expiry: int, cost: int) -> tuple[bool, float, int]:
         """Take `cost` slots of the window `key` (all or none): (taken, the oldest entry's
         time, the slots of the window taken, not counting those this process holds)."""
@@ -98,10 +104,9 @@ class PermitBlocks:
                 self._forget_idle()
             block = self._blocks[key] = _Block(limit, expiry)
         while True:
-            if block.left >= cost and time.time() < block.until:
-                block.left -= cost
-                block.handed += cost
-                return True, block.oldest, block.count - block.left
+            served = _hand_out(block, cost)
+            if served is not None:
+                return served
             if block.refill is None:
                 break
             await asyncio.shield(block.refill)  # a block may be on its way: wait for it
@@ -176,3 +181,12 @@ class PermitBlocks:
             ),
             return_exceptions=True,
         )
+
+
+def _hand_out(block: _Block, cost: int) -> tuple[bool, float, int] | None:
+    """`cost` slots of what `block` holds, if it has them to hand out now."""
+    if block.left < cost or time.time() >= block.until:
+        return None
+    block.left -= cost
+    block.handed += cost
+    return True, block.oldest, block.count - block.left

@@ -46,9 +46,12 @@ def problem(
     """A problem+json response for `request`.
 
     It also carries `request.state.response_headers`: headers a route set for every
-    answer it may give (the RateLimit headers of a submit), errors included.
+    answer it may give (the RateLimit headers of a submit), errors included, or a function
+    that gives them (built only for an error, then).
     """
     carried = getattr(request.state, "response_headers", None)
+    if callable(carried):
+        carried = carried()
     if carried:
         headers = {**carried, **(headers or {})}
     body: dict[str, Any] = {
