@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import JOBGATE, Server
+from tests.e2e.conftest import JOBGATE, Server, start_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -211,6 +211,63 @@ def test_sigkilled_worker_is_declared_lost_and_its_stage_finishes_elsewhere(
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+@pytest.mark.service("postgres")
+def test_a_job_its_submit_started_survives_a_sigkill_of_that_server(
+    fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    """An idle `serve` starts a job in the submit's own statement (the 202 says running),
+    leased to its in-process worker. SIGKILL the server mid-stage: a worker elsewhere
+    takes the stage over within the lost-worker window, the attempt is counted, and the
+    job completes exactly once."""
+    settings = {
+        "JOBGATE_PIPELINES": "tests.e2e.pipelines:dozer",
+        "PYTHONPATH": str(Path(__file__).parents[2]),
+        "JOBGATE_WORKER_LOST_AFTER_S": "3",
+        "JOBGATE_LEASE_S": "120",
+    }
+    (tmp_path / "doomed").mkdir()
+    doomed = start_server(tmp_path / "doomed", fresh_postgres_url, settings=settings)
+    api = survivor = None
+    try:
+        with doomed.client() as client:
+            time.sleep(0.5)  # its worker's first claim found nothing: it is idle
+            answer = client.post("/v1/jobs", json={"pipeline": "dozer", "params": {}})
+            assert answer.status_code == 202, answer.text
+            job_id = answer.json()["id"]
+            assert answer.json()["status"] == "running"
+        doomed.process.kill()
+        doomed.process.wait(timeout=10)
+        killed_at = time.monotonic()
+        (tmp_path / "api").mkdir()
+        api = start_server(
+            tmp_path / "api", fresh_postgres_url, worker_concurrency=0, settings=settings
+        )
+        survivor = _start_worker(api, tmp_path, "survivor")
+        with api.client() as client:
+            job = wait_for(client, job_id, {"succeeded", "failed"}, timeout=30)
+            recovered_in = time.monotonic() - killed_at
+            assert job["status"] == "succeeded"
+            assert job["result"] == {"attempt": 2}
+            assert recovered_in < 3 + 2 + 2 + 5  # lost window + sweep + run + margin
+            events = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()
+            types = [e["type"] for e in events["events"]]
+            assert types.count("completed") == 1
+            lost = [
+                e
+                for e in events["events"]
+                if e["type"] == "stage_update"
+                and (e["data"].get("error") or {}).get("type") == "lost"
+            ]
+            assert len(lost) == 1
+    finally:
+        for process in (doomed.process, survivor):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        if api is not None:
+            api.stop()
 
 
 def test_cli_submits_watches_and_lists_over_http(server: Server, tmp_path: Path) -> None:
