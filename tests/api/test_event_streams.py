@@ -27,6 +27,7 @@ from tests.api.conftest import AppFactory
 from tests.api.helpers import state_of
 from tests.api.sse import Sse, collect, read_events, serving, signed_in
 from tests.conftest import POSTGRES_DSN
+from tests.waiting import idle
 
 SSE = {"Accept": "text/event-stream"}
 TERMINAL = {"completed", "error", "cancelled"}
@@ -503,7 +504,8 @@ async def test_an_idle_servers_global_stream_sends_a_jobs_whole_life_without_a_r
     async with signed_in(app, key, SSE) as admin:
         for _ in range(3):
             reader = asyncio.create_task(until_completed(admin))
-            await asyncio.sleep(0.3)  # the stream is open; the worker idle
+            await asyncio.sleep(0.3)  # the stream is open
+            await idle(state_of(app).submits.lender)  # type: ignore[arg-type]
             reads.clear()  # what opening the stream read
             response = await admin.post("/v1/jobs", json={"pipeline": "noop", "params": {}})
             assert response.status_code == 202, response.text

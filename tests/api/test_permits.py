@@ -210,21 +210,27 @@ async def test_failed_calls_fail_every_take_and_leave_none_waiting(prefix: str) 
         await a.aclose()
 
 
+async def _busy_until_held(process: Process, key: str, limit: int, expiry: int) -> int:
+    """Two callers busy for 0.2 s, then takes at the same rate until `process` holds a
+    block (the last busy take may have used one up, or, on a stalled machine, come too
+    soon to ask for one); the slots granted."""
+    used = len(await _busy(process, key, limit, expiry, 0.2, callers=2, pause_s=0.005))
+    for _ in range(200):
+        if process.blocks.held(key):
+            break
+        taken, _, _ = await process.blocks.take(key, limit, expiry, 1)
+        used += int(taken)
+        await asyncio.sleep(0.005)
+    return used
+
+
 async def test_what_a_process_holds_goes_back(prefix: str) -> None:
     """Slots held ahead but not handed out return to the window: lazily, with the
     process's next take of it, and at shutdown."""
     key, limit, expiry = f"{prefix}:h", 1000, 60
     a, b = Process(0.3), Process(0.3)
     try:
-        used = len(await _busy(a, key, limit, expiry, 0.2, callers=2, pause_s=0.005))
-        for _ in range(200):
-            # The last take may have used a block up (or, on a stalled machine, come too
-            # soon to ask for one): take on, at the busy rate, until a block is held.
-            if a.blocks.held(key):
-                break
-            taken, _, _ = await a.blocks.take(key, limit, expiry, 1)
-            used += int(taken)
-            await asyncio.sleep(0.005)
+        used = await _busy_until_held(a, key, limit, expiry)
         held = a.blocks.held(key)
         assert held > 0
         assert used + held <= limit
@@ -254,15 +260,7 @@ async def test_slots_held_go_back_at_shutdown(prefix: str) -> None:
     key, limit, expiry = f"{prefix}:s", 1000, 60
     a = Process(30.0)  # a block that would outlive the test
     try:
-        used = len(await _busy(a, key, limit, expiry, 0.2, callers=2, pause_s=0.005))
-        for _ in range(200):
-            # The last take may have used a block up (or, on a stalled machine, come too
-            # soon to ask for one): take on, at the busy rate, until a block is held.
-            if a.blocks.held(key):
-                break
-            taken, _, _ = await a.blocks.take(key, limit, expiry, 1)
-            used += int(taken)
-            await asyncio.sleep(0.005)
+        used = await _busy_until_held(a, key, limit, expiry)
         held = a.blocks.held(key)
         assert held > 0
         client = a.client

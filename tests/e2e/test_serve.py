@@ -169,6 +169,18 @@ def _start_worker(server: Server, tmp_path: Path, name: str) -> subprocess.Popen
     )
 
 
+def _completed_once_after_one_loss(client: httpx.Client, job_id: str) -> None:
+    """The job's events hold one `completed` and one attempt lost with its worker."""
+    events = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["events"]
+    assert [e["type"] for e in events].count("completed") == 1
+    lost = [
+        e
+        for e in events
+        if e["type"] == "stage_update" and (e["data"].get("error") or {}).get("type") == "lost"
+    ]
+    assert len(lost) == 1
+
+
 def test_sigkilled_worker_is_declared_lost_and_its_stage_finishes_elsewhere(
     api_only: Server, tmp_path: Path
 ) -> None:
@@ -194,16 +206,7 @@ def test_sigkilled_worker_is_declared_lost_and_its_stage_finishes_elsewhere(
             assert recovered_in < 3 + 2 + 2 + 5  # lost window + sweep + run + margin
             work = next(s for s in job["stages"] if s["name"] == "work")
             assert work["attempt"] == 2
-            events = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()
-            types = [e["type"] for e in events["events"]]
-            assert types.count("completed") == 1
-            lost = [
-                e
-                for e in events["events"]
-                if e["type"] == "stage_update"
-                and (e["data"].get("error") or {}).get("type") == "lost"
-            ]
-            assert len(lost) == 1
+            _completed_once_after_one_loss(client, job_id)
             workers = [w["id"] for w in client.get("/v1/workers").json()["workers"]]
             assert workers == ["survivor"]
     finally:
@@ -232,7 +235,10 @@ def test_a_job_its_submit_started_survives_a_sigkill_of_that_server(
     api = survivor = None
     try:
         with doomed.client() as client:
-            time.sleep(0.5)  # its worker's first claim found nothing: it is idle
+            # Once a first job is done, the worker's last claim found nothing: it is idle.
+            first = client.post("/v1/jobs", json={"pipeline": "noop", "params": {}}).json()
+            wait_for(client, first["id"], {"succeeded"})
+            time.sleep(0.2)
             answer = client.post("/v1/jobs", json={"pipeline": "dozer", "params": {}})
             assert answer.status_code == 202, answer.text
             job_id = answer.json()["id"]
@@ -251,16 +257,7 @@ def test_a_job_its_submit_started_survives_a_sigkill_of_that_server(
             assert job["status"] == "succeeded"
             assert job["result"] == {"attempt": 2}
             assert recovered_in < 3 + 2 + 2 + 5  # lost window + sweep + run + margin
-            events = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()
-            types = [e["type"] for e in events["events"]]
-            assert types.count("completed") == 1
-            lost = [
-                e
-                for e in events["events"]
-                if e["type"] == "stage_update"
-                and (e["data"].get("error") or {}).get("type") == "lost"
-            ]
-            assert len(lost) == 1
+            _completed_once_after_one_loss(client, job_id)
     finally:
         for process in (doomed.process, survivor):
             if process is not None and process.poll() is None:

@@ -22,6 +22,7 @@ from jobgate.store.repositories import events, jobs, tasks
 from jobgate.store.tables import tasks as task_table
 from jobgate.worker import Worker
 from tests.engine import pipelines
+from tests.waiting import idle
 
 pytestmark = pytest.mark.service("postgres")
 
@@ -71,7 +72,7 @@ class Rig:
         self.workers.append(worker)
         if lend:
             self.group.lender = worker
-        await asyncio.sleep(0.3)  # its first claim found nothing: idle
+        await idle(worker)
         return worker
 
     def new_job(self, pipeline: str = "noop", params: dict[str, Any] | None = None) -> jobs.NewJob:
@@ -183,7 +184,7 @@ async def test_a_worker_told_of_waiting_tasks_lends_nothing(rig: Rig) -> None:
     worker = await rig.start_worker(concurrency=2)
     worker.wake()  # what a notification from another process does
     assert worker.lend() is None
-    await asyncio.sleep(0.3)  # its claim found nothing: idle again
+    await idle(worker)
     loan = worker.lend()
     assert loan is not None
     assert loan.slots == 2
