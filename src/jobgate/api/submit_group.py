@@ -50,9 +50,10 @@ class SubmitGroup:
     it.
 
     `lender`, when set, is the in-process worker: each statement asks it for its free
-    slots (`lend`), the jobs that fit start in the statement itself, leased to it (no
-    claim between the submit and the stage), and it gets them back (`settle`) once the
-    statement is done, with the tasks it is to run (none when the statement failed).
+    slots (`lend`), the statement's jobs start in the statement itself if they all fit,
+    leased to it (no claim between the submit and the stage), and it gets them back
+    (`settle`) once the statement is done, with the tasks it is to run (none when the
+    jobs did not fit, or the statement failed).
 
     When PostgreSQL refuses a batch of several submits (an error other than an outage:
     nothing was written), each is written again alone, so one submit's bad row fails

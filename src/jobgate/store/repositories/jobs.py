@@ -82,8 +82,9 @@ async def create(
         stride_s: how far each job moves its owner's fair-share clock (0: plain FIFO).
         notice: on PostgreSQL, the payload of the notification that wakes workers
             (`PostgresWakeups.expect`).
-        loan: on PostgreSQL, an idle worker's free slots: jobs whose root tasks fit
-            start at once, leased to it (`tasks.SlotLoan`; `loan.started` gets them).
+        loan: on PostgreSQL, an idle worker's free slots: when every job's root tasks
+            can start on them, they do, leased to it (`tasks.SlotLoan`; `loan.started`
+            gets them); else none does.
 
     Returns:
         The new jobs as they are now stored, without reading them back.
@@ -101,13 +102,16 @@ async def create(
     event_rows: list[dict[str, Any]] = []
     task_rows: list[dict[str, Any]] = []
     lending = loan is not None and on_postgres
-    slots_left = loan.slots if loan is not None and lending else 0
+    # All of the statement's jobs start, or none: the statement cannot know their claim
+    # order (an owner's fair-share clock ends only as it runs), so starting some would
+    # let them skip others of the same statement.
+    start_all = lending and loan is not None and _all_startable(new_jobs, loan)
     for job in new_jobs:
         pipeline = job.pipeline
         order = pipeline.topological_order()
         first_events: list[tuple[str, dict[str, Any]]] = []
         start_events: list[tuple[str, dict[str, Any]]] = []
-        starts = lending and loan is not None and _startable(job, loan, slots_left)
+        starts = start_all
         expected = 0
         for position, name in enumerate(order):
             stage = pipeline.stages[name]
@@ -156,9 +160,7 @@ async def create(
                     if loan is not None and lending:
                         _lend(row, loan if running else None, len(task_rows))
                     task_rows.append(row)
-        if starts:
-            slots_left -= len(start_events)
-            first_events += start_events
+        first_events += start_events
         job_row: dict[str, Any] = {
             "id": job.id,
             "pipeline": pipeline.name,
@@ -268,15 +270,20 @@ def _hand_over(
     )
 
 
-def _startable(job: NewJob, loan: tasks.SlotLoan, slots: int) -> bool:
-    """Whether `job` may start on `slots` of `loan`: each root stage is one task (not a
-    map), of a queue and pipeline the worker runs, and they all fit."""
-    roots = [stage for stage in job.pipeline.stages.values() if not stage.after]
-    return (
-        job.pipeline.name in loan.pipelines
-        and len(roots) <= slots
-        and all(not stage.is_map and stage.queue in loan.queues for stage in roots)
-    )
+def _all_startable(new_jobs: Sequence[NewJob], loan: tasks.SlotLoan) -> bool:
+    """Whether every job may start on `loan`: each root stage is one task (not a map),
+    of a queue and pipeline the worker runs, and they all fit in its slots."""
+    needed = 0
+    for job in new_jobs:
+        if job.pipeline.name not in loan.pipelines:
+            return False
+        for stage in job.pipeline.stages.values():
+            if stage.after:
+                continue
+            if stage.is_map or stage.queue not in loan.queues:
+                return False
+            needed += 1
+    return needed <= loan.slots
 
 
 def _lend(row: dict[str, Any], loan: tasks.SlotLoan | None, position: int) -> None:

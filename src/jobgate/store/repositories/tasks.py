@@ -103,9 +103,10 @@ class Claimed:
 
 @dataclass
 class SlotLoan:
-    """Free slots an idle worker lends one submit statement (`jobs.create`): the root
-    tasks of the jobs that fit are written already leased to it, their stages and jobs
-    running, as its claim would have left them; the statement is their claim.
+    """Free slots an idle worker lends one submit statement (`jobs.create`): when all of
+    the statement's jobs fit, their root tasks are written already leased to it, their
+    stages and jobs running, as its claim would have left them; the statement is their
+    claim.
 
     Once the statement committed, `started` holds those tasks, for the worker to run,
     and `left_ready` says whether it left other tasks ready to be claimed.
