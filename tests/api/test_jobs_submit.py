@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from typing import Any
+from unittest.mock import patch
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy import select, update
 
 from jobgate.store import tables
+from jobgate.store.repositories import jobs as job_repo
+from tests.api.conftest import AppFactory
 from tests.api.helpers import TEXT, blob_root, multipart, snapshot, state_of
+from tests.api.sse import signed_in
+from tests.waiting import idle
 
 
 async def _job_row(app: FastAPI, job_id: str) -> Any:
@@ -375,3 +381,70 @@ async def test_version_may_be_given_as_a_number(client: httpx.AsyncClient) -> No
     response = await client.post("/v1/jobs", json={"pipeline": "noop", "version": 1})
     assert response.status_code == 202, response.text
     assert response.json()["pipeline_version"] == "1"
+
+
+@pytest.mark.service("postgres")
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_an_idle_server_starts_idempotent_submits_in_their_transaction(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """A submit with an Idempotency-Key is written in a transaction of several
+    statements; on an idle `serve` its job still starts in it (202 running). Two
+    concurrent submits of one key make one job, and its stage runs once: the loser's
+    rolled-back rows are never run, though they were written leased to the worker."""
+    # No fair-share clock: its row would serialise the two transactions (the first to
+    # write would win), where here the one on a loan must lose.
+    app = await app_factory(worker_concurrency=4, fair_share_stride_s=0)
+    worker = state_of(app).submits.lender
+    assert worker is not None
+    launched: list[str] = []
+    launch = worker._launch  # type: ignore[attr-defined]
+
+    def counted(task: Any) -> None:
+        launched.append(task.job_id)
+        launch(task)
+
+    worker._launch = counted  # type: ignore[attr-defined]
+    lent: dict[str, bool] = {}  # job id -> written on a loan
+    create = job_repo.create
+
+    async def slowed_create(*args: Any, **kwargs: Any) -> Any:
+        snapshots = await create(*args, **kwargs)
+        loan = kwargs.get("loan")
+        lent.update((s.job["id"], loan is not None) for s in snapshots)
+        if loan is not None and len(lent) > 1:
+            # Hold the loan's transaction open: the other submit (the worker has no
+            # slot left to lend it) commits the key first, and this one rolls back.
+            await asyncio.sleep(1.0)
+        return snapshots
+
+    _, key = await make_key("user-1", ["user"])
+    body = {"pipeline": "noop", "params": {}}
+    with patch.object(job_repo, "create", slowed_create):
+        async with signed_in(app, key) as user:
+            await idle(worker)  # type: ignore[arg-type]
+            first = await user.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-1"})
+            assert first.status_code == 202, first.text
+            assert first.json()["status"] == "running"
+            again = await user.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-1"})
+            assert again.status_code == 200
+            assert again.json()["id"] == first.json()["id"]
+
+            await idle(worker)  # type: ignore[arg-type]
+            both = await asyncio.gather(
+                *(
+                    user.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k-2"})
+                    for _ in range(2)
+                )
+            )
+            await asyncio.sleep(0.5)  # time for a wrongly launched stage to run
+    (winner,) = {answer.json()["id"] for answer in both}
+    assert sorted(answer.status_code for answer in both) == [200, 202]
+    losers = [job_id for job_id in lent if job_id not in (first.json()["id"], winner)]
+    assert len(losers) == 1, "the two submits did not race"
+    assert lent[losers[0]], "the loser had no loan: its rows were never leased"
+    assert sorted(launched) == sorted([first.json()["id"], winner])
+    async with state_of(app).db.read() as conn:
+        statuses = (await conn.execute(select(tables.jobs.c.id, tables.jobs.c.status))).all()
+    assert {status for _, status in statuses} == {"succeeded"}
+    assert len(statuses) == 2

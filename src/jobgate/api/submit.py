@@ -481,6 +481,9 @@ async def commit(
         return snapshots, False
     for attempt in range(2):
         at = now()
+        lender = state.submits.lender
+        loan = lender.lend() if lender is not None else None
+        committed = False
         try:
             async with state.db.write() as conn:
                 if key is not None:
@@ -511,6 +514,7 @@ async def commit(
                     at=at,
                     aging_s=settings.priority_aging_s,
                     stride_s=settings.fair_share_stride_s,
+                    loan=loan,
                 )
                 for job in new_jobs:
                     await blob_repo.grant(
@@ -527,12 +531,19 @@ async def commit(
                         at=at,
                         ttl_s=settings.idempotency_ttl_s,
                     )
+            committed = True
         except IntegrityError:
             # A concurrent request with the same key committed first: replay it.
             if key is None or attempt:
                 raise
             continue
-        state.wake()
+        finally:
+            if lender is not None and loan is not None:
+                if not committed:
+                    loan.started = []  # rolled back (or unknown: their leases run out)
+                lender.settle(loan)
+        if loan is None or loan.left_ready:
+            state.wake()
         _count_submitted(new_jobs)
         return snapshots, False
     raise AssertionError("unreachable")  # pragma: no cover
