@@ -372,7 +372,9 @@ class RateLimits:
             return True, None
         key = ("submit", owner)
         answer = self._take_now(self.submit, cost, key)
-        taken, window = answer if answer is not None else await self._take(self.submit, cost, key)
+        if answer is None:
+            answer = await self._take_by_call(self.submit, cost, key)
+        taken, window = answer
         if window is not None:
             self._remember(owner, window)
         return taken, window
@@ -428,7 +430,7 @@ class RateLimits:
         if self.ip is None:
             return None
         key = ("ip", ip_bucket(client_ip(scope, self.trusted_proxies)))
-        taken, window = await self._take(self.ip, 1, key)
+        taken, window = await self._take_by_call(self.ip, 1, key)
         if taken:
             return None
         return window or Window(self.ip.amount, 0, time.time() + 1)
@@ -449,18 +451,17 @@ class RateLimits:
     def _take_now(
         self, item: RateLimitItem, cost: int, key: tuple[str, ...]
     ) -> tuple[bool, Window | None] | None:
-        """`_take`, when the storage needs no call for it (`Backend.take_now`); else None."""
+        """`_take_by_call`, when the storage needs no call for it (`Backend.take_now`);
+        else None."""
         assert self._backend is not None
         result = self._backend.take_now(item, cost, key)
         return None if result is None else _taken(item, result)
 
-    async def _take(
+    async def _take_by_call(
         self, item: RateLimitItem, cost: int, key: tuple[str, ...]
     ) -> tuple[bool, Window | None]:
+        """Take `cost` slots through the storage (`Backend.take`), failing open."""
         assert self._backend is not None
-        answer = self._take_now(item, cost, key)
-        if answer is not None:
-            return answer
         take = self._backend.take
         result = await self._guard(lambda: take(item, cost, key), None, "take")
         return (True, None) if result is None else _taken(item, result)
