@@ -121,7 +121,9 @@ async def _one(stream: AllEvents, submitter: Submitter) -> float:
     return (arrived - started) * 1000
 
 
-async def run_once(database: str, samples: int, *, src: Path | None = None) -> list[float]:
+async def run_once(
+    database: str, samples: int, *, src: Path | None = None, gap_s: float = 0.01
+) -> list[float]:
     """One server on `database`: `samples` submit→completed latencies (ms). `src`: run
     the jobgate found there instead of this checkout's (`bench/compare.py`)."""
     with temp_dir("sse-latency") as tmp:
@@ -151,7 +153,8 @@ async def run_once(database: str, samples: int, *, src: Path | None = None) -> l
                 latencies = []
                 for _ in range(samples):
                     latencies.append(await _one(stream, submitter))
-                    await asyncio.sleep(0.01)  # idle between jobs, as the issue asks
+                    if gap_s:
+                        await asyncio.sleep(gap_s)
             finally:
                 await submitter.close()
                 await stream.close()

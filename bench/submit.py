@@ -310,23 +310,21 @@ async def _measure(
 
 
 async def _measure_in_turn(figures: list[Figure], *, seconds: float, runs: int) -> None:
-    """Warm each figure up, then measure them in turn, run by run: figures that are
-    compared with each other see the machine in the same minutes (its speed drifts)."""
+    """Measure the figures in turn, run by run: figures that are compared with each other
+    see the machine in the same minutes (its speed drifts). Each round starts one figure
+    further along, so that no figure always runs first or after the same neighbour, and
+    each run follows a second of the same load, untimed: a server idle while the others
+    ran starts warm, as the one measured just before it did."""
     load = _load_wrk if WRK else _load
-    for figure in figures:
-        await load(
-            figure.server,
-            figure.path,
-            figure.body,
-            figure.jobs_each,
-            min(1.0, seconds),
-            figure.inflight,
-        )
     for n in range(runs):
-        for figure in figures:
+        turn = n % len(figures)
+        for figure in figures[turn:] + figures[:turn]:
             result = figure.result
             if result.database == "postgres":
                 await analyze_postgres(figure.database_name)
+            await load(
+                figure.server, figure.path, figure.body, figure.jobs_each, 1.0, figure.inflight
+            )
             tally, elapsed = await load(
                 figure.server, figure.path, figure.body, figure.jobs_each, seconds, figure.inflight
             )

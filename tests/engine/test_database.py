@@ -351,6 +351,54 @@ async def test_autocommit_connections_stay_set_up_between_uses(
         await admin.close()
 
 
+async def _pool_plan_modes(db: Database, count: int) -> set[str]:
+    """`plan_cache_mode` of `count` pooled connections held at once."""
+    modes: set[str] = set()
+    entered = asyncio.Barrier(count)
+
+    async def one() -> None:
+        async with db.read() as conn:
+            modes.add(str(await conn.scalar(text("SHOW plan_cache_mode"))))
+            await entered.wait()
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return modes
+
+
+async def test_autocommit_connections_use_generic_plans_and_hand_none_back_to_the_pool(
+    postgres_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept autocommit connections run their prebuilt statements on generic plans; a
+    connection they hand back to the pool (a burst's extra, one whose statement failed,
+    one idle past the ping) is as the pool lent it, so other statements keep theirs."""
+    monkeypatch.setattr(database_module, "IDLE_PING_S", 3600.0)
+    db = Database(postgres_db_url, pool_size=4)  # a pool of 4 + 4, 1 kept aside
+    try:
+        started = asyncio.Barrier(4)
+
+        async def busy() -> str:
+            async with db.autocommit() as conn:
+                await started.wait()
+                return str(await pg.value(conn, "SHOW plan_cache_mode"))
+
+        assert await asyncio.gather(*(busy() for _ in range(4))) == ["force_generic_plan"] * 4
+        assert db.engine.pool.checkedout() == 1  # 3 handed back
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            async with db.autocommit() as conn:
+                await pg.value(conn, "SELECT 1 / 0")
+        assert db.engine.pool.checkedout() == 0
+        monkeypatch.setattr(database_module, "IDLE_PING_S", 0.0)
+        async with db.autocommit() as conn:
+            await pg.value(conn, "SELECT 1")
+        await asyncio.sleep(0.01)
+        async with db.autocommit() as conn:  # the kept one is idle past the ping: back
+            await pg.value(conn, "SELECT 1")
+        assert db.engine.pool.checkedout() == 1
+        assert await _pool_plan_modes(db, 7) == {"auto"}
+    finally:
+        await db.aclose()
+
+
 async def test_a_kept_connection_the_server_closed_is_not_handed_out(
     postgres_db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
