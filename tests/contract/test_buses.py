@@ -14,12 +14,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from jobgate.bus import Changes, EventBus
 from jobgate.bus.base import MAX_PAYLOAD_BYTES, decode, encode, origin_of
 from jobgate.bus.memory import MemoryBus
-from jobgate.bus.postgres import PostgresBus
+from jobgate.bus.postgres import LISTENERS_TTL_S, PostgresBus
 from jobgate.bus.redis import RedisBus
 from tests.conftest import TCP_SERVICES
 
@@ -175,3 +176,87 @@ def test_a_payloads_origin_is_readable_and_skipped_by_decoding() -> None:
         merged.update(decode(payload))
     assert merged == changes
     assert origin_of(encode({"job": 1})[0]) is None
+
+
+class Overheard:
+    """A plain `LISTEN` on a channel (not a bus): the changes PostgreSQL delivered."""
+
+    def __init__(self) -> None:
+        self.changes: list[dict[str, int]] = []
+
+    def __call__(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if decoded := decode(payload):
+            self.changes.append(decoded)
+
+    async def some(self) -> list[dict[str, int]]:
+        """What was heard, once something was (its own connection may lag a bus's)."""
+        async with asyncio.timeout(ARRIVAL_S):
+            while not self.changes:
+                await asyncio.sleep(0.01)
+        return self.changes
+
+
+@pytest.mark.service("postgres")
+async def test_a_lone_postgres_bus_sends_nothing_until_another_process_listens(
+    postgres_db_url: str,
+) -> None:
+    """A bus with no other listening bus on its channel keeps its changes to its own
+    process (a plain listener hears none of them); a bus that starts listening says so,
+    and from then on the first one sends at once, not after its next look."""
+    channel = f"jgtest_{uuid.uuid4().hex[:12]}"
+    raw = await asyncpg.connect(postgres_db_url.replace("postgresql+asyncpg", "postgresql"))
+    overheard = Overheard()
+    await raw.add_listener(channel, overheard)
+    first, second = PostgresBus(postgres_db_url, channel=channel), None
+    own, theirs = Received(), Received()
+    first.subscribe(own)
+    try:
+        await first.start()
+        first.publish({"job-a": 1})
+        await own.until({"job-a": 1})
+        await asyncio.sleep(0.3)
+        assert overheard.changes == []
+        second = PostgresBus(postgres_db_url, channel=channel)
+        second.subscribe(theirs)
+        await second.start()
+        await asyncio.sleep(0.05)  # its word reaches the first bus
+        first.publish({"job-a": 2})
+        async with asyncio.timeout(LISTENERS_TTL_S / 2):
+            await theirs.until({"job-a": 2})
+        assert await overheard.some() == [{"job-a": 2}]
+    finally:
+        await first.aclose()
+        if second is not None:
+            await second.aclose()
+        await raw.close()
+
+
+@pytest.mark.service("postgres")
+async def test_a_sender_that_does_not_listen_finds_a_listener_that_came_later(
+    postgres_db_url: str,
+) -> None:
+    """A worker's bus (it sends, it does not listen) sends nothing while no bus listens,
+    and reaches one that started after it within `LISTENERS_TTL_S`."""
+    channel = f"jgtest_{uuid.uuid4().hex[:12]}"
+    raw = await asyncpg.connect(postgres_db_url.replace("postgresql+asyncpg", "postgresql"))
+    overheard = Overheard()
+    await raw.add_listener(channel, overheard)
+    sender, listener = PostgresBus(postgres_db_url, channel=channel), None
+    received = Received()
+    try:
+        await sender.start()
+        sender.publish({"job-a": 1})
+        await asyncio.sleep(0.3)
+        assert overheard.changes == []
+        listener = PostgresBus(postgres_db_url, channel=channel)
+        listener.subscribe(received)
+        await listener.start()
+        await asyncio.sleep(LISTENERS_TTL_S)
+        sender.publish({"job-a": 2})
+        await received.until({"job-a": 2})
+        assert await overheard.some() == [{"job-a": 2}]
+    finally:
+        await sender.aclose()
+        if listener is not None:
+            await listener.aclose()
+        await raw.close()

@@ -11,13 +11,36 @@ from typing import Any
 import asyncpg
 import structlog
 
-from jobgate.bus.base import Changes, Listener, Listeners, decode, encode, merge, origin_of
+from jobgate.bus.base import (
+    ORIGIN_MARK,
+    Changes,
+    Listener,
+    Listeners,
+    decode,
+    encode,
+    merge,
+    origin_of,
+)
 from jobgate.transport.wakeups import asyncpg_dsn
 
 log = structlog.get_logger("jobgate.bus")
 
 CHANNEL = "jobgate_events"
 _NOTIFY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
+LISTENERS_TTL_S = 1.0
+"""How long a bus trusts its last look at whether another process listens."""
+# A listening bus's connection is named for its channel; a process that only sends (a
+# worker) uses another name, as nobody needs to hear of it.
+_SENDER_NAME = "jobgate-bus-send"
+_OTHER_LISTENERS = (
+    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+    "AND application_name = $1 AND pid <> pg_backend_pid())"
+)
+
+
+def listener_name(channel: str) -> str:
+    """The `application_name` of a bus connection that listens on `channel`."""
+    return f"jobgate-bus:{channel}"[:63]  # PostgreSQL keeps 63 bytes of it
 
 
 class PostgresBus:
@@ -30,6 +53,13 @@ class PostgresBus:
     comes back by itself after the server restarts; listeners are then told that
     anything may have changed (None), since notifications sent meanwhile are lost.
     Changes published while the server is away are sent once it is back.
+
+    Nothing is sent while no other process listens on the channel: a lone `serve`
+    (its own streams hear its changes at once) would only make PostgreSQL echo them
+    back. A bus looks at the server's connections for another listener at most once a
+    `LISTENERS_TTL_S` while it has something to send, and a listener that connects
+    says so on the channel, so the other listeners send to it from then on (a sender
+    that does not listen, a worker, learns of it within `LISTENERS_TTL_S`).
     """
 
     def __init__(self, url: str, *, channel: str = CHANNEL) -> None:
@@ -43,6 +73,9 @@ class PostgresBus:
         self._conn: Any = None
         self._using = asyncio.Lock()  # one operation at a time on the connection
         self._connected = asyncio.Event()
+        # Whether another process listens, and when that was last seen (0: look first).
+        self._heard = False
+        self._heard_at = 0.0
 
     def publish(self, changes: Changes) -> None:
         merge(self._pending, changes)
@@ -79,12 +112,17 @@ class PostgresBus:
         while True:
             conn: Any = None
             try:
+                listening = bool(self._listeners)
+                name = listener_name(self._channel) if listening else _SENDER_NAME
                 conn = await asyncpg.connect(
-                    self._dsn, timeout=5, server_settings={"application_name": "jobgate-bus"}
+                    self._dsn, timeout=5, server_settings={"application_name": name}
                 )
                 conn.add_termination_listener(lambda _conn: self._kick.set())
-                if self._listeners:
+                self._heard_at = 0.0  # who listens may have changed while away
+                if listening:
                     await conn.add_listener(self._channel, self._notified)
+                    # Others that listen send to this process from now on.
+                    await conn.execute(_NOTIFY, self._channel, [self._hello()])
                 self._conn = conn
                 self._connected.set()
                 delay = 0.1
@@ -116,11 +154,29 @@ class PostgresBus:
             pending, self._pending = self._pending, {}
             try:
                 async with self._using:
-                    await conn.execute(_NOTIFY, self._channel, encode(pending, self._origin))
+                    if await self._others_listen(conn):
+                        await conn.execute(_NOTIFY, self._channel, encode(pending, self._origin))
             except BaseException:
                 merge(self._pending, pending)  # sent after the reconnect
                 raise
 
+    async def _others_listen(self, conn: Any) -> bool:
+        """Whether another process listens on the channel, as last seen, or looked up
+        when that is older than `LISTENERS_TTL_S`."""
+        at = time.monotonic()
+        if at - self._heard_at >= LISTENERS_TTL_S:
+            self._heard = bool(await conn.fetchval(_OTHER_LISTENERS, listener_name(self._channel)))
+            self._heard_at = at
+        return self._heard
+
+    def _hello(self) -> str:
+        """A payload of no changes: "this process listens"."""
+        return f"{ORIGIN_MARK}{self._origin}"
+
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        if origin_of(payload) != self._origin:  # this process's own went out at once
-            self._listeners(decode(payload))
+        if origin_of(payload) == self._origin:  # this process's own went out at once
+            return
+        self._heard, self._heard_at = True, time.monotonic()  # another process listens
+        changes = decode(payload)
+        if changes:
+            self._listeners(changes)
