@@ -2,8 +2,10 @@
 
 A `jobgate serve --worker-concurrency 0` per variant, each on a fresh PostgreSQL
 database, all started at once and measured in turn (run 1 of each, then run 2 of each,
-...), so that drift in the machine's speed hits every variant alike; only the one
-measured is busy. Each answer must be 202. A variant's figure is the median, over the
+...; each round starting one variant further along, each run after a second of untimed
+load), so that drift in the machine's speed hits every variant alike and no variant
+always runs in the same place; only the one measured is busy. Each answer must be 202.
+A variant's figure is the median, over the
 rounds, of its run's ratio to the baseline's run of the same round, and beside it the
 server's CPU per submit (median of the runs): on this shared machine the throughput of
 one server swings by a third between minutes, and the ratio of neighbours far less.
