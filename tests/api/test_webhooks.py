@@ -71,6 +71,11 @@ async def make_sender() -> AsyncIterator[MakeSender]:
         await sender.aclose()
 
 
+# The senders' clock starts this far ahead of the requests that make deliveries due, so
+# that they are due however slowly those requests run on a loaded machine.
+SENDER_AHEAD_S = 60.0
+
+
 async def _webhook_job(
     client: httpx.AsyncClient,
     url: str,
@@ -213,7 +218,7 @@ async def test_rotation_signs_with_both_secrets_for_a_day(
     """After a rotation deliveries carry two signatures, one verifying with the old
     secret and one with the new; 24 h later only the new one signs."""
     app = await app_factory(webhook_concurrency=0, **PRIVATE_OK)
-    clock = Clock(now() + 1)
+    clock = Clock(now() + SENDER_AHEAD_S)
     sender = make_sender(app, clock=clock)
     async with await client_for(app) as client:
         old = (await client.get("/v1/webhooks/secret")).json()["key"]
@@ -272,7 +277,7 @@ async def test_failed_attempts_are_retried_with_growing_delays_until_one_succeed
     and 4 s (base 1 s, jitter at its top); the fourth attempt succeeds. Every attempt
     sends the same body under the same webhook-id."""
     app = await app_factory(webhook_concurrency=0, **PRIVATE_OK)
-    clock = Clock(now() + 1)
+    clock = Clock(now() + SENDER_AHEAD_S)
     sender = make_sender(
         app,
         clock=clock,
@@ -329,7 +334,7 @@ async def test_a_delivery_is_dead_after_its_attempts_and_redelivery_goes_on_coun
     """Max attempts failed: dead, never claimed again; a redelivery sends it once more
     (same id), its attempts counting on from there."""
     app = await app_factory(webhook_concurrency=0, **PRIVATE_OK)
-    clock = Clock(now() + 1)
+    clock = Clock(now() + SENDER_AHEAD_S)
     sender = make_sender(app, clock=clock, webhook_max_attempts=3)
     receiver.plan(500, 503, 502)
     async with await client_for(app) as client:
@@ -361,7 +366,7 @@ async def test_a_gone_endpoint_is_not_retried(
 ) -> None:
     """410 Gone fails the delivery at once."""
     app = await app_factory(webhook_concurrency=0, **PRIVATE_OK)
-    clock = Clock(now() + 1)
+    clock = Clock(now() + SENDER_AHEAD_S)
     sender = make_sender(app, clock=clock)
     receiver.plan(410)
     async with await client_for(app) as client:
@@ -401,7 +406,7 @@ async def test_a_name_resolving_to_loopback_is_refused_at_delivery(
     allowlist names the host delivers it after a redelivery."""
     # The app accepts the URL (its own settings allow private targets); senders decide.
     app = await app_factory(webhook_concurrency=0, **PRIVATE_OK)
-    clock = Clock(now() + 1)
+    clock = Clock(now() + SENDER_AHEAD_S)
     strict = make_sender(app, clock=clock, webhook_allow_private=False)
     url = receiver.url.replace("127.0.0.1", "localhost")
     async with await client_for(app) as client:
@@ -478,7 +483,7 @@ async def test_the_connection_goes_to_the_checked_address(
         sent.append(request)
         return httpx.Response(500)
 
-    clock = Clock(now() + 1)
+    clock = Clock(now() + SENDER_AHEAD_S)
     sender = make_sender(
         app,
         clock=clock,

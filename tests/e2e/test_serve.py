@@ -234,6 +234,11 @@ def test_a_job_its_submit_started_survives_a_sigkill_of_that_server(
     doomed = start_server(tmp_path / "doomed", fresh_postgres_url, settings=settings)
     api = survivor = None
     try:
+        # The API to watch from is up first: its start-up is no part of the recovery.
+        (tmp_path / "api").mkdir()
+        api = start_server(
+            tmp_path / "api", fresh_postgres_url, worker_concurrency=0, settings=settings
+        )
         with doomed.client() as client:
             # Once a first job is done, the worker's last claim found nothing: it is idle.
             first = client.post("/v1/jobs", json={"pipeline": "noop", "params": {}}).json()
@@ -246,10 +251,6 @@ def test_a_job_its_submit_started_survives_a_sigkill_of_that_server(
         doomed.process.kill()
         doomed.process.wait(timeout=10)
         killed_at = time.monotonic()
-        (tmp_path / "api").mkdir()
-        api = start_server(
-            tmp_path / "api", fresh_postgres_url, worker_concurrency=0, settings=settings
-        )
         survivor = _start_worker(api, tmp_path, "survivor")
         with api.client() as client:
             job = wait_for(client, job_id, {"succeeded", "failed"}, timeout=30)

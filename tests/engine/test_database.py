@@ -25,18 +25,23 @@ pytestmark = pytest.mark.service("postgres")
 POOLED = 3
 
 
-async def _backend_pids(db: Database, count: int) -> set[int]:
-    """Hold `count` pooled connections at once; their server pids."""
-    pids: set[int] = set()
+async def _on_held(db: Database, count: int, query: str) -> set[Any]:
+    """Hold `count` pooled connections at once; what `query` answers on each."""
+    answers: set[Any] = set()
     entered = asyncio.Barrier(count)
 
     async def one() -> None:
         async with db.write() as conn:
-            pids.add(int(await conn.scalar(text("SELECT pg_backend_pid()"))))
+            answers.add(await conn.scalar(text(query)))
             await entered.wait()
 
     await asyncio.gather(*(one() for _ in range(count)))
-    return pids
+    return answers
+
+
+async def _backend_pids(db: Database, count: int) -> set[int]:
+    """Hold `count` pooled connections at once; their server pids."""
+    return {int(pid) for pid in await _on_held(db, count, "SELECT pg_backend_pid()")}
 
 
 async def _terminate(url: str, pids: set[int]) -> None:
@@ -351,20 +356,6 @@ async def test_autocommit_connections_stay_set_up_between_uses(
         await admin.close()
 
 
-async def _pool_plan_modes(db: Database, count: int) -> set[str]:
-    """`plan_cache_mode` of `count` pooled connections held at once."""
-    modes: set[str] = set()
-    entered = asyncio.Barrier(count)
-
-    async def one() -> None:
-        async with db.read() as conn:
-            modes.add(str(await conn.scalar(text("SHOW plan_cache_mode"))))
-            await entered.wait()
-
-    await asyncio.gather(*(one() for _ in range(count)))
-    return modes
-
-
 async def test_autocommit_connections_use_generic_plans_and_hand_none_back_to_the_pool(
     postgres_db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -394,7 +385,7 @@ async def test_autocommit_connections_use_generic_plans_and_hand_none_back_to_th
         async with db.autocommit() as conn:  # the kept one is idle past the ping: back
             await pg.value(conn, "SELECT 1")
         assert db.engine.pool.checkedout() == 1
-        assert await _pool_plan_modes(db, 7) == {"auto"}
+        assert await _on_held(db, 7, "SHOW plan_cache_mode") == {"auto"}
     finally:
         await db.aclose()
 
