@@ -260,3 +260,25 @@ async def test_a_sender_that_does_not_listen_finds_a_listener_that_came_later(
         if listener is not None:
             await listener.aclose()
         await raw.close()
+
+
+@pytest.mark.service("postgres")
+async def test_a_bus_whose_connection_name_was_rewritten_keeps_sending(
+    postgres_db_url: str,
+) -> None:
+    """Behind a proxy that rewrites `application_name`, no bus can find the others by
+    name: a bus whose own name did not survive sends, as if others listened."""
+    channel = f"jgtest_{uuid.uuid4().hex[:12]}"
+    raw = await asyncpg.connect(postgres_db_url.replace("postgresql+asyncpg", "postgresql"))
+    overheard = Overheard()
+    await raw.add_listener(channel, overheard)
+    bus = PostgresBus(postgres_db_url, channel=channel)
+    bus.subscribe(Received())
+    try:
+        await bus.start()
+        await bus._conn.execute("SET application_name = 'rewritten-by-a-proxy'")
+        bus.publish({"job-a": 1})
+        assert await overheard.some() == [{"job-a": 1}]
+    finally:
+        await bus.aclose()
+        await raw.close()

@@ -32,9 +32,12 @@ LISTENERS_TTL_S = 1.0
 # A listening bus's connection is named for its channel; a process that only sends (a
 # worker) uses another name, as nobody needs to hear of it.
 _SENDER_NAME = "jobgate-bus-send"
+# Another listener of the channel, or a name that did not survive (a proxy rewrote it:
+# then the others' names cannot be trusted either, so the bus sends as it always did).
 _OTHER_LISTENERS = (
     "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
-    "AND application_name = $1 AND pid <> pg_backend_pid())"
+    "AND application_name = $1 AND pid <> pg_backend_pid()) OR NOT EXISTS (SELECT 1 "
+    "FROM pg_stat_activity WHERE pid = pg_backend_pid() AND application_name = $2)"
 )
 
 
@@ -59,7 +62,8 @@ class PostgresBus:
     back. A bus looks at the server's connections for another listener at most once a
     `LISTENERS_TTL_S` while it has something to send, and a listener that connects
     says so on the channel, so the other listeners send to it from then on (a sender
-    that does not listen, a worker, learns of it within `LISTENERS_TTL_S`).
+    that does not listen, a worker, learns of it within `LISTENERS_TTL_S`). A bus whose
+    own connection name did not survive (a proxy rewrote it) always sends.
     """
 
     def __init__(self, url: str, *, channel: str = CHANNEL) -> None:
@@ -76,6 +80,7 @@ class PostgresBus:
         # Whether another process listens, and when that was last seen (0: look first).
         self._heard = False
         self._heard_at = 0.0
+        self._name = _SENDER_NAME  # this connection's application_name
 
     def publish(self, changes: Changes) -> None:
         merge(self._pending, changes)
@@ -113,7 +118,7 @@ class PostgresBus:
             conn: Any = None
             try:
                 listening = bool(self._listeners)
-                name = listener_name(self._channel) if listening else _SENDER_NAME
+                name = self._name = listener_name(self._channel) if listening else _SENDER_NAME
                 conn = await asyncpg.connect(
                     self._dsn, timeout=5, server_settings={"application_name": name}
                 )
@@ -165,7 +170,8 @@ class PostgresBus:
         when that is older than `LISTENERS_TTL_S`."""
         at = time.monotonic()
         if at - self._heard_at >= LISTENERS_TTL_S:
-            self._heard = bool(await conn.fetchval(_OTHER_LISTENERS, listener_name(self._channel)))
+            listeners = listener_name(self._channel)
+            self._heard = bool(await conn.fetchval(_OTHER_LISTENERS, listeners, self._name))
             self._heard_at = at
         return self._heard
 
