@@ -196,89 +196,81 @@ class Overheard:
         return self.changes
 
 
+class Channel:
+    """A fresh channel with a plain listener on it, and PostgreSQL buses to start on it
+    (each a process of its own; closed with the channel)."""
+
+    def __init__(self, url: str, stack: AsyncExitStack) -> None:
+        self.url, self.stack = url, stack
+        self.name = f"jgtest_{uuid.uuid4().hex[:12]}"
+        self.overheard = Overheard()
+
+    async def bus(self, listener: Received | None = None) -> PostgresBus:
+        """A started bus; with `listener`, one that listens (an API process's)."""
+        bus = PostgresBus(self.url, channel=self.name)
+        if listener is not None:
+            bus.subscribe(listener)
+        self.stack.push_async_callback(bus.aclose)
+        await bus.start()
+        return bus
+
+
+@pytest.fixture
+async def channel(postgres_db_url: str) -> AsyncIterator[Channel]:
+    raw = await asyncpg.connect(postgres_db_url.replace("postgresql+asyncpg", "postgresql"))
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(raw.close)
+        made = Channel(postgres_db_url, stack)
+        await raw.add_listener(made.name, made.overheard)
+        yield made
+
+
 @pytest.mark.service("postgres")
 async def test_a_lone_postgres_bus_sends_nothing_until_another_process_listens(
-    postgres_db_url: str,
+    channel: Channel,
 ) -> None:
     """A bus with no other listening bus on its channel keeps its changes to its own
     process (a plain listener hears none of them); a bus that starts listening says so,
     and from then on the first one sends at once, not after its next look."""
-    channel = f"jgtest_{uuid.uuid4().hex[:12]}"
-    raw = await asyncpg.connect(postgres_db_url.replace("postgresql+asyncpg", "postgresql"))
-    overheard = Overheard()
-    await raw.add_listener(channel, overheard)
-    first, second = PostgresBus(postgres_db_url, channel=channel), None
     own, theirs = Received(), Received()
-    first.subscribe(own)
-    try:
-        await first.start()
-        first.publish({"job-a": 1})
-        await own.until({"job-a": 1})
-        await asyncio.sleep(0.3)
-        assert overheard.changes == []
-        second = PostgresBus(postgres_db_url, channel=channel)
-        second.subscribe(theirs)
-        await second.start()
-        await asyncio.sleep(0.05)  # its word reaches the first bus
-        first.publish({"job-a": 2})
-        async with asyncio.timeout(LISTENERS_TTL_S / 2):
-            await theirs.until({"job-a": 2})
-        assert await overheard.some() == [{"job-a": 2}]
-    finally:
-        await first.aclose()
-        if second is not None:
-            await second.aclose()
-        await raw.close()
+    first = await channel.bus(own)
+    first.publish({"job-a": 1})
+    await own.until({"job-a": 1})
+    await asyncio.sleep(0.3)
+    assert channel.overheard.changes == []
+    await channel.bus(theirs)
+    await asyncio.sleep(0.05)  # its word reaches the first bus
+    first.publish({"job-a": 2})
+    async with asyncio.timeout(LISTENERS_TTL_S / 2):
+        await theirs.until({"job-a": 2})
+    assert await channel.overheard.some() == [{"job-a": 2}]
 
 
 @pytest.mark.service("postgres")
 async def test_a_sender_that_does_not_listen_finds_a_listener_that_came_later(
-    postgres_db_url: str,
+    channel: Channel,
 ) -> None:
     """A worker's bus (it sends, it does not listen) sends nothing while no bus listens,
     and reaches one that started after it within `LISTENERS_TTL_S`."""
-    channel = f"jgtest_{uuid.uuid4().hex[:12]}"
-    raw = await asyncpg.connect(postgres_db_url.replace("postgresql+asyncpg", "postgresql"))
-    overheard = Overheard()
-    await raw.add_listener(channel, overheard)
-    sender, listener = PostgresBus(postgres_db_url, channel=channel), None
     received = Received()
-    try:
-        await sender.start()
-        sender.publish({"job-a": 1})
-        await asyncio.sleep(0.3)
-        assert overheard.changes == []
-        listener = PostgresBus(postgres_db_url, channel=channel)
-        listener.subscribe(received)
-        await listener.start()
-        await asyncio.sleep(LISTENERS_TTL_S)
-        sender.publish({"job-a": 2})
-        await received.until({"job-a": 2})
-        assert await overheard.some() == [{"job-a": 2}]
-    finally:
-        await sender.aclose()
-        if listener is not None:
-            await listener.aclose()
-        await raw.close()
+    sender = await channel.bus()
+    sender.publish({"job-a": 1})
+    await asyncio.sleep(0.3)
+    assert channel.overheard.changes == []
+    await channel.bus(received)
+    await asyncio.sleep(LISTENERS_TTL_S)
+    sender.publish({"job-a": 2})
+    await received.until({"job-a": 2})
+    assert await channel.overheard.some() == [{"job-a": 2}]
 
 
 @pytest.mark.service("postgres")
 async def test_a_bus_whose_connection_name_was_rewritten_keeps_sending(
-    postgres_db_url: str,
+    channel: Channel,
 ) -> None:
     """Behind a proxy that rewrites `application_name`, no bus can find the others by
     name: a bus whose own name did not survive sends, as if others listened."""
-    channel = f"jgtest_{uuid.uuid4().hex[:12]}"
-    raw = await asyncpg.connect(postgres_db_url.replace("postgresql+asyncpg", "postgresql"))
-    overheard = Overheard()
-    await raw.add_listener(channel, overheard)
-    bus = PostgresBus(postgres_db_url, channel=channel)
-    bus.subscribe(Received())
-    try:
-        await bus.start()
-        await bus._conn.execute("SET application_name = 'rewritten-by-a-proxy'")
-        bus.publish({"job-a": 1})
-        assert await overheard.some() == [{"job-a": 1}]
-    finally:
-        await bus.aclose()
-        await raw.close()
+    bus = await channel.bus(Received())
+    await bus._conn.execute("SET application_name = 'rewritten-by-a-proxy'")
+    bus.publish({"job-a": 1})
+    assert await channel.overheard.some() == [{"job-a": 1}]
