@@ -222,10 +222,7 @@ async def test_the_callers_stream_sees_only_its_jobs_with_increasing_global_ids(
         client(bob_key) as bob,
         client(admin_key) as admin,
     ):
-        streams = [
-            asyncio.create_task(_read_all(c, count)) for c, count in ((alice, 8), (admin, 16))
-        ]
-        await asyncio.sleep(0.3)  # the streams are open: they start at "now"
+        streams = [await _reading(c, count) for c, count in ((alice, 8), (admin, 16))]
         mine = [await _submit(alice, "noop") for _ in range(2)]
         theirs = [await _submit(bob, "noop") for _ in range(2)]
         alice_got, admin_got = await asyncio.gather(*streams)
@@ -244,19 +241,38 @@ async def test_the_callers_stream_sees_only_its_jobs_with_increasing_global_ids(
 
 
 async def _read_all(
-    client: httpx.AsyncClient, count: int, last: int | None = None, kind: str | None = None
+    client: httpx.AsyncClient,
+    count: int,
+    last: int | None = None,
+    kind: str | None = None,
+    opened: asyncio.Event | None = None,
 ) -> list[Sse]:
     """The first `count` events (of type `kind`, when given) of `/v1/events`."""
     headers = {"Last-Event-ID": str(last)} if last is not None else {}
     got: list[Sse] = []
     async with asyncio.timeout(30), client.stream("GET", "/v1/events", headers=headers) as r:
         assert r.status_code == 200
+        if opened is not None:
+            opened.set()
         async for event in read_events(r):
             if event.kind != "heartbeat" and kind in (None, event.kind):
                 got.append(event)
             if len(got) >= count:
                 break
     return got
+
+
+async def _reading(client: httpx.AsyncClient, count: int, **kwargs: Any) -> asyncio.Task[list[Sse]]:
+    """`_read_all` in a task, once its stream is open: a fresh stream's start is fixed
+    before its headers come, so it gets every event that follows."""
+    opened = asyncio.Event()
+    reader = asyncio.create_task(_read_all(client, count, opened=opened, **kwargs))
+    async with asyncio.timeout(10):
+        while not opened.is_set():
+            if reader.done():
+                reader.result()
+            await asyncio.sleep(0.01)
+    return reader
 
 
 async def test_a_lost_wake_up_only_delays_an_event(app_factory: AppFactory, make_key: Any) -> None:
@@ -290,8 +306,7 @@ async def test_a_global_stream_waits_for_a_slower_writer_of_a_smaller_id(
     async with signed_in(app, key, SSE) as admin:
         slow_job = await _submit(admin, "noop")
         fast_job = await _submit(admin, "noop")
-        reader = asyncio.create_task(_read_all(admin, 2, kind="message"))
-        await asyncio.sleep(0.3)
+        reader = await _reading(admin, 2, kind="message")
         async with db.write() as slow:
             await event_repo.append(slow, slow_job, [("message", {"text": "slow"})], at=now())
             async with db.write() as fast:
@@ -319,8 +334,7 @@ async def test_a_writer_in_another_database_does_not_hold_global_streams_back(
         async with signed_in(app, key, SSE) as admin, other.transaction():
             assert await other.fetchval("SELECT pg_current_xact_id()") is not None
             job_id = await _submit(admin, "noop")
-            reader = asyncio.create_task(_read_all(admin, 1, kind="message"))
-            await asyncio.sleep(0.3)
+            reader = await _reading(admin, 1, kind="message")
             async with state_of(app).db.write() as conn:
                 await event_repo.append(conn, job_id, [("message", {"text": "hi"})], at=now())
             async with asyncio.timeout(3):
@@ -450,8 +464,7 @@ async def test_a_global_stream_reads_back_what_it_was_not_handed(
     try:
         async with signed_in(app, key, SSE) as admin:
             job_id = await _submit(admin, "noop")
-            reader = asyncio.create_task(_read_all(admin, 2, kind="message"))
-            await asyncio.sleep(0.3)
+            reader = await _reading(admin, 2, kind="message")
             async with elsewhere.write() as conn:
                 await event_repo.append(conn, job_id, [("message", {"text": "there"})], at=now())
             async with db.write() as conn:
@@ -544,8 +557,7 @@ async def test_a_global_stream_gets_past_an_id_a_rolled_back_write_used(
     _, key = await make_key("root", ["admin"])
     async with signed_in(app, key, SSE) as admin:
         job_id = await _submit(admin, "noop")
-        reader = asyncio.create_task(_read_all(admin, 3, kind="message"))
-        await asyncio.sleep(0.3)
+        reader = await _reading(admin, 3, kind="message")
         async with state.db.write() as conn:
             await event_repo.append(conn, job_id, [("message", {"text": "before"})], at=now())
         with contextlib.suppress(_RolledBack):
@@ -558,8 +570,7 @@ async def test_a_global_stream_gets_past_an_id_a_rolled_back_write_used(
         async with asyncio.timeout(3):
             got = await reader
         # Past the gap, a stream's read is one statement again.
-        reader = asyncio.create_task(_read_all(admin, 1, kind="message"))
-        await asyncio.sleep(0.3)
+        reader = await _reading(admin, 1, kind="message")
         async with state.db.write() as conn:
             await event_repo.append(conn, job_id, [("message", {"text": "again"})], at=now())
         async with asyncio.timeout(3):
@@ -587,8 +598,7 @@ async def test_a_callers_stream_reads_past_pages_of_other_owners_events(
     async with signed_in(app, alice_key, SSE) as alice, signed_in(app, bob_key, SSE) as bob:
         mine = await _submit(alice, "noop")
         theirs = await _submit(bob, "noop")
-        reader = asyncio.create_task(_read_all(alice, 2, kind="message"))
-        await asyncio.sleep(0.3)
+        reader = await _reading(alice, 2, kind="message")
         for text, job_id, count in (("first", mine, 1), ("noise", theirs, 1200), ("last", mine, 1)):
             async with state.db.write() as conn:
                 items = [("message", {"text": text})] * count

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from jobgate.blobs import open_blob_store
 from jobgate.blobs.base import BlobStore
@@ -20,6 +21,8 @@ from jobgate.pipelines.files import sniff
 from jobgate.store import Database
 from jobgate.store.repositories import blobs as blob_repo
 from jobgate.store.repositories import events, jobs
+from jobgate.store.tables import tasks as task_table
+from jobgate.store.tables import workers as worker_table
 from jobgate.worker import Worker
 from tests.engine import pipelines
 
@@ -102,8 +105,30 @@ class Engine:
             if check(snapshot):
                 return snapshot
             if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} stuck: {dict(snapshot.job)}")
+                raise AssertionError(
+                    f"job {job_id} stuck: {dict(snapshot.job)}\n{await self.explain(job_id)}"
+                )
             await asyncio.sleep(0.02)
+
+    async def explain(self, job_id: str) -> str:
+        """What a stuck job's tasks and the workers look like, for the failure message."""
+        async with self.db.read() as conn:
+            task_rows = (
+                await conn.execute(select(task_table).where(task_table.c.job_id == job_id))
+            ).all()
+            worker_rows = (await conn.execute(select(worker_table))).all()
+        states = [
+            f"worker {w.id}: running={len(w._running)} lent={w._lent} idle={w._idle}"
+            f" wakeup={w._wakeup.is_set()} listening={w._wakeups and w._wakeups.listening}"
+            f" leads={w._wakeups and w._wakeups.elected.is_set()}"
+            for w in self.workers
+        ]
+        return "\n".join(
+            [f"at {now():.3f}"]
+            + [f"task {dict(row._mapping)}" for row in task_rows]
+            + [f"worker row {dict(row._mapping)}" for row in worker_rows]
+            + states
+        )
 
     async def events(self, job_id: str) -> list[dict[str, Any]]:
         async with self.db.read() as conn:

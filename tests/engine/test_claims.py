@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -137,3 +139,79 @@ async def test_claims_and_renewals_read_indexes_not_the_backlog(database: Databa
     assert held == {token}
     assert "pk_tasks" in plan, plan
     assert "Seq Scan on tasks" not in plan, plan
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_claim_waits_for_an_outcome_holding_its_job_without_deadlock(
+    database: Database,
+) -> None:
+    """An outcome locks its job, then writes the job's stages; a claim of one of the
+    job's tasks meanwhile waits for the job before it touches a stage, so the two
+    never lock each other out (PostgreSQL would abort one after `deadlock_timeout`)."""
+    (job_id,) = await _submit(database, 1)
+    async with database.write() as outcome:
+        await outcome.execute(text("SET LOCAL lock_timeout = '10s'"))
+        await outcome.execute(
+            text("SELECT id FROM jobs WHERE id = :job FOR UPDATE"), {"job": job_id}
+        )
+        claim = asyncio.create_task(_claim(database, ["default"], 1))
+        deadline = time.monotonic() + 10
+        while not await _waiting_for_a_lock(database):
+            assert not claim.done(), claim.result()
+            assert time.monotonic() < deadline, "the claim never waited for the job"
+            await asyncio.sleep(0.02)
+        # The outcome's own write to the job's stage: free to go, the claim holds no stage.
+        await outcome.execute(
+            text("UPDATE stages SET progress = 0.5 WHERE job_id = :job"), {"job": job_id}
+        )
+    assert await asyncio.wait_for(claim, 10) == [job_id]
+    async with database.read() as conn:
+        stage = (
+            await conn.execute(
+                text("SELECT status, progress FROM stages WHERE job_id = :job"), {"job": job_id}
+            )
+        ).one()
+    assert tuple(stage) == ("running", 0.5)
+
+
+async def _waiting_for_a_lock(db: Database) -> bool:
+    async with db.read() as conn:
+        waiting = await conn.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            )
+        )
+    return bool(waiting)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_renewal_skips_a_task_another_transaction_holds(database: Database) -> None:
+    """A renewal does not wait for a task row its outcome is being written on: that
+    lease counts as held, unrenewed; the free one is renewed, a lost one is not held."""
+    await _submit(database, 3)
+    async with database.write() as conn:
+        rows = await conn.execute(
+            text(
+                "UPDATE tasks SET lease_token = 't-' || id, lease_expires_at = 1"
+                " RETURNING id, lease_token"
+            )
+        )
+        leases: dict[int, str] = {row.id: row.lease_token for row in rows}
+    busy, free, lost = sorted(leases)
+    async with database.write() as conn:
+        await conn.execute(
+            text("UPDATE tasks SET lease_token = 'taken' WHERE id = :id"), {"id": lost}
+        )
+    async with database.write() as outcome:
+        await outcome.execute(text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": busy})
+        async with database.write() as conn:
+            await conn.execute(text("SET LOCAL lock_timeout = '2s'"))
+            held, _ = await tasks.renew(conn, leases, lease_s=30, at=now())
+    assert held == {leases[busy], leases[free]}
+    async with database.read() as conn:
+        expiries = dict(
+            tuple(row) for row in await conn.execute(text("SELECT id, lease_expires_at FROM tasks"))
+        )
+    assert expiries[free] > 1
+    assert expiries[busy] == 1

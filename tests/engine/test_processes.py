@@ -104,7 +104,9 @@ async def test_stage_ignoring_cancel_is_killed_after_the_grace(engine: Engine) -
     await cancel(engine, job_id)
     snapshot = await engine.wait(job_id)
     waited = time.monotonic() - asked
-    assert engine.settings.cancel_grace_s <= waited < engine.settings.cancel_grace_s + 1.5
+    # Seen within a lease renewal (0.5 s), then the grace: about 1.1 s when idle. The
+    # bound is loose for a loaded CI machine; the busy loop alone would never end.
+    assert engine.settings.cancel_grace_s <= waited < engine.settings.cancel_grace_s + 3.0
     assert snapshot.job["status"] == "cancelled"
     assert engine.stage(snapshot, "crunch")["status"] == "cancelled"
     assert worker.processes.pids() == []

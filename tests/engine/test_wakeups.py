@@ -196,3 +196,50 @@ async def test_an_idle_worker_claims_once_per_job_not_again_when_it_ends(
         await worker.stop(grace_s=0)
         await blobs.aclose()
         await db.aclose()
+
+
+async def test_a_failed_claim_is_tried_again_without_a_new_wake_up(
+    postgres_db_url: str, tmp_path: Path
+) -> None:
+    """The claim a notification woke fails (a deadlock, a dropped connection): the worker
+    claims again after `worker_poll_interval_s`, not at its next idle poll (60 s)."""
+    settings = Settings(data_dir=tmp_path, database_url=postgres_db_url, worker_poll_interval_s=0.2)
+    db = Database(postgres_db_url)
+    blobs = open_blob_store((tmp_path / "blobs").as_uri())
+    worker = Worker(
+        settings=settings, db=db, blobs=blobs, registry=Registry.from_paths([]), concurrency=2
+    )
+    failures: list[float] = []
+    claim = worker._claim
+
+    async def fails_once(*args: object, **kwargs: object) -> list[object]:
+        if armed and not failures:
+            failures.append(time.monotonic())
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+        return list(await claim(*args, **kwargs))  # type: ignore[arg-type]
+
+    worker._claim = fails_once  # type: ignore[method-assign]
+    armed = False
+    await worker.start()
+    try:
+        await asyncio.sleep(0.5)  # past the start-up claim
+        armed = True
+        await _submit(db)
+        async with asyncio.timeout(5):
+            while not failures:
+                await asyncio.sleep(0.02)
+            while True:
+                async with db.read() as conn:
+                    done = await conn.scalar(
+                        select(func.count())
+                        .select_from(job_table)
+                        .where(job_table.c.status == "succeeded")
+                    )
+                if done:
+                    break
+                await asyncio.sleep(0.02)
+        assert worker._poll_interval() == settings.worker_idle_poll_s  # it was listening
+    finally:
+        await worker.stop(grace_s=0)
+        await blobs.aclose()
+        await db.aclose()

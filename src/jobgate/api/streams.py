@@ -463,10 +463,17 @@ async def all_stream(
 ) -> AsyncIterator[bytes]:
     """Every event of `owner`'s jobs (every job's, with None), by global id; never ends.
 
-    A fresh stream starts at the newest safe id: only what happens from now on.
+    A fresh stream starts at the newest safe id: only what happens from now on. That
+    place is taken here, before the response's headers go out, so a client that has
+    them misses nothing that happens after.
     """
     watch.seen = await _latest_id(hub) if resume_after is None else resume_after
+    return _all_chunks(hub, watch, owner=owner, heartbeat_s=heartbeat_s)
 
+
+async def _all_chunks(
+    hub: Hub, watch: Watch, *, owner: str | None, heartbeat_s: float
+) -> AsyncIterator[bytes]:
     async def catch_up() -> AsyncGenerator[bytes, None]:
         if not watch.needs_read:
             # Woken only by events this process committed and handed over: those that

@@ -47,12 +47,12 @@ class GroupCommit:
 
     Up to `writers` transactions are written at once; outcomes that arrive while they
     all are wait for the next, so a lone outcome is written at once and a burst costs
-    one transaction per batch. A batch runs in (job, task) order, the order in which
-    lease renewals lock tasks too, so batches and renewals never deadlock each other.
-    (A claim locks the jobs of the tasks it takes; with two jobs of parallel branches,
-    one claiming while the other completes in two processes, PostgreSQL may find a
-    deadlock: it aborts one side after `deadlock_timeout`, and a batch then retries
-    its outcomes one by one.)
+    one transaction per batch. A batch runs in (job, task) order; lease renewals skip
+    the rows it holds, and a claim locks its tasks' jobs before their stages, as every
+    outcome does, so neither waits for a batch while holding what the batch needs. (A
+    claim of a task whose job a batch fails or cancels may still meet it the other way
+    round: PostgreSQL aborts one side after `deadlock_timeout`, a batch then retries
+    its outcomes one by one, and a claim is tried again.)
 
     Successful runs given as a `Completion` are written together by `complete_many`
     (one statement for the lot on PostgreSQL), before the batch's other writes. With

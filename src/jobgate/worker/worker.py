@@ -299,9 +299,12 @@ class Worker:
                 else:
                     claimed = await self._claim_for_tokens(pipelines, free)
             except Exception:
+                # Claim again after a pause: what it was woken for is still waiting,
+                # and no further wake-up may come for it.
                 log.exception("claim_failed")
-                claimed = []
+                self._recheck = True
                 await asyncio.sleep(self.settings.worker_poll_interval_s)
+                continue
             for task in claimed:
                 self._launch(task)
             if len(claimed) < free and not self._stopping.is_set():

@@ -165,11 +165,15 @@ async def all_events(
     resume = _resume_after(last_event_id_header, last_event_id)
     hub = state.streams
     watch = hub.open(None)
-    chunks = all_stream(
-        hub,
-        watch,
-        owner=principal.owner_filter(),
-        resume_after=resume,
-        heartbeat_s=state.settings.sse_heartbeat_s,
-    )
+    try:
+        chunks = await all_stream(
+            hub,
+            watch,
+            owner=principal.owner_filter(),
+            resume_after=resume,
+            heartbeat_s=state.settings.sse_heartbeat_s,
+        )
+    except BaseException:
+        hub.release(watch)
+        raise
     return EventStreamResponse(chunks, hub, watch)

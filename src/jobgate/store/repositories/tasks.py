@@ -318,9 +318,12 @@ WITH leased AS (
         leased_by = $1, lease_token = $2 || id::text, lease_expires_at = $3
     WHERE id = ANY(ARRAY({pick}))
     RETURNING *
+), held AS (
+    SELECT id FROM jobs WHERE id = ANY(ARRAY(SELECT job_id FROM leased))
+    ORDER BY id FOR NO KEY UPDATE
 ), by_stage AS (
     SELECT job_id, stage, max(attempt) AS attempt, min(sort_key) AS sort_key
-    FROM leased GROUP BY job_id, stage
+    FROM leased WHERE job_id = ANY(ARRAY(SELECT id FROM held)) GROUP BY job_id, stage
 ), started AS (
     UPDATE stages s SET status = 'running', attempt = greatest(s.attempt, b.attempt),
         started_at = coalesce(s.started_at, $4), error = 'null'::jsonb
@@ -772,12 +775,14 @@ async def job_progress(conn: AsyncConnection, job_id: str, stage: str) -> float:
 
 
 def held_tasks(leases: Mapping[int, str]) -> Select[tuple[int]]:
-    """The ids of the tasks still leased under these (task id: token) leases, locked.
+    """The ids of the tasks still leased under these (task id: token) leases, locked,
+    skipping those another transaction has locked.
 
     Found by id (the primary key), not by token, which no index holds: a renewal costs
-    the same with a backlog of a million tasks as with none. Rows are locked in (job,
-    task) order, the order a worker's group commit takes them in
-    (`worker/group_commit.py`), so the two never deadlock.
+    the same with a backlog of a million tasks as with none. A renewal never waits for
+    a row: the transaction holding it is an outcome of the same worker (whose group
+    commit may lock tasks in another order than any one renewal would, so waiting
+    could deadlock), a flush, or a sweep.
     """
     return (
         select(task_table.c.id)
@@ -786,7 +791,7 @@ def held_tasks(leases: Mapping[int, str]) -> Select[tuple[int]]:
             task_table.c.lease_token.in_(list(leases.values())),
         )
         .order_by(task_table.c.job_id, task_table.c.id)
-        .with_for_update()
+        .with_for_update(skip_locked=True)
     )
 
 
@@ -794,6 +799,9 @@ async def renew(
     conn: AsyncConnection, leases: Mapping[int, str], *, lease_s: float, at: float
 ) -> tuple[set[str], set[str]]:
     """Extend the leases held: `leases` maps task ids to the lease tokens held on them.
+
+    A task whose row another transaction holds (its outcome being written, a sweep) is
+    not renewed this time; it counts as held if its committed row still has the token.
 
     Returns:
         The tokens still held, and the ids of their jobs that should stop (cancel
@@ -810,6 +818,19 @@ async def renew(
             .returning(task_table.c.lease_token, task_table.c.job_id)
         )
     ).all()
+    tokens = {token for token, _ in held}
+    skipped = {task_id: token for task_id, token in leases.items() if token not in tokens}
+    if skipped and conn.dialect.name == "postgresql":
+        tokens |= set(
+            (
+                await conn.scalars(
+                    select(task_table.c.lease_token).where(
+                        task_table.c.id.in_(list(skipped)),
+                        task_table.c.lease_token.in_(list(skipped.values())),
+                    )
+                )
+            ).all()
+        )
     job_ids = {job_id for _, job_id in held}
     stopping = set()
     if job_ids:
@@ -822,7 +843,7 @@ async def renew(
                 )
             )
         }
-    return {token for token, _ in held}, stopping
+    return tokens, stopping
 
 
 async def release(conn: AsyncConnection, task: Claimed, report: Report, *, at: float) -> None:
