@@ -49,10 +49,9 @@ class GroupCommit:
     all are wait for the next, so a lone outcome is written at once and a burst costs
     one transaction per batch. A batch runs in (job, task) order; lease renewals skip
     the rows it holds, and a claim locks its tasks' jobs before their stages, as every
-    outcome does, so neither waits for a batch while holding what the batch needs. (A
-    claim of a task whose job a batch fails or cancels may still meet it the other way
-    round: PostgreSQL aborts one side after `deadlock_timeout`, a batch then retries
-    its outcomes one by one, and a claim is tried again.)
+    outcome does, so neither waits for a batch while holding what the batch needs.
+    (Should PostgreSQL find a deadlock all the same, it aborts one side after
+    `deadlock_timeout`: a batch then writes its outcomes one by one.)
 
     Successful runs given as a `Completion` are written together by `complete_many`
     (one statement for the lot on PostgreSQL), before the batch's other writes. With
