@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import structlog
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -50,6 +51,17 @@ SERVICES = ("postgres", *TCP_SERVICES)
 PROBE_TIMEOUT_S = 3.0
 EXCLUSIVE_FLAG = "JG_TEST_RUNS_ALONE"
 """Set to "1" while a disruptive test runs (checked by `require_exclusive`)."""
+
+# Tracebacks as plain text: unconfigured, structlog draws them with rich and every
+# frame's locals, which held a failing stage's event loop for 0.2-0.5 s.
+structlog.configure(
+    processors=[
+        *structlog.get_config()["processors"][:-1],
+        structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        ),
+    ]
+)
 
 # service name -> None when reachable, else why not; filled on first use.
 _probe_results: dict[str, str | None] = {}
