@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import event, func, select
 
 from jobgate.blobs import open_blob_store
+from jobgate.blobs.base import BlobStore
 from jobgate.config import Settings
 from jobgate.ids import now, uuid7
 from jobgate.pipelines import Registry
@@ -39,6 +40,33 @@ async def _submit(db: Database, *, roll_back: bool = False) -> None:
         await jobs.create(conn, [job], at=now())
         if roll_back:
             raise RuntimeError("roll back")
+
+
+def _noop_worker(
+    url: str, tmp_path: Path, *, poll_s: float, concurrency: int
+) -> tuple[Worker, Database, BlobStore]:
+    """A worker of the built-in pipelines polling every `poll_s`, with its store."""
+    settings = Settings(data_dir=tmp_path, database_url=url, worker_poll_interval_s=poll_s)
+    db = Database(url)
+    blobs = open_blob_store((tmp_path / "blobs").as_uri())
+    worker = Worker(
+        settings=settings,
+        db=db,
+        blobs=blobs,
+        registry=Registry.from_paths([]),
+        concurrency=concurrency,
+    )
+    return worker, db, blobs
+
+
+async def _succeeded(db: Database) -> int:
+    async with db.read() as conn:
+        return int(
+            await conn.scalar(
+                select(func.count()).select_from(job_table).where(job_table.c.status == "succeeded")
+            )
+            or 0
+        )
 
 
 async def test_a_committed_task_wakes_a_listener_and_a_rolled_back_one_does_not(
@@ -90,26 +118,13 @@ async def test_a_worker_is_woken_by_another_process_commit_not_by_its_poll(
     postgres_db_url: str, tmp_path: Path
 ) -> None:
     """With a 30 s poll, a job committed elsewhere still runs within a second or two."""
-    settings = Settings(data_dir=tmp_path, database_url=postgres_db_url, worker_poll_interval_s=30)
-    db = Database(postgres_db_url)
-    blobs = open_blob_store((tmp_path / "blobs").as_uri())
-    worker = Worker(
-        settings=settings, db=db, blobs=blobs, registry=Registry.from_paths([]), concurrency=2
-    )
+    worker, db, blobs = _noop_worker(postgres_db_url, tmp_path, poll_s=30, concurrency=2)
     await worker.start()
     try:
         await asyncio.sleep(0.5)  # past the first poll
         submitted = time.monotonic()
         await _submit(db)  # a separate transaction; nobody calls worker.wake()
-        while True:
-            async with db.read() as conn:
-                done = await conn.scalar(
-                    select(func.count())
-                    .select_from(job_table)
-                    .where(job_table.c.status == "succeeded")
-                )
-            if done:
-                break
+        while not await _succeeded(db):
             assert time.monotonic() - submitted < 3, "the worker waited for its poll"
             await asyncio.sleep(0.02)
     finally:
@@ -154,12 +169,7 @@ async def test_an_idle_worker_claims_once_per_job_not_again_when_it_ends(
     """A one-stage job's end makes nothing ready: the worker, whose last claim found
     the queue empty, does not claim again for it. (On an idle system that claim would
     run just as live streams read the job's end.) A second job is still claimed at once."""
-    settings = Settings(data_dir=tmp_path, database_url=postgres_db_url, worker_poll_interval_s=30)
-    db = Database(postgres_db_url)
-    blobs = open_blob_store((tmp_path / "blobs").as_uri())
-    worker = Worker(
-        settings=settings, db=db, blobs=blobs, registry=Registry.from_paths([]), concurrency=4
-    )
+    worker, db, blobs = _noop_worker(postgres_db_url, tmp_path, poll_s=30, concurrency=4)
     claims: list[int] = []
     claim = worker._claim
 
@@ -170,17 +180,6 @@ async def test_an_idle_worker_claims_once_per_job_not_again_when_it_ends(
 
     worker._claim = counted  # type: ignore[method-assign]
 
-    async def succeeded() -> int:
-        async with db.read() as conn:
-            return int(
-                await conn.scalar(
-                    select(func.count())
-                    .select_from(job_table)
-                    .where(job_table.c.status == "succeeded")
-                )
-                or 0
-            )
-
     await worker.start()
     try:
         await asyncio.sleep(0.5)  # past the start-up claim
@@ -188,7 +187,7 @@ async def test_an_idle_worker_claims_once_per_job_not_again_when_it_ends(
             claims.clear()
             await _submit(db)
             async with asyncio.timeout(3):
-                while await succeeded() < done:
+                while await _succeeded(db) < done:
                     await asyncio.sleep(0.02)
             await asyncio.sleep(0.3)
             assert claims == [1], f"job {done}: claims after its submit found {claims}"
@@ -203,12 +202,7 @@ async def test_a_failed_claim_is_tried_again_without_a_new_wake_up(
 ) -> None:
     """The claim a notification woke fails (a deadlock, a dropped connection): the worker
     claims again after `worker_poll_interval_s`, not at its next idle poll (60 s)."""
-    settings = Settings(data_dir=tmp_path, database_url=postgres_db_url, worker_poll_interval_s=0.2)
-    db = Database(postgres_db_url)
-    blobs = open_blob_store((tmp_path / "blobs").as_uri())
-    worker = Worker(
-        settings=settings, db=db, blobs=blobs, registry=Registry.from_paths([]), concurrency=2
-    )
+    worker, db, blobs = _noop_worker(postgres_db_url, tmp_path, poll_s=0.2, concurrency=2)
     failures: list[float] = []
     claim = worker._claim
 
@@ -228,17 +222,9 @@ async def test_a_failed_claim_is_tried_again_without_a_new_wake_up(
         async with asyncio.timeout(5):
             while not failures:
                 await asyncio.sleep(0.02)
-            while True:
-                async with db.read() as conn:
-                    done = await conn.scalar(
-                        select(func.count())
-                        .select_from(job_table)
-                        .where(job_table.c.status == "succeeded")
-                    )
-                if done:
-                    break
+            while not await _succeeded(db):
                 await asyncio.sleep(0.02)
-        assert worker._poll_interval() == settings.worker_idle_poll_s  # it was listening
+        assert worker._poll_interval() == worker.settings.worker_idle_poll_s  # it was listening
     finally:
         await worker.stop(grace_s=0)
         await blobs.aclose()
