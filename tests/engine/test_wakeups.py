@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -225,6 +226,41 @@ async def test_a_failed_claim_is_tried_again_without_a_new_wake_up(
             while not await _succeeded(db):
                 await asyncio.sleep(0.02)
         assert worker._poll_interval() == worker.settings.worker_idle_poll_s  # it was listening
+    finally:
+        await worker.stop(grace_s=0)
+        await blobs.aclose()
+        await db.aclose()
+
+
+async def test_claims_that_keep_failing_back_off_and_recover(
+    postgres_db_url: str, tmp_path: Path
+) -> None:
+    """While every claim fails, the pause between them doubles (up to 2 s) instead of
+    logging a failure every poll; the first claim that works runs what waited."""
+    worker, db, blobs = _noop_worker(postgres_db_url, tmp_path, poll_s=0.1, concurrency=2)
+    attempts: list[float] = []
+    claim = worker._claim
+    broken = True
+
+    async def out_of_reach(*args: object, **kwargs: object) -> list[object]:
+        attempts.append(time.monotonic())
+        if broken:
+            raise OSError("connection refused")
+        return list(await claim(*args, **kwargs))  # type: ignore[arg-type]
+
+    worker._claim = out_of_reach  # type: ignore[method-assign]
+    await worker.start()
+    try:
+        await _submit(db)
+        await asyncio.sleep(2.5)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+        # 0.1, 0.2, 0.4, 0.8 s: a fixed 0.1 s pause would have made some 25 attempts.
+        assert 3 <= len(attempts) <= 6, gaps
+        assert all(later > 1.5 * earlier for earlier, later in itertools.pairwise(gaps)), gaps
+        broken = False
+        async with asyncio.timeout(2 + 3):
+            while not await _succeeded(db):
+                await asyncio.sleep(0.02)
     finally:
         await worker.stop(grace_s=0)
         await blobs.aclose()

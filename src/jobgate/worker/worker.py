@@ -36,6 +36,8 @@ from jobgate.worker.runtime import TaskRuntime
 
 log = structlog.get_logger("jobgate.worker")
 T = TypeVar("T")
+CLAIM_RETRY_MAX_S = 2.0
+"""The longest pause between claims that fail in a row (store out of reach)."""
 
 
 class Worker:
@@ -286,6 +288,7 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         pipelines = self.registry.names()
+        failures = 0  # claims failed in a row
         while not self._stopping.is_set():
             free = self.concurrency - len(self._running) - self._lent
             if free <= 0:
@@ -300,11 +303,16 @@ class Worker:
                     claimed = await self._claim_for_tokens(pipelines, free)
             except Exception:
                 # Claim again after a pause: what it was woken for is still waiting,
-                # and no further wake-up may come for it.
-                log.exception("claim_failed")
+                # and no further wake-up may come for it. The pause doubles while the
+                # store stays out of reach, up to CLAIM_RETRY_MAX_S.
+                failures += 1
+                log.exception("claim_failed", failures=failures)
                 self._recheck = True
-                await asyncio.sleep(self.settings.worker_poll_interval_s)
+                poll = self.settings.worker_poll_interval_s
+                pause = poll * 2 ** min(failures - 1, 10)
+                await asyncio.sleep(min(pause, max(CLAIM_RETRY_MAX_S, poll)))
                 continue
+            failures = 0
             for task in claimed:
                 self._launch(task)
             if len(claimed) < free and not self._stopping.is_set():
