@@ -15,7 +15,7 @@ from jobgate.pipelines import Registry
 from jobgate.store import pg
 from jobgate.store.database import Database
 from jobgate.store.repositories import jobs as job_repo
-from jobgate.store.repositories import tasks
+from jobgate.store.repositories import outcomes, tasks
 
 REGISTRY = Registry.from_paths([])
 
@@ -215,3 +215,40 @@ async def test_a_renewal_skips_a_task_another_transaction_holds(database: Databa
         )
     assert expiries[free] > 1
     assert expiries[busy] == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_sweep_locks_jobs_in_order_without_deadlock(database: Database) -> None:
+    """A sweep requeues expired leases job by job in job order, whatever order the
+    leases expired in: a transaction locking the same jobs in that order (a claim, a
+    group commit) waits for it or it for them, never both."""
+    first, second = sorted(await _submit(database, 2))
+    async with database.write() as conn:
+        for job_id, expired_at in ((second, 1.0), (first, 2.0)):  # the second expired first
+            await conn.execute(
+                text(
+                    "UPDATE tasks SET lease_token = 't-' || id, leased_by = 'gone',"
+                    " lease_expires_at = :at WHERE job_id = :job"
+                ),
+                {"at": expired_at, "job": job_id},
+            )
+    lock_job = text("SELECT id FROM jobs WHERE id = :job FOR UPDATE")
+    async with database.write() as other:
+        await other.execute(text("SET LOCAL lock_timeout = '10s'"))
+        await other.execute(lock_job, {"job": first})
+        sweep = asyncio.create_task(_sweep(database))
+        deadline = time.monotonic() + 10
+        while not await _waiting_for_a_lock(database):
+            assert not sweep.done(), sweep.result()
+            assert time.monotonic() < deadline, "the sweep never waited for the first job"
+            await asyncio.sleep(0.02)
+        await other.execute(lock_job, {"job": second})  # free: the sweep holds no job
+    assert await asyncio.wait_for(sweep, 10) == 2
+    async with database.read() as conn:
+        leased = await conn.scalar(text("SELECT count(*) FROM tasks WHERE lease_token IS NOT NULL"))
+    assert leased == 0
+
+
+async def _sweep(db: Database) -> int:
+    async with db.write() as conn:
+        return await outcomes.sweep(conn, registry=REGISTRY, at=now())

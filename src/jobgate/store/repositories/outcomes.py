@@ -610,7 +610,10 @@ async def sweep(
         .mappings()
         .all()
     )
-    for row in expired:
+    # Their jobs are locked one by one as they come: in (job, task) order, as claims and
+    # group commits lock them, so that none of those waits on a job this sweep holds
+    # while the sweep waits on one it holds.
+    for row in sorted(expired, key=lambda row: (row["job_id"], row["id"])):
         task = Claimed.from_rows(row)
         job = await tasks.job_state(conn, row["job_id"])
         if job.stopping:
