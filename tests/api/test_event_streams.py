@@ -504,9 +504,12 @@ async def test_an_idle_servers_global_stream_sends_a_jobs_whole_life_without_a_r
 
         monkeypatch.setattr(streams, name, counted)
 
+    opened = asyncio.Event()
+
     async def until_completed(client: httpx.AsyncClient) -> list[Sse]:
         got: list[Sse] = []
         async with asyncio.timeout(10), client.stream("GET", "/v1/events") as response:
+            opened.set()
             async for event in read_events(response):
                 if event.kind != "heartbeat":
                     got.append(event)
@@ -516,8 +519,12 @@ async def test_an_idle_servers_global_stream_sends_a_jobs_whole_life_without_a_r
 
     async with signed_in(app, key, SSE) as admin:
         for _ in range(3):
+            opened.clear()
+            reads.clear()
             reader = asyncio.create_task(until_completed(admin))
-            await asyncio.sleep(0.3)  # the stream is open
+            async with asyncio.timeout(10):  # the stream is open and has read the store once
+                while not (opened.is_set() and reads):
+                    await asyncio.sleep(0.01)
             await idle(state_of(app).submits.lender)  # type: ignore[arg-type]
             reads.clear()  # what opening the stream read
             response = await admin.post("/v1/jobs", json={"pipeline": "noop", "params": {}})
