@@ -28,8 +28,11 @@ from jobgate.ids import now, uuid7
 from jobgate.pipelines import Registry
 from jobgate.store import Database
 from jobgate.store.repositories import jobs
+from jobgate.store.repositories import tasks as task_repo
 from jobgate.store.repositories import workers as worker_repo
 from jobgate.store.tables import events, tasks, workers
+from jobgate.store.tables import jobs as jobs_table
+from jobgate.transport import wakeups as wakeups_module
 from jobgate.transport.wakeups import asyncpg_dsn
 from jobgate.worker import Worker
 from tests.conftest import POSTGRES_DSN
@@ -217,12 +220,15 @@ async def _submit(db: Database, pipeline: str, params: dict[str, Any]) -> str:
     return job.id
 
 
-def _start_process_worker(url: str, tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
+def _start_process_worker(
+    url: str, tmp_path: Path, name: str, **settings: str
+) -> subprocess.Popen[bytes]:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("JOBGATE_")},
         "JOBGATE_DATABASE_URL": url,
         "JOBGATE_DATA_DIR": str(tmp_path / "data"),
         "JOBGATE_LOG_FORMAT": "json",
+        **{f"JOBGATE_{key.upper()}": value for key, value in settings.items()},
     }
     return subprocess.Popen(
         [JOBGATE, "worker", "--concurrency", "1", "--id", name],
@@ -282,13 +288,7 @@ async def test_a_sigkilled_workers_stage_is_requeued_within_lost_after(
         job_id = await _submit(db, "steps", {"steps": 600, "step_ms": 100})
 
         async def leased_by_doomed() -> bool:
-            async with db.read() as conn:
-                leased = await conn.scalar(
-                    select(tasks.c.leased_by).where(
-                        tasks.c.job_id == job_id, tasks.c.stage == "work"
-                    )
-                )
-            return leased == "doomed"
+            return await _work_leased_by(db, job_id) == "doomed"
 
         await _until(leased_by_doomed, 20, "the doomed worker never claimed the stage")
         await asyncio.sleep(1.0)  # mid-stage
@@ -521,3 +521,154 @@ async def test_the_sweep_check_runs_through_the_pool_too(postgres_db_url: str) -
         assert [(s.id, s.connected) for s in found.suspects] == [("ghost", False)]
     finally:
         await db.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_a_stopped_leader_is_deposed_and_its_zombie_stage_cannot_commit(
+    postgres_db_url: str, tmp_path: Path, admin: Any, blobs: BlobStore
+) -> None:
+    """SIGSTOP the leading worker mid-stage: its connection, and so its lock, live on.
+    Another worker deposes it after `JOBGATE_WORKER_LOST_AFTER_S` of silence, sweeps
+    its expired lease and runs the stage. After SIGCONT the zombie writes nothing: the
+    job has one `completed` event, from the second attempt."""
+    database = make_url(postgres_db_url).database
+    assert database is not None
+    db = Database(postgres_db_url)
+    lost_after_s = 5.0
+    settings = Settings(
+        data_dir=tmp_path, database_url=postgres_db_url, worker_lost_after_s=lost_after_s
+    )
+    survivor = Worker(
+        settings=settings,
+        db=db,
+        blobs=blobs,
+        registry=Registry.from_paths([]),
+        concurrency=1,
+        worker_id="survivor",
+    )
+    zombie = _start_process_worker(postgres_db_url, tmp_path, "zombie", lease_s="3")
+    zombie_name = worker_repo.application_name("zombie")
+    try:
+
+        async def zombie_leads() -> bool:
+            return await _leaders(admin, database) == [zombie_name]
+
+        await _until(zombie_leads, 20, "the zombie never led")
+        job_id = await _submit(db, "steps", {"steps": 40, "step_ms": 100})
+
+        async def leased_by_zombie() -> bool:
+            return await _work_leased_by(db, job_id) == "zombie"
+
+        await _until(leased_by_zombie, 20, "the zombie never claimed the stage")
+        await asyncio.sleep(0.5)  # mid-stage
+        zombie.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        await survivor.start()
+
+        async def finished() -> bool:
+            async with db.read() as conn:
+                status = await conn.scalar(
+                    select(jobs_table.c.status).where(jobs_table.c.id == job_id)
+                )
+            return status == "succeeded"
+
+        await _until(finished, 60, "the job never finished")
+        print(f"finished {time.monotonic() - stopped_at:.1f} s after the SIGSTOP")
+        assert await _leaders(admin, database) == [worker_repo.application_name("survivor")]
+        before = await _events_of(db, job_id)
+        zombie.send_signal(signal.SIGCONT)
+        await asyncio.sleep(4.0)  # the zombie's stage runs on and tries to finish
+        after = await _events_of(db, job_id)
+        assert after == before, "the zombie wrote to a job it had lost"
+        assert [kind for kind, _ in after].count("completed") == 1
+        attempts = {
+            data.get("attempt")
+            for kind, data in after
+            if kind == "stage_update"
+            and data.get("stage") == "work"
+            and data["status"] == "running"
+        }
+        assert attempts == {1, 2}
+    finally:
+        if zombie.poll() is None:
+            zombie.send_signal(signal.SIGCONT)
+            zombie.kill()
+            zombie.wait()
+        await survivor.stop(grace_s=0)
+        await db.aclose()
+
+
+async def _events_of(db: Database, job_id: str) -> list[tuple[str, Any]]:
+    async with db.read() as conn:
+        rows = await conn.execute(
+            select(events.c.type, events.c.data)
+            .where(events.c.job_id == job_id)
+            .order_by(events.c.seq)
+        )
+        return [(row.type, row.data) for row in rows]
+
+
+@pytest.mark.timeout(120)
+async def test_a_follower_asks_an_idle_leader_to_beacon_rather_than_depose_it(
+    postgres_db_url: str,
+    tmp_path: Path,
+    admin: Any,
+    blobs: BlobStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A leader that said "idle" checks every 30 s; a task that no notification
+    announced (not due yet) leaves it silent that long. A follower that finds tasks and
+    hears nothing asks it to beacon, and leaves a live leader in place."""
+    monkeypatch.setattr(wakeups_module, "_IDLE_PATIENCE_S", 2.0)
+    database = make_url(postgres_db_url).database
+    assert database is not None
+    db = Database(postgres_db_url)
+    settings = Settings(data_dir=tmp_path, database_url=postgres_db_url, worker_lost_after_s=3.0)
+
+    def worker(name: str) -> Worker:
+        return Worker(
+            settings=settings,
+            db=db,
+            blobs=blobs,
+            registry=Registry.from_paths([]),
+            concurrency=1,
+            queues=["elsewhere"],  # the task below stays waiting
+            worker_id=name,
+        )
+
+    leader, follower = worker("leader"), worker("follower")
+    try:
+        await leader.start()
+        await follower.start()
+        await asyncio.sleep(3.0)  # the leader's first check says "idle"
+        session = await _leader_session(admin, database)
+        with monkeypatch.context() as unannounced:  # as for a task not due yet
+            unannounced.setattr(task_repo, "ready_tokens", lambda *_a, **_k: ([], False))
+            await _submit(db, "noop", {})
+        # Unasked, the follower would depose it after 2 + 3 s (+ 7 s of patience).
+        await asyncio.sleep(15.0)
+        assert await _leaders(admin, database) == [worker_repo.application_name("leader")]
+        assert await _leader_session(admin, database) == session, "the leader was deposed"
+    finally:
+        await follower.stop(grace_s=0)
+        await leader.stop(grace_s=0)
+        await db.aclose()
+
+
+async def _leader_session(admin: Any, database: str) -> int:
+    """The backend pid of the session holding the leader's lock."""
+    pid: int = await admin.fetchval(
+        "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND a.datname = $1",
+        database,
+    )
+    return pid
+
+
+async def _work_leased_by(db: Database, job_id: str) -> str | None:
+    """The worker holding the lease of the job's `work` stage, if any."""
+    async with db.read() as conn:
+        leased: str | None = await conn.scalar(
+            select(tasks.c.leased_by).where(tasks.c.job_id == job_id, tasks.c.stage == "work")
+        )
+    return leased

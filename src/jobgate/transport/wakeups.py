@@ -45,8 +45,18 @@ log = structlog.get_logger("jobgate.transport")
 
 LEADER_CHANNEL = "jobgate_leader"
 LEADER_LOCK = 0x6A6F62676C656164  # "jobglead": an advisory-lock key of jobgate's own
+# pg_locks shows a bigint advisory key as its high and low 32 bits (objsubid 1).
+_LOCK_HIGH, _LOCK_LOW = LEADER_LOCK >> 32, LEADER_LOCK & 0xFFFFFFFF
+_ASK_LEADER = "SELECT pg_notify($1, $2)"
+_DEPOSE = (
+    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 1"
+    " AND granted AND pid <> pg_backend_pid()"
+)
 _IDLE = "idle"
 _RESIGN = "resign"
+_ASK = "ask"  # a follower heard nothing while tasks exist: the leader beacons at once
 # How long followers of an idle leader wait before they make sure it still lives. Only
 # a race (the leader dies as work arrives) needs it: work itself makes them expect it.
 _IDLE_PATIENCE_S = 300.0
@@ -74,6 +84,9 @@ class PostgresWakeups:
         elect: take part in electing the leader.
         check_s: how often a leader checks while tasks exist; it beacons every other
             check, and followers try to take over after `beacon_patience_s` without one.
+        depose_after_s: how long a leader may stay silent while tasks exist, its lock
+            still held, before a follower ends its session and takes over (a leader
+            whose process hangs or was stopped keeps its connection, and its lock).
     """
 
     def __init__(
@@ -84,8 +97,10 @@ class PostgresWakeups:
         worker_id: str | None = None,
         elect: bool = False,
         check_s: float = 2.0,
+        depose_after_s: float = 15.0,
     ) -> None:
         self._dsn = asyncpg_dsn(url)
+        self._depose_after_s = depose_after_s
         self._on_wake = on_wake
         self._name = application_name(worker_id) if worker_id is not None else None
         self._elect = elect
@@ -102,6 +117,8 @@ class PostgresWakeups:
         self._followers_expect = True
         # As follower: the loop time by which it expects a beacon.
         self._deadline = 0.0
+        self._busy = False
+        self._beacons = 0  # heard so far
         self._nudged = asyncio.Event()
         self.elected = asyncio.Event()
         """Set whenever this connection becomes the leader; its owner clears it."""
@@ -264,7 +281,9 @@ class PostgresWakeups:
             delay = min(delay * 2, 2.0)
 
     async def _try_lead(self) -> bool:
-        """Take the lock if it is free; if not, expect beacons only if tasks exist."""
+        """Take the lock if it is free; if not, expect beacons only if tasks exist.
+
+        Sets `_busy`: whether tasks exist (the leader then beacons)."""
         query = select(
             func.pg_try_advisory_lock(LEADER_LOCK).label("won"),
             select(tasks.c.id).exists().label("busy"),
@@ -280,14 +299,29 @@ class PostgresWakeups:
             self.elected.set()
             log.info("leader_elected")
             return True
-        patience = self.beacon_patience_s if row["busy"] else _IDLE_PATIENCE_S
+        self._busy = bool(row["busy"])
+        patience = self.beacon_patience_s if self._busy else _IDLE_PATIENCE_S
         self._deadline = loop.time() + patience
         return False
 
+    async def _depose(self) -> None:
+        """End the session that holds the leader's lock (it beacons no more)."""
+        async with self._using:
+            ended = await self._conn.fetch(_DEPOSE, _LOCK_HIGH, _LOCK_LOW)
+        log.warning("leader_deposed", silent_s=self._depose_after_s, sessions=len(ended))
+
     async def _follow(self) -> None:
-        """Wait while the leader beacons (or is idle); when it falls silent, take over."""
+        """Wait while the leader beacons (or is idle); when it falls silent, take over.
+
+        A leader that is silent while tasks exist but still holds the lock (its process
+        hangs or was stopped; its connection lives on) is deposed after
+        `depose_after_s` of failed tries: otherwise nothing would sweep again."""
         loop = asyncio.get_running_loop()
+        silent_since: float | None = None  # the first failed try while tasks exist
+        heard = self._beacons
         while True:
+            if heard != self._beacons:
+                heard, silent_since = self._beacons, None  # the leader spoke
             left = self._deadline - loop.time()
             if left > 0:
                 self._nudged.clear()
@@ -303,6 +337,18 @@ class PostgresWakeups:
             try:
                 if await self._try_lead():
                     return
+                if not self._busy:
+                    silent_since = None  # an idle leader is silent by design
+                elif silent_since is None:
+                    # A leader still idle for tasks no notification announced (not due
+                    # yet) checks only every 30 s: ask it to check, and so beacon, now.
+                    silent_since = loop.time()
+                    async with self._using:
+                        await self._conn.execute(_ASK_LEADER, LEADER_CHANNEL, _ASK)
+                elif loop.time() - silent_since >= self._depose_after_s:
+                    await self._depose()
+                    silent_since = None
+                    self._deadline = loop.time() + 0.2  # its lock goes as its session ends
             except Exception as exc:  # the connection is going; `_run` reconnects
                 log.warning("leader_election_failed", error=type(exc).__name__)
                 self._deadline = loop.time() + self.beacon_patience_s
@@ -322,6 +368,13 @@ class PostgresWakeups:
 
     def _beacon(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         loop = asyncio.get_running_loop()
+        if payload == _ASK:
+            if self._leader:  # check (and so beacon) at the next tick, as for new work
+                self._beacon_due = 0.0
+                self._followers_expect = True
+                self.notified_at = loop.time()
+            return
+        self._beacons += 1
         if payload == _RESIGN:
             self._deadline = loop.time()
         elif payload == _IDLE:

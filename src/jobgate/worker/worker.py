@@ -141,6 +141,7 @@ class Worker:
                 worker_id=self.id,
                 elect=True,
                 check_s=self.settings.sweep_interval_s,
+                depose_after_s=self.settings.worker_lost_after_s,
             )
             await self._wakeups.start()
         self._loops = [
