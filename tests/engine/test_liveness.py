@@ -260,15 +260,7 @@ async def test_a_sigkilled_workers_stage_is_requeued_within_lost_after(
     db = Database(postgres_db_url)
     settings = Settings(data_dir=tmp_path, database_url=postgres_db_url)
     # It takes nothing from the default queue: only the killed worker runs the stage.
-    survivor = Worker(
-        settings=settings,
-        db=db,
-        blobs=blobs,
-        registry=Registry.from_paths([]),
-        concurrency=1,
-        queues=["elsewhere"],
-        worker_id="survivor",
-    )
+    survivor = _one_slot_worker(settings, db, blobs, "survivor", queues=["elsewhere"])
     doomed = None
     try:
         if killed == "follower":
@@ -287,10 +279,11 @@ async def test_a_sigkilled_workers_stage_is_requeued_within_lost_after(
         assert await _leaders(admin, database) == [expected_leader]
         job_id = await _submit(db, "steps", {"steps": 600, "step_ms": 100})
 
-        async def leased_by_doomed() -> bool:
-            return await _work_leased_by(db, job_id) == "doomed"
-
-        await _until(leased_by_doomed, 20, "the doomed worker never claimed the stage")
+        await _until(
+            lambda: _work_leased_to(db, job_id, "doomed"),
+            20,
+            "the doomed worker never claimed the stage",
+        )
         await asyncio.sleep(1.0)  # mid-stage
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(timeout=10)
@@ -538,14 +531,7 @@ async def test_a_stopped_leader_is_deposed_and_its_zombie_stage_cannot_commit(
     settings = Settings(
         data_dir=tmp_path, database_url=postgres_db_url, worker_lost_after_s=lost_after_s
     )
-    survivor = Worker(
-        settings=settings,
-        db=db,
-        blobs=blobs,
-        registry=Registry.from_paths([]),
-        concurrency=1,
-        worker_id="survivor",
-    )
+    survivor = _one_slot_worker(settings, db, blobs, "survivor")
     zombie = _start_process_worker(postgres_db_url, tmp_path, "zombie", lease_s="3")
     zombie_name = worker_repo.application_name("zombie")
     try:
@@ -556,10 +542,9 @@ async def test_a_stopped_leader_is_deposed_and_its_zombie_stage_cannot_commit(
         await _until(zombie_leads, 20, "the zombie never led")
         job_id = await _submit(db, "steps", {"steps": 40, "step_ms": 100})
 
-        async def leased_by_zombie() -> bool:
-            return await _work_leased_by(db, job_id) == "zombie"
-
-        await _until(leased_by_zombie, 20, "the zombie never claimed the stage")
+        await _until(
+            lambda: _work_leased_to(db, job_id, "zombie"), 20, "the zombie never claimed the stage"
+        )
         await asyncio.sleep(0.5)  # mid-stage
         zombie.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
@@ -625,18 +610,11 @@ async def test_a_follower_asks_an_idle_leader_to_beacon_rather_than_depose_it(
     db = Database(postgres_db_url)
     settings = Settings(data_dir=tmp_path, database_url=postgres_db_url, worker_lost_after_s=3.0)
 
-    def worker(name: str) -> Worker:
-        return Worker(
-            settings=settings,
-            db=db,
-            blobs=blobs,
-            registry=Registry.from_paths([]),
-            concurrency=1,
-            queues=["elsewhere"],  # the task below stays waiting
-            worker_id=name,
-        )
-
-    leader, follower = worker("leader"), worker("follower")
+    # On another queue: the task below stays waiting.
+    leader, follower = (
+        _one_slot_worker(settings, db, blobs, name, queues=["elsewhere"])
+        for name in ("leader", "follower")
+    )
     try:
         await leader.start()
         await follower.start()
@@ -665,10 +643,29 @@ async def _leader_session(admin: Any, database: str) -> int:
     return pid
 
 
-async def _work_leased_by(db: Database, job_id: str) -> str | None:
-    """The worker holding the lease of the job's `work` stage, if any."""
+async def _work_leased_to(db: Database, job_id: str, worker: str) -> bool:
+    """Whether `worker` holds the lease of the job's `work` stage."""
     async with db.read() as conn:
-        leased: str | None = await conn.scalar(
+        leased = await conn.scalar(
             select(tasks.c.leased_by).where(tasks.c.job_id == job_id, tasks.c.stage == "work")
         )
-    return leased
+    return bool(leased == worker)
+
+
+def _one_slot_worker(
+    settings: Settings,
+    db: Database,
+    blobs: BlobStore,
+    name: str,
+    queues: list[str] | None = None,
+) -> Worker:
+    """An in-process worker of the built-in pipelines, one stage at a time."""
+    return Worker(
+        settings=settings,
+        db=db,
+        blobs=blobs,
+        registry=Registry.from_paths([]),
+        concurrency=1,
+        queues=queues,
+        worker_id=name,
+    )
