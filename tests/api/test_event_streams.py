@@ -21,6 +21,7 @@ from jobgate.blobs.signing import sign_token
 from jobgate.ids import now
 from jobgate.store import Database
 from jobgate.store.repositories import events as event_repo
+from jobgate.store.repositories import jobs as job_repo
 from jobgate.store.tables import events as event_table
 from jobgate.store.tables import jobs as job_table
 from tests.api.conftest import AppFactory
@@ -118,6 +119,44 @@ async def test_resuming_sends_exactly_what_came_after(
     assert expected[-1][1] == "completed"
     assert after_end == []
     assert bad.status_code == 422
+
+
+async def test_resuming_as_another_process_ends_the_job_sends_its_last_events(
+    app_factory: AppFactory, make_key: Any, database_url: str
+) -> None:
+    """A stream resumed after the job ended in another process, before this process
+    heard of it, still sends the job's last events before it ends: the job being over
+    is no reason to stop short of its terminal event."""
+    app = await app_factory(sse_poll_s=60)  # no periodic check to cover for it
+    _, key = await make_key("user-1", ["user"])
+    elsewhere = Database(database_url)  # another process: no bus, no hub
+    try:
+        async with signed_in(app, key) as user:
+            job_id = await _submit(user)  # no worker: it stays queued
+            # An open stream keeps the job's shared log in this process, up to date.
+            watching = asyncio.create_task(
+                collect(user, f"/v1/jobs/{job_id}/events", headers=SSE, until=2)
+            )
+            async with asyncio.timeout(10):
+                while state_of(app).streams.open_streams == 0:
+                    await asyncio.sleep(0.01)
+            seen = (await _stored(user, job_id))[-1]["seq"]
+            async with elsewhere.write() as conn:
+                assert await job_repo.cancel(conn, job_id, owner=None, at=now())
+            async with asyncio.timeout(10):
+                resumed = await collect(
+                    user,
+                    f"/v1/jobs/{job_id}/events",
+                    headers={**SSE, "Last-Event-ID": str(seen)},
+                )
+            stored = await _stored(user, job_id)
+            watching.cancel()
+    finally:
+        await elsewhere.aclose()
+    assert [(e.id, e.kind) for e in resumed] == [
+        (e["seq"], e["type"]) for e in stored if e["seq"] > seen
+    ]
+    assert resumed[-1].kind == "cancelled"
 
 
 async def test_heartbeats_keep_an_idle_stream_alive(app_factory: AppFactory, make_key: Any) -> None:

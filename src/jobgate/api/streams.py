@@ -429,16 +429,14 @@ async def job_stream(
         nonlocal finished, resumed
         while True:
             rows = await hub.events_after(job_id, watch.seen)
+            if not rows and resumed:
+                # Resumed with nothing new: after the end of a finished job (or the job
+                # is gone), the stream is done. Asked once: any later end comes as its
+                # terminal event.
+                status, rows = await _status_then_events(db, job_id, watch.seen)
+                finished = not rows and (status is None or status in TERMINAL_STATUSES)
+            resumed = False
             if not rows:
-                if resumed:
-                    # Resumed after the end of a finished job (or the job is gone): done.
-                    # Asked once: any later end comes as its terminal event.
-                    async with db.read() as conn:
-                        status = (
-                            await conn.execute(select(jobs.c.status).where(jobs.c.id == job_id))
-                        ).scalar()
-                    resumed = False
-                    finished = status is None or status in TERMINAL_STATUSES
                 return
             for row in rows:
                 watch.seen = int(row["seq"])
@@ -451,6 +449,22 @@ async def job_stream(
 
     async for chunk in _follow(watch, heartbeat_s, catch_up, lambda: finished):
         yield chunk
+
+
+async def _status_then_events(
+    db: Database, job_id: str, after: int
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """The job's status, then its stored events after `after`, read in that order.
+
+    The events come from the store, not the hub's cache: the bus may not have told this
+    process yet of events another one committed. A job's status and its terminal event
+    commit together, so a status read as finished means the second read sees every
+    event the job will have; a stream must not end before sending them.
+    """
+    async with db.read() as conn:
+        status = (await conn.execute(select(jobs.c.status).where(jobs.c.id == job_id))).scalar()
+        rows = await event_repo.page(conn, job_id, after=after, limit=PAGE)
+    return status, rows
 
 
 async def all_stream(
