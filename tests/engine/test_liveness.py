@@ -168,12 +168,7 @@ async def test_ten_idle_workers_make_less_than_one_transaction_a_second(
     proxied_url = proxied.render_as_string(hide_password=False)
     settings = Settings(data_dir=tmp_path, database_url=proxied_url)
     pools = [Database(proxied_url) for _ in range(10)]
-    fleet = [
-        Worker(
-            settings=settings, db=db, blobs=blobs, registry=Registry.from_paths([]), concurrency=1
-        )
-        for db in pools
-    ]
+    fleet = [_one_slot_worker(settings, db, blobs) for db in pools]
     try:
         for worker in fleet:
             await worker.start()
@@ -365,9 +360,7 @@ async def test_a_connected_worker_is_live_between_rare_heartbeats(
     window while its connection is open, and no longer once it is gone."""
     db = Database(postgres_db_url)
     settings = Settings(data_dir=tmp_path, database_url=postgres_db_url)
-    worker = Worker(
-        settings=settings, db=db, blobs=blobs, registry=Registry.from_paths([]), concurrency=1
-    )
+    worker = _one_slot_worker(settings, db, blobs)
 
     async def listed() -> list[str]:
         alive = worker_repo.is_live(
@@ -406,19 +399,8 @@ async def test_a_worker_cut_off_from_listen_but_heartbeating_is_not_lost(
     database = make_url(postgres_db_url).database
     db = Database(postgres_db_url)
     settings = Settings(data_dir=tmp_path, database_url=postgres_db_url)
-    registry = Registry.from_paths([])
-    leader = Worker(
-        settings=settings,
-        db=db,
-        blobs=blobs,
-        registry=registry,
-        concurrency=1,
-        queues=["elsewhere"],
-        worker_id="leader",
-    )
-    cut = Worker(
-        settings=settings, db=db, blobs=blobs, registry=registry, concurrency=1, worker_id="cut"
-    )
+    leader = _one_slot_worker(settings, db, blobs, "leader", ["elsewhere"])
+    cut = _one_slot_worker(settings, db, blobs, "cut")
     try:
         await leader.start()
         await cut.start()
@@ -463,17 +445,7 @@ async def test_a_stopping_leader_hands_over_at_once(
     database = make_url(postgres_db_url).database
     db = Database(postgres_db_url)
     settings = Settings(data_dir=tmp_path, database_url=postgres_db_url)
-    first, second = (
-        Worker(
-            settings=settings,
-            db=db,
-            blobs=blobs,
-            registry=Registry.from_paths([]),
-            concurrency=1,
-            worker_id=name,
-        )
-        for name in ("first", "second")
-    )
+    first, second = (_one_slot_worker(settings, db, blobs, name) for name in ("first", "second"))
     try:
         await first.start()
         await second.start()
@@ -656,7 +628,7 @@ def _one_slot_worker(
     settings: Settings,
     db: Database,
     blobs: BlobStore,
-    name: str,
+    name: str | None = None,
     queues: list[str] | None = None,
 ) -> Worker:
     """An in-process worker of the built-in pipelines, one stage at a time."""
