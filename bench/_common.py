@@ -202,8 +202,9 @@ def fmt(value: float) -> str:
 
 
 def table_rows(results: list[Result]) -> list[list[str]]:
-    count = max((len(r.values) for r in results), default=0)
-    rows = [["benchmark", "database", f"figure (median of {count})", "unit", "runs", "errors"]]
+    counts = sorted({len(r.values) for r in results})
+    runs_of = " or ".join(str(count) for count in counts) or "0"
+    rows = [["benchmark", "database", f"figure (median of {runs_of})", "unit", "runs", "errors"]]
     for r in results:
         runs = " / ".join(fmt(v) for v in r.values) or "-"
         rows.append([r.benchmark, r.database, fmt(r.median), r.unit, runs, str(r.errors)])

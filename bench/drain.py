@@ -20,6 +20,7 @@ import asyncio
 import functools
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -170,6 +171,34 @@ async def run(
 COUNT_WORKERS = text("SELECT count(*) FROM workers")
 
 
+def _write_lock_free(path: Path) -> bool:
+    """Whether a writer could start on the SQLite database at `path` right now."""
+    conn = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+
+
+async def _freeze(workers: list[subprocess.Popen[bytes]], sqlite_file: Path | None) -> None:
+    """SIGSTOP every worker. On SQLite, never while one holds the write lock (a heartbeat
+    or an empty claim's transaction): a worker frozen with it would lock the backlog's
+    inserts out until the run failed with "database is locked"."""
+    for _ in range(50):
+        for worker in workers:
+            worker.send_signal(signal.SIGSTOP)
+        if sqlite_file is None or await asyncio.to_thread(_write_lock_free, sqlite_file):
+            return
+        for worker in workers:
+            worker.send_signal(signal.SIGCONT)
+        await asyncio.sleep(0.05)
+    raise RuntimeError("the workers kept SQLite's write lock through 50 tries to freeze them")
+
+
 async def drain_processes_once(
     database: str, count: int, processes: int, concurrency: int, time_limit_s: float
 ) -> tuple[float, str]:
@@ -207,8 +236,7 @@ async def drain_processes_once(
                     raise RuntimeError(f"only {registered}/{processes} workers registered")
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.5)  # let their first (empty) claims pass
-            for worker in workers:
-                worker.send_signal(signal.SIGSTOP)
+            await _freeze(workers, tmp / "jobgate.db" if database == "sqlite" else None)
             await insert_noop_jobs(db, Registry.from_paths([]), count)
             if database == "postgres":
                 await analyze_postgres()
