@@ -4,15 +4,20 @@ a sweep per request."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from limits import parse
+from limits.aio.storage import MemoryStorage
 
 from jobgate.api.limits import RateLimits, SweepingMemoryStorage, open_backend
 
 USERS = 100
+LIMIT, EXPIRY_S = 5, 10
 
 
 async def test_busy_windows_are_swept_at_most_once_a_second_without_threads(
@@ -77,3 +82,32 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout: float) -> None:
     deadline = loop.time() + timeout
     while not await check():
         assert loop.time() < deadline, "expired entries were never swept out"
+
+
+# (seconds the clock moves, entries taken) for each step
+_steps = st.lists(
+    st.tuples(st.sampled_from([0.0, 0.0, 0.4, 1.0, 2.5, 3.0, 7.0]), st.integers(1, 4)),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=_steps)
+async def test_takes_and_windows_match_limits_own_memory_storage(
+    steps: list[tuple[float, int]],
+) -> None:
+    """The storage keeps a window's entries oldest first (a take appends, where `limits`
+    copies the window to insert at its head), and still answers exactly as `limits`'
+    own memory storage does, take for take: taken or not, the count, the oldest time."""
+    clock = [1_000_000.0]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(time, "time", lambda: clock[0])
+        reference, ours = MemoryStorage(), SweepingMemoryStorage()
+        for moved, cost in steps:
+            clock[0] += moved
+            taken = await reference.acquire_entry("k", LIMIT, EXPIRY_S, cost)
+            oldest, count = await reference.get_moving_window("k", LIMIT, EXPIRY_S)
+            if count == 0:
+                oldest = clock[0]  # `limits` reports an expired entry's time: to be ignored
+            assert ours.take_now("k", LIMIT, EXPIRY_S, cost) == (taken, oldest, count)
+            assert await ours.get_moving_window("k", LIMIT, EXPIRY_S) == (oldest, count)
