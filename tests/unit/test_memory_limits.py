@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -74,7 +75,7 @@ async def test_expired_entries_are_still_swept_out() -> None:
 async def _swept(storage: SweepingMemoryStorage, limits: RateLimits, user: str) -> bool:
     assert (await limits.take_submits("someone-else", 1))[0]  # activity schedules sweeps
     await asyncio.sleep(0.05)
-    return not any(user in key for key in storage.events)
+    return not any(user in key for key in storage.windows)
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout: float) -> None:
@@ -111,3 +112,19 @@ async def test_takes_and_windows_match_limits_own_memory_storage(
                 oldest = clock[0]  # `limits` reports an expired entry's time: to be ignored
             assert ours.take_now("k", LIMIT, EXPIRY_S, cost) == (taken, oldest, count)
             assert await ours.get_moving_window("k", LIMIT, EXPIRY_S) == (oldest, count)
+
+
+def test_a_busy_window_costs_bytes_per_entry_not_an_object() -> None:
+    """One busy address under a large limit fills a window of 100,000 entries: about 8
+    bytes each here, where `limits`' own storage keeps an object of 144 bytes each."""
+    storage = SweepingMemoryStorage()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(100_000):
+            assert storage.take_now("busy", 1_000_000, 60, 1)[0]
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert storage.take_now("busy", 1_000_000, 60, 0)[2] == 100_000
+    assert used < 100_000 * 16

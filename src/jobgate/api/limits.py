@@ -22,8 +22,10 @@ Key contracts (docs/limits.md has the why of each):
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import time
+from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,7 +33,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
-from limits.aio.storage.memory import Entry
 from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -141,17 +142,17 @@ async def _nothing() -> None:
 
 
 class SweepingMemoryStorage(MemoryStorage):
-    """`limits`' memory storage for moving windows, its entries kept oldest first and
-    swept out at most once a second, on the event loop.
+    """`limits`' memory storage for moving windows: each window an array of its entries'
+    times, oldest first, swept out at most once a second, on the event loop.
 
-    `limits` (5.8) keeps a window's entries newest first, so each take inserts at the
-    head of a list: a copy of the whole window, which cost 20 µs a take in a window of
-    tens of thousands of entries (`python -m bench.limit_takes`). Here a take appends.
-    `limits` also starts a sweep of every key, with a thread hop per key, whenever the
-    previous sweep has finished: under load that is all the time, and the hops cost the
-    event loop more than the limits themselves. Sweeping a window is a binary search, so
-    it needs no thread. A window's count never depends on the sweep (expired entries
-    are skipped when counted), only memory does.
+    `limits` (5.8) keeps a window as a list of `Entry` objects, newest first: each take
+    inserts at the list's head (a copy of the whole window, 37-51 µs a take in a window
+    of 100,000 entries; `python -m bench.limit_takes`) and each entry costs 144 bytes.
+    Here a take appends 8 bytes. `limits` also starts a sweep of every key, with a
+    thread hop per key, whenever the previous sweep has finished: under load that is all
+    the time, and the hops cost the event loop more than the limits themselves. Sweeping
+    a window is a binary search, so it needs no thread. A window's count never depends
+    on the sweep (expired entries are skipped when counted), only memory does.
     """
 
     SWEEP_INTERVAL_S = 1.0
@@ -159,6 +160,8 @@ class SweepingMemoryStorage(MemoryStorage):
     def __init__(self) -> None:
         super().__init__()
         self._next_sweep = 0.0
+        self.windows: dict[str, tuple[array[float], int]] = {}
+        """Per window key: its entries' times, oldest first, and its length in seconds."""
 
     async def _MemoryStorage__schedule_expiry(self) -> None:
         self._sweep_when_due()
@@ -175,50 +178,65 @@ class SweepingMemoryStorage(MemoryStorage):
         (taken, the oldest entry's time in the window, the entries in the window)."""
         self._sweep_when_due()
         now = time.time()
-        entries = self.events.setdefault(key, [])
+        window = self.windows.get(key)
+        if window is None:
+            window = self.windows[key] = (array("d"), expiry)
+        times = window[0]
         taken = False
         if cost <= limit:
             # The entry a full window would have to lose for `cost` more to fit.
             room_after = limit - cost
-            blocking = entries[-room_after - 1] if len(entries) > room_after else None
-            if blocking is None or blocking.atime < now - expiry:
-                entries.extend([Entry(expiry)] * cost)
+            if len(times) <= room_after or times[-room_after - 1] < now - expiry:
+                times.extend(itertools.repeat(now, cost))
                 taken = True
-        return (taken, *self._window_of(entries, now - expiry, now))
+        return (taken, *_span(times, now - expiry, now))
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        """`limits`' take, on this storage's layout."""
+        """`limits`' take, on this storage's windows."""
         return self.take_now(key, limit, expiry, amount)[0]
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
-        """`limits`' window read, on this storage's layout: (its oldest entry's time, or
+        """`limits`' window read, on this storage's windows: (its oldest entry's time, or
         now when empty; the entries in it)."""
         now = time.time()
-        return self._window_of(self.events.get(key, []), now - expiry, now)
+        window = self.windows.get(key)
+        return _span(window[0], now - expiry, now) if window else (now, 0)
 
-    @staticmethod
-    def _window_of(entries: list[Entry], start: float, now: float) -> tuple[float, int]:
-        # Oldest first: the entries still in the window are a tail.
-        first = bisect.bisect_right(entries, start, key=lambda entry: entry.atime)
-        count = len(entries) - first
-        return (entries[first].atime if count else now), count
+    async def clear(self, key: str) -> None:
+        """Forget `key`'s window and counters."""
+        await super().clear(key)
+        self.windows.pop(key, None)
+
+    async def reset(self) -> int | None:
+        """Forget every window and counter."""
+        count = max(len(self.storage), len(self.windows))
+        await super().reset()
+        self.windows.clear()
+        return count
 
     def sweep(self) -> None:
         """Drop expired entries, and the windows and counters left empty."""
         now = time.time()
-        for key, entries in list(self.events.items()):
+        for key, (times, expiry) in list(self.windows.items()):
             # Oldest first, so the expired ones are a head.
-            expired = bisect.bisect_right(entries, now, key=lambda entry: entry.expiry)
-            if expired == len(entries):
-                del self.events[key]
+            expired = bisect.bisect_right(times, now - expiry)
+            if expired == len(times):
+                del self.windows[key]
                 self.locks.pop(key, None)
             elif expired:
-                del entries[:expired]
+                del times[:expired]
         for key, expires_at in list(self.expirations.items()):
             if expires_at <= now:
                 self.storage.pop(key, None)
                 del self.expirations[key]
                 self.locks.pop(key, None)
+
+
+def _span(times: array[float], start: float, now: float) -> tuple[float, int]:
+    """(the oldest time after `start`, or `now` if none; how many there are)."""
+    first = bisect.bisect_right(times, start)
+    count = len(times) - first
+    return (times[first] if count else now), count
 
 
 def open_backend(
