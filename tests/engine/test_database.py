@@ -13,6 +13,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from jobgate.errors import NotFound
 from jobgate.pipelines import Registry
 from jobgate.store import database as database_module
 from jobgate.store import pg
@@ -549,3 +550,15 @@ async def test_statements_moving_the_same_clocks_in_any_order_do_not_deadlock(
     assert clocks == {"x": 140.0, "y": 140.0}
     for owner in ("x", "y"):
         assert sorted(key for who, key in keys if who == owner) == [100.0 + i for i in range(40)]
+
+
+async def test_events_for_a_job_that_does_not_exist_are_refused_and_not_written(
+    database: Database,
+) -> None:
+    """Events name their job without a foreign key (migration 0007); the append takes
+    its numbers from the job's row, so without the row it fails and writes nothing."""
+    with pytest.raises(NotFound):
+        async with database.write() as conn:
+            await event_repo.append(conn, "no-such-job", [("log", {"message": "x"})], at=1.0)
+    async with database.read() as conn:
+        assert (await conn.execute(select(func.count()).select_from(events))).scalar_one() == 0

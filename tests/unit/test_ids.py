@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -48,3 +49,19 @@ def test_rfc3339_is_datetimes_own_text_in_utc(epoch: float) -> None:
 
 def test_rfc3339_of_none_is_none() -> None:
     assert rfc3339(None) is None
+
+
+def test_uuid7_in_a_forked_child_differs_from_its_parent() -> None:
+    """The child does not reuse random bytes the parent drew but has not yet spent."""
+    uuid7()  # the parent now holds unspent random bytes
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send its next id's random part, then leave at once
+        os.write(write, uuid7().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent = uuid7()
+    assert uuid.UUID(child).int & (1 << 74) - 1 != uuid.UUID(parent).int & (1 << 74) - 1

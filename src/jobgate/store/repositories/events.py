@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import JSON, Update, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from jobgate.errors import NotFound
 from jobgate.store import pg
 from jobgate.store.database import CHANGES, EVENT_ROWS, NotedRows
 from jobgate.store.tables import events, jobs
@@ -45,6 +46,9 @@ async def append(
     The job row's `last_seq` hands out the numbers, so concurrent writers for one job
     serialise on that row and never reuse a number. `job_values` are more columns of
     the job's row to set in the same statement.
+
+    Raises:
+        NotFound: no such job (nothing is written).
     """
     if not items and not job_values:
         return 0
@@ -58,7 +62,10 @@ async def append(
     bumped = await conn.execute(
         _bump(tuple(job_values)), {"job_id": job_id, "n": len(items), **params}
     )
-    last = int(bumped.scalar_one())
+    found = bumped.scalar_one_or_none()
+    if found is None:
+        raise NotFound(f"no job {job_id!r}")
+    last = int(found)
     if items:
         first = last - len(items) + 1
         await conn.execute(
@@ -138,6 +145,8 @@ async def _append_pg(
         [json.dumps(data) for _, data in items],
         *values,
     )
+    if last is None:
+        raise NotFound(f"no job {job_id!r}")
     return int(last)
 
 
