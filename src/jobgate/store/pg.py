@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -232,22 +233,27 @@ def _table_args(table: Table, rows: Rows) -> tuple[tuple[str, ...], tuple[bool, 
         args.append(1)
         return columns, (True,) * len(columns), args
     constant: list[bool] = []
-    for column in columns:
-        values = [row[column] for row in rows]
-        is_json = _column_type(table, column)[1]
-        if is_json:
-            # As SQLAlchemy's JSON type stores it: Python None is JSON null, not SQL NULL.
-            values = [to_json(v).decode() for v in values]
+    # The rows' values column by column, transposed in C (`itemgetter`, `zip`).
+    by_column: Iterator[tuple[Any, ...]]
+    if len(columns) > 1:
+        by_column = zip(*map(operator.itemgetter(*columns), rows), strict=True)
+    else:  # `itemgetter` of one key gives the value, not a tuple
+        by_column = iter([tuple(row[columns[0]] for row in rows)])
+    for column, values in zip(columns, by_column, strict=True):
         first = values[0]
         # `1 == 1.0 == True`, but they are different values: equal and of one type.
         same = values.count(first) == len(values) and len(set(map(type, values))) == 1
+        if _column_type(table, column)[1]:
+            # As SQLAlchemy's JSON type stores it: Python None is JSON null, not SQL NULL.
+            encoded = to_json(values).decode()
+            if same:  # equal in Python, and in JSON too? (`{"a": 1}` is not `{"a": 1.0}`)
+                one = to_json(first).decode()
+                same = encoded == f"[{','.join([one] * len(values))}]"
+            constant.append(same)
+            args.append(one if same else encoded)
+            continue
         constant.append(same)
-        if same:
-            args.append(first)
-        elif is_json:
-            args.append(f"[{','.join(values)}]")
-        else:
-            args.append(to_json(values).decode())
+        args.append(first if same else to_json(values).decode())
     if all(constant):
         args.append(len(rows))
     return columns, tuple(constant), args
