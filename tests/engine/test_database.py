@@ -20,6 +20,7 @@ from jobgate.store import pg
 from jobgate.store.database import Database
 from jobgate.store.repositories import events as event_repo
 from jobgate.store.repositories import jobs as job_repo
+from jobgate.store.repositories import outcomes
 from jobgate.store.tables import events, jobs, outbox, owner_clocks, tasks
 
 pytestmark = pytest.mark.service("postgres")
@@ -518,6 +519,43 @@ async def test_counting_active_jobs_reads_only_active_ones(database: Database) -
         explain = "EXPLAIN QUERY PLAN " if database.is_sqlite else "EXPLAIN "
         plan = " ".join(str(row[-1]) for row in await conn.execute(text(explain + sql)))
     assert "ix_jobs_owner_active" in plan
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
+async def test_the_sweep_reads_only_leased_tasks(database: Database) -> None:
+    """The lease-expiry index holds leased tasks alone (migration 0008): the sweep finds
+    the lapsed lease and the lost worker's task through it, not by reading the
+    thousands of tasks waiting for a worker."""
+    waiting = 5000 if not database.is_sqlite else 2000
+
+    def task(n: int, **lease: Any) -> dict[str, Any]:
+        return {
+            "job_id": f"job-{n:05d}", "stage": "run", "item_index": None, "queue": "default",
+            "owner": "o", "pipeline": "noop", "sort_key": float(n), "available_at": 0.0,
+            "attempt": 0, "deliveries": 0, "created_at": 0.0, "leased_by": None,
+            "lease_token": None, "lease_expires_at": None, **lease,
+        }  # fmt: skip
+
+    def leased(n: int, worker: str, expires_at: float) -> dict[str, Any]:
+        return task(n, leased_by=worker, lease_token=f"t-{n}", lease_expires_at=expires_at)
+
+    rows = [task(n) for n in range(waiting)] + [
+        leased(waiting, "w-alive", 50.0),  # lapsed at 100
+        leased(waiting + 1, "w-lost", 500.0),  # live, but its worker was lost
+        leased(waiting + 2, "w-alive", 500.0),  # live
+    ]
+    async with database.write() as conn:
+        await conn.execute(insert(tasks), rows)
+    query = outcomes.lapsed_leases(100.0, ["w-lost"], 100)
+    async with database.write() as conn:
+        await conn.execute(text("ANALYZE tasks"))
+        found = [row["job_id"] for row in (await conn.execute(query)).mappings()]
+        sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        explain = "EXPLAIN QUERY PLAN " if database.is_sqlite else "EXPLAIN "
+        plan = " ".join(str(row[-1]) for row in await conn.execute(text(explain + sql)))
+    assert found == [f"job-{waiting:05d}", f"job-{waiting + 1:05d}"]
+    assert "ix_tasks_lease_expires_at" in plan, plan
+    assert "Seq Scan" not in plan, plan
 
 
 async def test_statements_moving_the_same_clocks_in_any_order_do_not_deadlock(

@@ -33,6 +33,8 @@ ACTIVE_JOBS = "status IN ({})".format(", ".join(f"'{status}'" for status in ACTI
 """A job that is not finished, as SQL (literal, so that a partial index matches it)."""
 WAITING_TASK = "lease_token IS NULL"
 """A task no worker holds (it may still wait for its `available_at`)."""
+LEASED_TASK = "lease_expires_at IS NOT NULL"
+"""A task out on a lease: the sweeper's index holds only these."""
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL wants 64 bits.
 AutoId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -132,7 +134,12 @@ tasks = Table(
         sqlite_where=text(WAITING_TASK),
     ),
     Index(None, "job_id"),
-    Index(None, "lease_expires_at"),
+    Index(
+        None,
+        "lease_expires_at",
+        postgresql_where=text(LEASED_TASK),
+        sqlite_where=text(LEASED_TASK),
+    ),
 )
 
 records = Table(

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Float, String, bindparam, delete, insert, select, update
+from sqlalchemy import Float, Select, String, bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.pipelines import Pipeline, Registry
@@ -574,6 +574,25 @@ async def stopped(conn: AsyncConnection, task: Claimed, report: Report, *, at: f
         await scheduling.finalize(conn, task.job_id, "cancelled", at=at, webhook=job.webhook)
 
 
+def lapsed_leases(at: float, lost_workers: Sequence[str], limit: int) -> Select[Any]:
+    """The sweep's read: up to `limit` tasks whose lease ran out by `at` or whose worker
+    is one of `lost_workers`, soonest expiry first, locked (skipping locked ones)."""
+    return (
+        select(task_table)
+        .where(
+            (task_table.c.lease_expires_at < at)
+            | (
+                # Leased (a lease's token and expiry go together): both arms then fall
+                # within the partial index of leased tasks, however many wait.
+                task_table.c.leased_by.in_(lost_workers) & task_table.c.lease_expires_at.isnot(None)
+            )
+        )
+        .order_by(task_table.c.lease_expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
 async def sweep(
     conn: AsyncConnection,
     *,
@@ -591,25 +610,8 @@ async def sweep(
     Returns:
         How many expired leases were handled.
     """
-    expired = (
-        (
-            await conn.execute(
-                select(task_table)
-                .where(
-                    (task_table.c.lease_expires_at < at)
-                    | (
-                        task_table.c.leased_by.in_(lost_workers)
-                        & task_table.c.lease_token.isnot(None)
-                    )
-                )
-                .order_by(task_table.c.lease_expires_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-        )
-        .mappings()
-        .all()
-    )
+    found = await conn.execute(lapsed_leases(at, lost_workers, limit))
+    expired = found.mappings().all()
     # Their jobs are locked one by one as they come: in (job, task) order, as claims and
     # group commits lock them, so that none of those waits on a job this sweep holds
     # while the sweep waits on one it holds.
