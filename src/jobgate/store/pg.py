@@ -239,10 +239,17 @@ def _table_args(table: Table, rows: Rows) -> tuple[tuple[str, ...], tuple[bool, 
         by_column = zip(*map(operator.itemgetter(*columns), rows), strict=True)
     else:  # `itemgetter` of one key gives the value, not a tuple
         by_column = iter([tuple(row[columns[0]] for row in rows)])
+    count = len(rows)
     for column, values in zip(columns, by_column, strict=True):
         first = values[0]
-        # `1 == 1.0 == True`, but they are different values: equal and of one type.
-        same = values.count(first) == len(values) and len(set(map(type, values))) == 1
+        # `1 == 1.0 == True`, but they are different values: equal and of one type. Only
+        # a string equals a string, and only None is None; the last value tells most
+        # columns that vary without a pass over them all.
+        same = (
+            values[-1] == first
+            and values.count(first) == count
+            and (first is None or type(first) is str or len(set(map(type, values))) == 1)
+        )
         if _column_type(table, column)[1]:
             # As SQLAlchemy's JSON type stores it: Python None is JSON null, not SQL NULL.
             encoded = to_json(values).decode()
@@ -255,7 +262,7 @@ def _table_args(table: Table, rows: Rows) -> tuple[tuple[str, ...], tuple[bool, 
         constant.append(same)
         args.append(first if same else to_json(values).decode())
     if all(constant):
-        args.append(len(rows))
+        args.append(count)
     return columns, tuple(constant), args
 
 
