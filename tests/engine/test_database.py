@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -167,6 +168,24 @@ async def test_fast_path_keeps_equal_values_of_other_types_apart(postgres_db_url
     for i, v in enumerate(kinds):
         stored = params[f"k-{i}"]["x"]
         assert (stored, type(stored)) == (v, type(v))
+
+
+async def test_fast_path_sends_one_nan_throughout_as_a_constant(postgres_db_url: str) -> None:
+    """A float column holding the same NaN in every row is one constant parameter (as
+    `list.count` sees it, `nan is nan`): JSON has no NaN, so as an array it would fail."""
+    db = Database(postgres_db_url)
+    nan = float("nan")
+    try:
+        async with db.write() as conn:
+            await pg.insert_many(
+                conn, [(jobs, [_job_row(f"nan-{i}", estimated_usd=nan) for i in range(3)])]
+            )
+        async with db.read() as conn:
+            stored = (await conn.execute(select(jobs.c.estimated_usd))).scalars().all()
+    finally:
+        await db.aclose()
+    assert len(stored) == 3
+    assert all(math.isnan(value) for value in stored), stored
 
 
 async def test_fast_path_inserts_return_the_ids_of_keyed_rows(postgres_db_url: str) -> None:

@@ -244,9 +244,11 @@ def _table_args(table: Table, rows: Rows) -> tuple[tuple[str, ...], tuple[bool, 
         first = values[0]
         # `1 == 1.0 == True`, but they are different values: equal and of one type. Only
         # a string equals a string, and only None is None; the last value tells most
-        # columns that vary without a pass over them all.
+        # columns that vary without a pass over them all (`is` first, as `count` does:
+        # one NaN object throughout is constant).
+        last = values[-1]
         same = (
-            values[-1] == first
+            (last is first or last == first)
             and values.count(first) == count
             and (first is None or type(first) is str or len(set(map(type, values))) == 1)
         )
