@@ -66,6 +66,9 @@ async def main(args: argparse.Namespace) -> list[Result]:
                 raise SystemExit(f"PostgreSQL at {_common.PG_ADMIN_URL} does not answer: {why}")
             log(f"PostgreSQL skipped ({_common.PG_ADMIN_URL}: {why})")
             databases.remove("postgres")
+    # Each figure of issue 3 on each transport: the brokers' only with PostgreSQL.
+    wants_brokers = "postgres" in databases and args.only in (None, "drain", "submit", "latency")
+    brokers = await _common.answering_brokers() if wants_brokers else []
     results: list[Result] = []
     if args.only in (None, "drain"):
         results += await drain.run(
@@ -74,14 +77,20 @@ async def main(args: argparse.Namespace) -> list[Result]:
             concurrencies=[4, 16, 64],
             time_limit_s=2.0 if args.quick else 6.0,
             runs=args.runs,
+            brokers=brokers,
         )
     if args.only in (None, "drain"):
         results += await drain.run_processes(
             databases,
             count=1000 if args.quick else 8000,
             shapes=[(4, 4), (4, 16), (2, 64)],
+            broker_shapes=[(4, 16), (2, 64)],
+            brokers=brokers,
             time_limit_s=3.0 if args.quick else 8.0,
             runs=args.runs,
+        )
+        results += await drain.run_relay(
+            brokers, count=2000 if args.quick else 20_000, runs=args.runs
         )
     if args.only in (None, "submit"):
         results += await submit.run(
@@ -91,10 +100,20 @@ async def main(args: argparse.Namespace) -> list[Result]:
             inflight_batch=4,
             runs=args.runs,
         )
+        results += await submit.run_transports(
+            brokers,
+            seconds=1.5 if args.quick else 5.0,
+            inflight_single=16,
+            inflight_batch=4,
+            runs=args.runs,
+        )
     if args.only in (None, "latency"):
         results += await latency.run(databases, samples=40 if args.quick else 200, runs=args.runs)
         results += await sse_latency.run(
-            databases=databases, samples=40 if args.quick else 200, runs=args.runs
+            databases=databases,
+            samples=40 if args.quick else 200,
+            runs=args.runs,
+            brokers=brokers,
         )
     if args.only in (None, "auth") and "postgres" in databases:
         # Shorter runs, more rounds: its figures are ratios of runs a few seconds apart.

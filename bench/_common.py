@@ -16,12 +16,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
 import asyncpg  # type: ignore[import-untyped]
+import redis.asyncio as aioredis
 from sqlalchemy.engine import make_url
 
 from jobgate.ids import uuid7
 from jobgate.pipelines import Registry
 from jobgate.store.repositories import jobs
+from jobgate.transport import TransportError, from_url
 
 DATABASES = ("sqlite", "postgres")
 # Where a fresh `jobgate_bench` database is dropped and created (any database of the
@@ -31,6 +34,11 @@ PG_ADMIN_URL = os.environ.get(
 )
 PG_BENCH_DB = "jobgate_bench"
 RUNS = 3
+# The brokers jobgate's other transports run on (issue 3: every figure on each transport).
+BROKERS = {
+    "rabbitmq": os.environ.get("JOBGATE_BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+    "redis": os.environ.get("JOBGATE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+}
 
 
 @dataclass
@@ -161,6 +169,61 @@ async def postgres_version() -> tuple[str | None, str | None]:
     finally:
         await conn.close()
     return version, None
+
+
+def transport_namespace() -> str:
+    """A namespace of queue names no other run shares, so no run sees another's tokens."""
+    return f"jgbench{uuid7().replace('-', '')[-12:]}"
+
+
+async def broker_answers(broker: str) -> str | None:
+    """None when `broker`'s server answers, else why not (the figure is then skipped)."""
+    transport = from_url(BROKERS[broker], namespace=transport_namespace())
+    assert transport is not None, broker
+    try:
+        await transport.connect()
+    except TransportError as exc:
+        return str(exc)
+    finally:
+        await transport.aclose()
+    return None
+
+
+async def answering_brokers() -> list[str]:
+    """The brokers whose servers answer; each one that does not is logged and skipped
+    (a broker transport keeps its truth in the store, so its figures are taken on
+    PostgreSQL, as a deployment would run it)."""
+    brokers = []
+    for broker in BROKERS:
+        why = await broker_answers(broker)
+        if why is None:
+            brokers.append(broker)
+        else:
+            log(f"the {broker} transport's figures skipped: {why}")
+    return brokers
+
+
+async def delete_namespace(
+    broker: str, namespace: str, queues: tuple[str, ...] = ("default",)
+) -> None:
+    """Remove the broker's queues (RabbitMQ) or streams (Redis) of `namespace`: a run's
+    tokens left unconsumed would otherwise stay on the broker's disk."""
+    if broker == "rabbitmq":
+        connection = await aio_pika.connect(BROKERS[broker])
+        try:
+            channel = await connection.channel()
+            for queue in queues:
+                await channel.queue_delete(f"{namespace}.{queue}")
+        finally:
+            await connection.close()
+        return
+    client = aioredis.Redis.from_url(BROKERS[broker])
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{namespace}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 def machine(postgres: str = "n/a") -> dict[str, str]:

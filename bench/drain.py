@@ -30,14 +30,17 @@ from pathlib import Path
 from sqlalchemy import text
 
 from bench._common import (
+    BROKERS,
     EVENTS,
     Result,
     analyze_postgres,
+    delete_namespace,
     fresh_postgres,
     log,
     new_job,
     sqlite_url,
     temp_dir,
+    transport_namespace,
 )
 from jobgate.blobs import open_blob_store
 from jobgate.config import Settings
@@ -47,6 +50,7 @@ from jobgate.store import Database
 from jobgate.store.migrate import upgrade
 from jobgate.store.repositories import jobs
 from jobgate.transport import from_url
+from jobgate.transport.outbox import OutboxRelay
 from jobgate.worker import Worker
 
 INSERT_BATCH = 500
@@ -67,18 +71,13 @@ async def _count_done(db: Database) -> int:
         return int((await conn.execute(COUNT_DONE)).scalar_one())
 
 
-BROKERS = {
-    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
-    "redis": "redis://127.0.0.1:6379/0",
-}
-
-
 async def drain_once(
     database: str, count: int, concurrency: int, time_limit_s: float, broker: str = ""
 ) -> tuple[float, str]:
     """One run on a fresh database: (jobs/s, what happened). With `broker`, the worker
-    takes its tasks through that transport (tokens written to the outbox with the
-    backlog, published by the worker's relay once it starts)."""
+    takes its tasks through that transport: the backlog's tokens are published before
+    the clock starts, as in `drain_processes_once`."""
+    namespace = transport_namespace()
     with temp_dir("drain") as tmp:
         url = sqlite_url(tmp) if database == "sqlite" else await fresh_postgres()
         settings = Settings(
@@ -94,6 +93,8 @@ async def drain_once(
             await db.create_all()
             registry = Registry.from_paths([])
             await insert_noop_jobs(db, registry, count)
+            if broker:
+                await _publish_backlog(db, broker, namespace)
             if database == "postgres":
                 await analyze_postgres()
             worker = Worker(
@@ -102,7 +103,7 @@ async def drain_once(
                 blobs=blobs,
                 registry=registry,
                 concurrency=concurrency,
-                transport=from_url(BROKERS[broker], namespace="jobgatebench") if broker else None,
+                transport=from_url(BROKERS[broker], namespace=namespace) if broker else None,
             )
             lost_before = EVENTS.counts["lease_lost"]
             started = time.perf_counter()
@@ -118,20 +119,26 @@ async def drain_once(
         finally:
             await blobs.aclose()
             await db.aclose()
+            if broker:
+                await delete_namespace(broker, namespace)
         lost = EVENTS.counts["lease_lost"] - lost_before
         note = f"{done}/{count} in {elapsed:.1f} s, {lost} spurious lease_lost warnings"
         return done / elapsed, note
 
 
 async def _repeat(
-    benchmark: str, database: str, runs: int, once: Callable[[], Awaitable[tuple[float, str]]]
+    benchmark: str,
+    database: str,
+    runs: int,
+    once: Callable[[], Awaitable[tuple[float, str]]],
+    unit: str = "jobs/s",
 ) -> Result:
-    """`runs` drains by `once`, each logged; their jobs/s and notes as one result."""
-    result = Result(benchmark=benchmark, database=database, unit="jobs/s")
+    """`runs` drains by `once`, each logged; their rates and notes as one result."""
+    result = Result(benchmark=benchmark, database=database, unit=unit)
     notes: list[str] = []
     for n in range(runs):
         value, note = await once()
-        log(f"{benchmark} {database} run {n + 1}: {value:,.1f} jobs/s ({note})")
+        log(f"{benchmark} {database} run {n + 1}: {value:,.1f} {unit} ({note})")
         result.values.append(value)
         notes.append(note)
     result.note = "; ".join(notes)
@@ -139,8 +146,16 @@ async def _repeat(
 
 
 async def run(
-    databases: list[str], *, count: int, concurrencies: list[int], time_limit_s: float, runs: int
+    databases: list[str],
+    *,
+    count: int,
+    concurrencies: list[int],
+    time_limit_s: float,
+    runs: int,
+    brokers: list[str],
 ) -> list[Result]:
+    """Per database and concurrency, `runs` drains by one in-process worker; then, on
+    PostgreSQL, through each of `brokers` (x16)."""
     results: list[Result] = []
     for database in databases:
         for concurrency in concurrencies:
@@ -152,19 +167,15 @@ async def run(
                     functools.partial(drain_once, database, count, concurrency, time_limit_s),
                 )
             )
-    if "postgres" in databases:
-        for broker in BROKERS:
-            try:
-                results.append(
-                    await _repeat(
-                        f"drain noop, 1 worker x16, {broker} transport",
-                        "postgres",
-                        runs,
-                        functools.partial(drain_once, "postgres", count, 16, time_limit_s, broker),
-                    )
-                )
-            except OSError as exc:
-                log(f"drain via {broker} skipped: {exc}")
+    for broker in brokers if "postgres" in databases else []:
+        results.append(
+            await _repeat(
+                f"drain noop, 1 worker x16, {broker} transport",
+                "postgres",
+                runs,
+                functools.partial(drain_once, "postgres", count, 16, time_limit_s, broker),
+            )
+        )
     return results
 
 
@@ -200,13 +211,23 @@ async def _freeze(workers: list[subprocess.Popen[bytes]], sqlite_file: Path | No
 
 
 async def drain_processes_once(
-    database: str, count: int, processes: int, concurrency: int, time_limit_s: float
+    database: str,
+    count: int,
+    processes: int,
+    concurrency: int,
+    time_limit_s: float,
+    broker: str = "",
 ) -> tuple[float, str]:
-    """One run with `processes` worker processes: (jobs/s, what happened)."""
+    """One run with `processes` worker processes: (jobs/s, what happened). With `broker`,
+    they take their tasks through that transport: the backlog's tokens wait in the outbox
+    and are published before the workers are resumed (untimed, as an API process's relay
+    would have published them as the jobs came in; the peers' backlogs are enqueued the
+    same way)."""
+    namespace = transport_namespace()
     with temp_dir("drainp") as tmp:
         url = sqlite_url(tmp) if database == "sqlite" else await fresh_postgres()
         await upgrade(url)  # what `jobgate worker` expects (it migrates SQLite itself)
-        db = Database(url)
+        db = Database(url, outbox=bool(broker))
         env = {
             **os.environ,
             "JOBGATE_DATABASE_URL": url,
@@ -214,6 +235,9 @@ async def drain_processes_once(
             "JOBGATE_BLOBS_URL": (tmp / "blobs").as_uri(),
             "JOBGATE_LOG_LEVEL": "WARNING",
         }
+        if broker:
+            env["JOBGATE_TRANSPORT_URL"] = BROKERS[broker]
+            env["JOBGATE_TRANSPORT_NAMESPACE"] = namespace
         jobgate = str(Path(sys.executable).with_name("jobgate"))
         workers = [
             subprocess.Popen(
@@ -238,6 +262,8 @@ async def drain_processes_once(
             await asyncio.sleep(0.5)  # let their first (empty) claims pass
             await _freeze(workers, tmp / "jobgate.db" if database == "sqlite" else None)
             await insert_noop_jobs(db, Registry.from_paths([]), count)
+            if broker:
+                published = await _publish_backlog(db, broker, namespace)
             if database == "postgres":
                 await analyze_postgres()
             started = time.perf_counter()
@@ -259,7 +285,63 @@ async def drain_processes_once(
                     worker.kill()
                     worker.wait()
             await db.aclose()
-        return done / elapsed, f"{done}/{count} in {elapsed:.1f} s"
+            if broker:
+                await delete_namespace(broker, namespace)
+        note = f"{done}/{count} in {elapsed:.1f} s"
+        if broker:
+            note += f", {published} tokens published before the clock"
+        return done / elapsed, note
+
+
+async def _publish_backlog(db: Database, broker: str, namespace: str) -> int:
+    """Publish the outbox's tokens to `broker` under `namespace`; how many."""
+    transport = from_url(BROKERS[broker], namespace=namespace)
+    assert transport is not None, broker
+    try:
+        await transport.connect()
+        return await OutboxRelay(db, transport, poll_s=60).drain()
+    finally:
+        await transport.aclose()
+
+
+async def relay_once(broker: str, count: int) -> tuple[float, str]:
+    """Tokens/s one outbox relay publishes to `broker`: the tokens of `count` ready
+    tasks (written untimed, with their jobs) taken from the store, published with the
+    broker's acknowledgement, and deleted, batch by batch, as a `jobgate serve` relays
+    its submits. It bounds how fast accepted jobs can reach a broker's workers."""
+    namespace = transport_namespace()
+    db = Database(await fresh_postgres(), outbox=True)
+    transport = from_url(BROKERS[broker], namespace=namespace)
+    assert transport is not None, broker
+    try:
+        await db.create_all()
+        await insert_noop_jobs(db, Registry.from_paths([]), count)
+        await analyze_postgres()
+        await transport.connect()
+        relay = OutboxRelay(db, transport, poll_s=60)
+        cpu, started = time.process_time(), time.perf_counter()
+        published = await relay.drain()
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        await transport.aclose()
+        await db.aclose()
+        await delete_namespace(broker, namespace)
+    note = f"{published}/{count} in {elapsed:.2f} s, {cpu / published * 1e6:.0f} µs of CPU a token"
+    return published / elapsed, note
+
+
+async def run_relay(brokers: list[str], *, count: int, runs: int) -> list[Result]:
+    """Per broker, `runs` relays of `count` tokens each (`relay_once`)."""
+    return [
+        await _repeat(
+            f"outbox relay, {count:,} tokens, {broker} transport",
+            "postgres",
+            runs,
+            functools.partial(relay_once, broker, count),
+            unit="tokens/s",
+        )
+        for broker in brokers
+    ]
 
 
 async def run_processes(
@@ -267,10 +349,13 @@ async def run_processes(
     *,
     count: int,
     shapes: list[tuple[int, int]],
+    broker_shapes: list[tuple[int, int]],
+    brokers: list[str],
     time_limit_s: float,
     runs: int,
 ) -> list[Result]:
-    """Per database and shape (processes, concurrency each): `runs` drains."""
+    """Per database and shape (processes, concurrency each): `runs` drains; then, on
+    PostgreSQL, each shape of `broker_shapes` through each of `brokers`."""
     results: list[Result] = []
     for database in databases:
         for processes, concurrency in shapes:
@@ -281,6 +366,24 @@ async def run_processes(
                     runs,
                     functools.partial(
                         drain_processes_once, database, count, processes, concurrency, time_limit_s
+                    ),
+                )
+            )
+    for broker in brokers if "postgres" in databases else []:
+        for processes, concurrency in broker_shapes:
+            results.append(
+                await _repeat(
+                    f"drain noop, {processes} worker processes x{concurrency}, {broker} transport",
+                    "postgres",
+                    runs,
+                    functools.partial(
+                        drain_processes_once,
+                        "postgres",
+                        count,
+                        processes,
+                        concurrency,
+                        time_limit_s,
+                        broker,
                     ),
                 )
             )

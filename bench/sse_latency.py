@@ -16,11 +16,19 @@ import asyncio
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from bench._common import Result, fresh_postgres, log, sqlite_url, temp_dir
+from bench._common import (
+    BROKERS,
+    Result,
+    delete_namespace,
+    fresh_postgres,
+    log,
+    sqlite_url,
+    temp_dir,
+    transport_namespace,
+)
 from bench.sse import open_stream
 from bench.submit import _env, _free_port, _jobgate, _run_cli, _running
 
@@ -122,18 +130,38 @@ async def _one(stream: AllEvents, submitter: Submitter) -> float:
 
 
 async def run_once(
-    database: str, samples: int, *, src: Path | None = None, gap_s: float = 0.01
+    database: str,
+    samples: int,
+    *,
+    src: Path | None = None,
+    gap_s: float = 0.01,
+    broker: str = "",
 ) -> list[float]:
     """One server on `database`: `samples` submit→completed latencies (ms). `src`: run
-    the jobgate found there instead of this checkout's (`bench/compare.py`)."""
+    the jobgate found there instead of this checkout's (`bench/compare.py`). `broker`:
+    its tasks go through that transport (the submit's token is published by the
+    server's relay and consumed by its worker)."""
+    namespace = transport_namespace()
+    try:
+        return await _run_once(database, samples, src, gap_s, broker, namespace)
+    finally:
+        if broker:
+            await delete_namespace(broker, namespace)
+
+
+async def _run_once(
+    database: str, samples: int, src: Path | None, gap_s: float, broker: str, namespace: str
+) -> list[float]:
     with temp_dir("sse-latency") as tmp:
         url = sqlite_url(tmp) if database == "sqlite" else await fresh_postgres()
         paths = [str(src)] if src is not None else []
         env = {
             **_env(tmp, url),
-            "JOBGATE_TRANSPORT_NAMESPACE": f"bench{uuid.uuid4().hex[:8]}",
+            "JOBGATE_TRANSPORT_NAMESPACE": namespace,
             "PYTHONPATH": os.pathsep.join([*paths, str(Path(__file__).parent.parent)]),
         }
+        if broker:
+            env["JOBGATE_TRANSPORT_URL"] = BROKERS[broker]
         if database == "postgres":
             _run_cli(["db", "upgrade"], env, tmp)
         key = _run_cli(["keys", "create", "--owner", "bench", "--role", "user"], env, tmp)
@@ -161,26 +189,32 @@ async def run_once(
     return latencies
 
 
-async def run(*, databases: list[str], samples: int, runs: int) -> list[Result]:
-    """p50 and p99 per database, the median of `runs` runs each."""
+async def run(
+    *, databases: list[str], samples: int, runs: int, brokers: list[str] | None = None
+) -> list[Result]:
+    """p50 and p99 per database, the median of `runs` runs each; then on PostgreSQL with
+    each of `brokers` as the transport."""
+    setups = [(database, "") for database in databases]
+    setups += [("postgres", broker) for broker in brokers or [] if "postgres" in databases]
     results: list[Result] = []
-    for database in databases:
+    for database, broker in setups:
+        label = f"{database}, {broker} transport" if broker else database
         p50 = Result(
             benchmark="HTTP submit -> completed on an open SSE stream, p50",
-            database=database,
+            database=label,
             unit="ms",
         )
         p99 = Result(
             benchmark="HTTP submit -> completed on an open SSE stream, p99",
-            database=database,
+            database=label,
             unit="ms",
         )
         for run_index in range(runs):
-            latencies = await run_once(database, samples)
+            latencies = await run_once(database, samples, broker=broker)
             p50.values.append(_percentile(latencies, 0.5))
             p99.values.append(_percentile(latencies, 0.99))
             log(
-                f"  sse latency {database} run {run_index + 1}: p50 {p50.values[-1]:.2f} ms, "
+                f"  sse latency {label} run {run_index + 1}: p50 {p50.values[-1]:.2f} ms, "
                 f"p99 {p99.values[-1]:.2f} ms ({samples} jobs)"
             )
         results += [p50, p99]

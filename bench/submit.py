@@ -27,17 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import httpx
 from sqlalchemy.engine import make_url
 
 from bench._common import (
+    BROKERS,
     PG_BENCH_DB,
     Result,
     analyze_postgres,
+    delete_namespace,
     fresh_postgres,
     log,
     sqlite_url,
     temp_dir,
+    transport_namespace,
 )
 
 STARTUP_TIMEOUT_S = 60.0
@@ -291,6 +295,8 @@ class Figure:
     """The PostgreSQL database to ANALYZE before each run."""
     cpu_us: list[float] = field(default_factory=list)
     """The server's CPU per job in each run, in microseconds."""
+    outbox: Outbox | None = None
+    """With a broker transport: the server's outbox, waited empty before each run."""
 
 
 async def _measure(
@@ -320,10 +326,12 @@ async def _measure_in_turn(figures: list[Figure], *, seconds: float, runs: int) 
         turn = n % len(figures)
         for figure in figures[turn:] + figures[:turn]:
             result = figure.result
+            if figure.outbox is not None:
+                await figure.outbox.wait_empty()
             await load(
                 figure.server, figure.path, figure.body, figure.jobs_each, 1.0, figure.inflight
             )
-            if result.database == "postgres":
+            if result.database.startswith("postgres"):
                 # After the warm-up, never on empty tables: statistics that say `jobs` is
                 # empty make the foreign keys' checks scan it whole, row after row.
                 await analyze_postgres(figure.database_name)
@@ -331,6 +339,8 @@ async def _measure_in_turn(figures: list[Figure], *, seconds: float, runs: int) 
                 figure.server, figure.path, figure.body, figure.jobs_each, seconds, figure.inflight
             )
             rate = tally.jobs / elapsed
+            if figure.outbox is not None:
+                figure.outbox.left.append(await figure.outbox.count())
             result.values.append(rate)
             if tally.jobs:
                 figure.cpu_us.append(tally.server_cpu_s / tally.jobs * 1e6)
@@ -422,4 +432,75 @@ async def run(
                     + f" (median {statistics.median(shares):.0%})"
                 )
         results += [single, batch, *(f.result for f in figures[1:])]
+    return results
+
+
+@dataclass
+class Outbox:
+    """A broker-transport server's outbox: the tokens its relay has yet to publish."""
+
+    dsn: str
+    left: list[int] = field(default_factory=list)
+    """Tokens still waiting at the end of each run: how far the relay fell behind."""
+
+    async def count(self) -> int:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM outbox"))
+        finally:
+            await conn.close()
+
+    async def wait_empty(self, timeout_s: float = 120.0) -> None:
+        """Until the relay has published everything (so no run pays for the one before)."""
+        deadline = time.monotonic() + timeout_s
+        while await self.count():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the relay left tokens in the outbox for {timeout_s:g} s")
+            await asyncio.sleep(0.2)
+
+
+async def run_transports(
+    brokers: list[str], *, seconds: float, inflight_single: int, inflight_batch: int, runs: int
+) -> list[Result]:
+    """Single and batch submits on PostgreSQL with each of `brokers` as the transport: the
+    server's relay publishes every accepted job's token while the load runs, each run
+    starting with its outbox empty; the note says how many tokens each run left behind."""
+    results: list[Result] = []
+    for broker in brokers:
+        label = f"postgres, {broker} transport"
+        single = Result(
+            benchmark=f"HTTP submit noop, single ({inflight_single} in flight)",
+            database=label,
+            unit="jobs/s",
+        )
+        batch = Result(
+            benchmark=f"HTTP submit noop, batch of {BATCH_SIZE} ({inflight_batch} in flight)",
+            database=label,
+            unit="jobs/s",
+        )
+        namespace = transport_namespace()
+        settings = {
+            "JOBGATE_TRANSPORT_URL": BROKERS[broker],
+            "JOBGATE_TRANSPORT_NAMESPACE": namespace,
+        }
+        try:
+            with temp_dir("submit") as tmp:
+                url = await fresh_postgres()
+                dsn = (
+                    make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+                )
+                with serve(tmp, url, postgres=True, settings=settings) as server:
+                    for result, path, body, each, inflight in (
+                        (single, "/v1/jobs", SINGLE_BODY, 1, inflight_single),
+                        (batch, "/v1/jobs/batch", BATCH_BODY, BATCH_SIZE, inflight_batch),
+                    ):
+                        outbox = Outbox(dsn)
+                        figure = Figure(server, result, path, body, each, inflight, outbox=outbox)
+                        await _measure_in_turn([figure], seconds=seconds, runs=runs)
+                        result.note = "tokens not yet published at the end of each run: " + (
+                            " / ".join(f"{n:,}" for n in outbox.left)
+                        )
+        finally:
+            await delete_namespace(broker, namespace)
+        results += [single, batch]
     return results

@@ -352,6 +352,28 @@ async def test_redis_takes_over_tokens_of_a_dead_consumer() -> None:
         await delete_namespace("redis", namespace)
 
 
+@pytest.mark.service("rabbitmq")
+async def test_rabbitmq_a_token_for_a_deleted_queue_fails_and_the_next_publish_succeeds() -> None:
+    """A queue deleted behind the transport's back makes the publish fail loudly (the
+    broker returns the unroutable message) instead of dropping the token; the next
+    publish declares the queue again and its token is delivered."""
+    namespace = f"jgtest{uuid.uuid4().hex[:12]}"
+    transport = RabbitTransport(RABBITMQ_URL, namespace=namespace)
+    try:
+        await transport.publish(["a"])
+        await delete_namespace("rabbitmq", namespace)
+
+        with pytest.raises(TransportError, match="confirmed 0 of 2"):
+            await transport.publish(["a", "a"])
+        await transport.publish(["a"])
+
+        assert queues_of(await take(transport.consume(["a"], prefetch=5), 1)) == ["a"]
+        assert await nothing_arrives(transport.consume(["a"], prefetch=5))
+    finally:
+        await transport.aclose()
+        await delete_namespace("rabbitmq", namespace)
+
+
 # -- choosing a transport ---------------------------------------------------------------
 
 

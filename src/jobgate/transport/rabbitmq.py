@@ -32,6 +32,7 @@ from functools import partial
 from typing import Any
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError, PublishError
@@ -41,6 +42,7 @@ from jobgate.transport.base import TransportError
 log = structlog.get_logger("jobgate.transport")
 
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 CONNECT_TIMEOUT_S = 5.0
 # A publish waits this long at most, including for a reconnect in progress.
 PUBLISH_TIMEOUT_S = 10.0
@@ -101,8 +103,9 @@ class RabbitTransport:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                 for queue in dict.fromkeys(queues):
                     await self._declare(channel, queue)
+                underlay = await channel.get_underlay_channel()
                 results = await asyncio.gather(
-                    *(self._publish_one(channel, queue) for queue in queues),
+                    *(self._publish_one(underlay, queue) for queue in queues),
                     return_exceptions=True,
                 )
         except DRIVER_ERRORS as exc:
@@ -201,13 +204,19 @@ class RabbitTransport:
             await channel.declare_queue(name, durable=True, arguments=QUORUM)
             self._declared.add(name)
 
-    async def _publish_one(self, channel: AbstractRobustChannel, queue: str) -> None:
-        message = aio_pika.Message(
+    async def _publish_one(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
+        # On aiormq's channel, as `Exchange.publish` does after building a `Message` and
+        # its properties: without those layers a relay's token costs about a fifth less
+        # CPU. Unroutable messages still raise (the channel's `on_return_raises`).
+        await channel.basic_publish(
             queue.encode(),
-            content_type="text/plain",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            routing_key=self.queue_name(queue),
+            # A fresh one each time: aiormq writes the message id into it.
+            properties=aiormq.spec.Basic.Properties(
+                content_type="text/plain", delivery_mode=PERSISTENT
+            ),
+            mandatory=True,
         )
-        await channel.default_exchange.publish(message, routing_key=self.queue_name(queue))
 
 
 class RabbitConsumer:

@@ -6,7 +6,7 @@ consumer at a time and stays in the group's pending list until it is settled.
 
 What this backend guarantees:
 
-- `publish` returns once Redis answered every `XADD` of its pipeline. That is as
+- `publish` returns once Redis answered the call that appended each token. That is as
   durable as the server's persistence: with `appendfsync always` it survives a crash;
   without persistence a restart loses every token (the store still has the tasks).
 - Each `consume` iterator is a consumer of its own (`host-pid-random`). It reads with
@@ -29,7 +29,7 @@ import asyncio
 import os
 import secrets
 import socket
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
@@ -38,6 +38,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from jobgate.transport.base import TransportError
@@ -72,6 +73,17 @@ return 0
 """
 
 
+# Append ARGV[2] tokens of queue ARGV[1] to the stream KEYS[1]. One call (and one reply)
+# per queue instead of an `XADD` each: parsing a pipeline's thousand replies was most of
+# a relay's CPU.
+_APPEND = """
+for _ = 1, tonumber(ARGV[2]) do
+  redis.call('XADD', KEYS[1], '*', 'q', ARGV[1])
+end
+return 0
+"""
+
+
 class RedisStreamsTransport:
     """Wake-up tokens in Redis streams named `<namespace>:<queue>`.
 
@@ -91,6 +103,7 @@ class RedisStreamsTransport:
         self.namespace = namespace
         self.claim_idle_s = claim_idle_s
         self._client: Redis | None = None
+        self._append: AsyncScript | None = None
         self._consumers: set[RedisStreamsConsumer] = set()
         self._closed = False
 
@@ -127,18 +140,24 @@ class RedisStreamsTransport:
             raise TransportError(f"cannot reach Redis: {_describe(exc)}") from exc
 
     async def publish(self, queues: Sequence[str]) -> None:
-        """Append one entry per token, in one pipeline, and wait for Redis's replies.
+        """Append one entry per token (a script call per queue, all in one pipeline) and
+        wait for Redis's replies.
 
         Raises:
-            TransportError: Redis did not acknowledge every `XADD`.
+            TransportError: Redis did not acknowledge every call.
         """
         if not queues:
             return
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for queue in queues:
-                        pipe.xadd(self.stream_key(queue), {"q": queue})
+                client = self.client
+                if self._append is None:
+                    self._append = client.register_script(_APPEND)
+                async with client.pipeline(transaction=False) as pipe:
+                    for queue, count in Counter(queues).items():
+                        await self._append(
+                            keys=[self.stream_key(queue)], args=[queue, count], client=pipe
+                        )
                     await pipe.execute()
         except DRIVER_ERRORS as exc:
             raise TransportError(f"Redis publish failed: {_describe(exc)}") from exc
@@ -157,6 +176,7 @@ class RedisStreamsTransport:
         self._closed = True
         await asyncio.gather(*(consumer.aclose() for consumer in list(self._consumers)))
         client, self._client = self._client, None
+        self._append = None
         if client is not None:
             await client.aclose()
 
