@@ -378,6 +378,23 @@ def _ceiling_result(inflight: int) -> Result:
     )
 
 
+def _submit_results(
+    database: str, inflight_single: int, inflight_batch: int
+) -> tuple[Result, Result]:
+    """The single and the batch submits' results, for `database` (and transport)."""
+    single = Result(
+        benchmark=f"HTTP submit noop, single ({inflight_single} in flight)",
+        database=database,
+        unit="jobs/s",
+    )
+    batch = Result(
+        benchmark=f"HTTP submit noop, batch of {BATCH_SIZE} ({inflight_batch} in flight)",
+        database=database,
+        unit="jobs/s",
+    )
+    return single, batch
+
+
 async def run(
     databases: list[str],
     *,
@@ -392,16 +409,7 @@ async def run(
     single submits, so that their ratio is of one moment."""
     results: list[Result] = []
     for database in databases:
-        single = Result(
-            benchmark=f"HTTP submit noop, single ({inflight_single} in flight)",
-            database=database,
-            unit="jobs/s",
-        )
-        batch = Result(
-            benchmark=f"HTTP submit noop, batch of {BATCH_SIZE} ({inflight_batch} in flight)",
-            database=database,
-            unit="jobs/s",
-        )
+        single, batch = _submit_results(database, inflight_single, inflight_batch)
         with contextlib.ExitStack() as stack:
             tmp = stack.enter_context(temp_dir("submit"))
             postgres = database == "postgres"
@@ -468,16 +476,7 @@ async def run_transports(
     results: list[Result] = []
     for broker in brokers:
         label = f"postgres, {broker} transport"
-        single = Result(
-            benchmark=f"HTTP submit noop, single ({inflight_single} in flight)",
-            database=label,
-            unit="jobs/s",
-        )
-        batch = Result(
-            benchmark=f"HTTP submit noop, batch of {BATCH_SIZE} ({inflight_batch} in flight)",
-            database=label,
-            unit="jobs/s",
-        )
+        single, batch = _submit_results(label, inflight_single, inflight_batch)
         namespace = transport_namespace()
         settings = {
             "JOBGATE_TRANSPORT_URL": BROKERS[broker],
