@@ -352,6 +352,29 @@ async def test_redis_takes_over_tokens_of_a_dead_consumer() -> None:
         await delete_namespace("redis", namespace)
 
 
+@pytest.mark.service("redis")
+async def test_redis_acks_made_together_leave_nothing_in_the_stream() -> None:
+    """Acks made in one turn of the event loop (written in one transaction) each take:
+    the stream is empty and nothing is pending, across two streams."""
+    namespace = f"jgtest{uuid.uuid4().hex[:12]}"
+    transport = RedisStreamsTransport(REDIS_URL, namespace=namespace, claim_idle_s=CLAIM_IDLE_S)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await transport.publish(["a"] * 30 + ["b"] * 20)
+        deliveries = await take(transport.consume(["a", "b"], prefetch=50), 50)
+
+        await asyncio.gather(*(delivery.ack() for delivery in deliveries))
+
+        for queue in ("a", "b"):
+            key = transport.stream_key(queue)
+            assert await client.xlen(key) == 0
+            assert (await client.xpending(key, namespace))["pending"] == 0
+    finally:
+        await transport.aclose()
+        await client.aclose()
+        await delete_namespace("redis", namespace)
+
+
 @pytest.mark.service("rabbitmq")
 async def test_rabbitmq_a_token_for_a_deleted_queue_fails_and_the_next_publish_succeeds() -> None:
     """A queue deleted behind the transport's back makes the publish fail loudly (the

@@ -17,8 +17,9 @@ What this backend guarantees:
   `claim_idle_s / 3`, so a token may stay unacknowledged for as long as its stage runs.
   Entries idle for `claim_idle_s` belong to a dead consumer, and any consumer with free
   room takes them over with `XAUTOCLAIM` and hands them out again.
-- `ack` removes the entry (`XACK` + `XDEL`), so streams hold only unsettled tokens;
-  `reject` replaces it by a fresh entry at the end of its stream, in one transaction.
+- `ack` removes the entry (`XACK` + `XDEL`; the acks of one turn of the event loop in
+  one transaction), so streams hold only unsettled tokens; `reject` replaces it by a
+  fresh entry at the end of its stream, in one transaction.
 - Consumers retry with backoff while Redis is unreachable, and re-create the group
   (`NOGROUP`) when a restart without persistence emptied the server.
 """
@@ -206,6 +207,9 @@ class RedisStreamsConsumer:
         self._tasks: list[asyncio.Task[None]] = []
         self._failure: BaseException | None = None
         self._closed = False
+        # Acks of one turn of the event loop, written together by one flush task.
+        self._acks: list[tuple[RedisStreamsDelivery, asyncio.Future[None]]] = []
+        self._ack_flush: asyncio.Task[None] | None = None
 
     def __aiter__(self) -> RedisStreamsConsumer:
         return self
@@ -373,6 +377,39 @@ class RedisStreamsConsumer:
             self._out.discard(delivery)
             self._ready.notify_all()
 
+    async def _ack(self, delivery: RedisStreamsDelivery) -> None:
+        """`XACK` + `XDEL` `delivery`, in one transaction with every other ack made in
+        the same turn of the event loop (a worker's finished stages are settled
+        together): one round trip for the lot instead of one each. Raises what the
+        transaction raised."""
+        future = asyncio.get_running_loop().create_future()
+        self._acks.append((delivery, future))
+        if self._ack_flush is None:
+            self._ack_flush = asyncio.create_task(self._flush_acks())
+        await future
+
+    async def _flush_acks(self) -> None:
+        batch, self._acks = self._acks, []
+        self._ack_flush = None  # acks made from here on go to the next flush
+        ids: dict[str, list[bytes]] = {}
+        for delivery, _ in batch:
+            ids.setdefault(delivery.key, []).append(delivery.entry_id)
+        try:
+            async with asyncio.timeout(SETTLE_TIMEOUT_S):
+                async with self._transport.client.pipeline(transaction=True) as pipe:
+                    for key, entry_ids in ids.items():
+                        pipe.xack(key, self._group, *entry_ids)
+                        pipe.xdel(key, *entry_ids)
+                    await pipe.execute()
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
 
 class RedisStreamsDelivery:
     """One stream entry held by a `RedisStreamsConsumer`; settle it once."""
@@ -406,7 +443,10 @@ class RedisStreamsDelivery:
             return
         self._settled = True
         try:
-            await self._write(requeue=requeue)
+            if requeue:
+                await self._requeue()
+            else:
+                await self._consumer._ack(self)
         except Exception as exc:
             # Unsettled in Redis: another consumer takes it over after claim_idle_s.
             log.warning(
@@ -421,16 +461,16 @@ class RedisStreamsDelivery:
     async def _give_back(self) -> None:
         if not self._settled:
             self._settled = True
-            await self._write(requeue=True)
+            await self._requeue()
 
-    async def _write(self, *, requeue: bool) -> None:
+    async def _requeue(self) -> None:
+        """Replace the entry by a fresh one at the end of its stream, in one transaction."""
         group = self._consumer._group
         async with asyncio.timeout(SETTLE_TIMEOUT_S):
             async with self._consumer._transport.client.pipeline(transaction=True) as pipe:
                 pipe.xack(self.key, group, self.entry_id)
                 pipe.xdel(self.key, self.entry_id)
-                if requeue:
-                    pipe.xadd(self.key, {"q": self._queue})
+                pipe.xadd(self.key, {"q": self._queue})
                 await pipe.execute()
 
 
