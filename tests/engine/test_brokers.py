@@ -24,6 +24,7 @@ from jobgate.store.repositories import jobs as job_repo
 from jobgate.store.tables import events, jobs, outbox
 from jobgate.transport import from_url
 from jobgate.transport.base import Transport
+from jobgate.transport.outbox import OutboxRelay
 from jobgate.worker import Worker
 from tests.conftest import require_exclusive
 from tests.engine import pipelines
@@ -290,3 +291,26 @@ async def test_a_broker_restart_under_1000_jobs_loses_none(
     terminal = await _terminal_events_per_job(broker_engine)
     assert len(terminal) == total
     assert set(terminal.values()) == {1}
+
+
+async def test_a_relay_woken_as_it_closes_stops_at_once(broker_engine: BrokerEngine) -> None:
+    """`aclose` ends the relay at once even when a wake-up and the cancellation reach its
+    wait in the same turn of the event loop. (Python 3.11's `asyncio.wait_for` swallowed
+    such a cancellation, and the relay went on to its next poll, a minute away.)"""
+    transport = broker_engine.transport()
+    relay = OutboxRelay(broker_engine.db, transport, poll_s=60)
+    try:
+        await relay.start()
+        await _until(lambda: _idle(relay), timeout=10, what="the relay to wait")
+        relay.wake()
+        started = time.monotonic()
+        await relay.aclose()
+        assert time.monotonic() - started < 2
+    finally:
+        await transport.aclose()
+
+
+async def _idle(relay: OutboxRelay) -> bool:
+    """Whether the relay has connected and is waiting for a wake-up."""
+    await asyncio.sleep(0.05)
+    return relay._connected and not relay._wakeup.is_set()

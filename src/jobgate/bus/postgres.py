@@ -94,7 +94,8 @@ class PostgresBus:
         """Connect; returns once connected, or after 5 s (it keeps trying meanwhile)."""
         self._task = asyncio.create_task(self._run(), name="jobgate-bus")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), timeout=5)
+            async with asyncio.timeout(5):
+                await self._connected.wait()
 
     async def ping(self) -> float:
         started = time.perf_counter()

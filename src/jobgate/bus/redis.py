@@ -63,7 +63,8 @@ class RedisBus:
         if self._listeners:
             self._tasks.append(asyncio.create_task(self._listen(), name="jobgate-bus-listen"))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._subscribed.wait(), timeout=TIMEOUT_S)
+                async with asyncio.timeout(TIMEOUT_S):
+                    await self._subscribed.wait()
 
     async def ping(self) -> float:
         started = time.perf_counter()

@@ -91,8 +91,11 @@ class OutboxRelay:
             if count == BATCH:
                 continue
             wait = await self._next_due()
+            # Not `wait_for`: on Python 3.11 it swallows a cancellation that lands as a
+            # wake-up ends the wait, and `aclose` would then wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+                async with asyncio.timeout(wait):
+                    await self._wakeup.wait()
 
     async def _publish_batch(self) -> int:
         async with self.db.write() as conn:

@@ -143,7 +143,8 @@ class PostgresWakeups:
         knows whether it leads), or after 5 s."""
         self._task = asyncio.create_task(self._run(), name="jobgate-wakeups")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), timeout=5)
+            async with asyncio.timeout(5):
+                await self._connected.wait()
 
     def expect(self, notice: str) -> None:
         """The notification with payload `notice` is no news: its owner was woken
@@ -325,8 +326,11 @@ class PostgresWakeups:
             left = self._deadline - loop.time()
             if left > 0:
                 self._nudged.clear()
+                # Not `wait_for`: on Python 3.11 it swallows a cancellation that lands
+                # as a nudge ends the wait, and `aclose` then waited forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._nudged.wait(), timeout=left)
+                    async with asyncio.timeout(left):
+                        await self._nudged.wait()
                 continue
             # Followers whose patience ran out together: the first new leader's beacon
             # (its first check follows its election at once) saves the others the try.

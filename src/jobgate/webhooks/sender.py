@@ -169,7 +169,8 @@ class WebhookSender:
                 except Exception as exc:
                     log.warning("webhook_claim_failed", error=repr(exc), retry_in_s=delay)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+                        async with asyncio.timeout(delay):
+                            await self._wakeup.wait()
                     delay = min(delay * 2, 5.0)
                     continue
                 delay = 0.1
@@ -182,8 +183,11 @@ class WebhookSender:
                     continue  # more may be due; a finished send wakes the loop if full
             else:
                 self._saturated = True
+            # Not `wait_for`: on Python 3.11 it swallows a cancellation that lands as a
+            # wake-up ends the wait, and stopping the sender would then wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self.settings.webhook_poll_s)
+                async with asyncio.timeout(self.settings.webhook_poll_s):
+                    await self._wakeup.wait()
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)

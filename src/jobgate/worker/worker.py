@@ -594,8 +594,12 @@ class Worker:
         if self._wakeups is None:
             await asyncio.sleep(seconds)
             return
+        # `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` swallows a
+        # cancellation that lands as the election ends the wait, and `stop` then waited
+        # forever for this loop.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeups.elected.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):
+                await self._wakeups.elected.wait()
 
     async def _register(self) -> None:
         async with self.db.write() as conn:
@@ -871,10 +875,9 @@ class Worker:
             await runtime.dirty.wait()
             if runtime.finishing:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    runtime.finish_requested.wait(), self.settings.event_flush_interval_s
-                )
+            with contextlib.suppress(TimeoutError):  # not `wait_for`: see `_pause`
+                async with asyncio.timeout(self.settings.event_flush_interval_s):
+                    await runtime.finish_requested.wait()
             if runtime.finishing:
                 return
             runtime.dirty.clear()
