@@ -210,6 +210,7 @@ class RedisStreamsConsumer:
         # Acks of one turn of the event loop, written together by one flush task.
         self._acks: list[tuple[RedisStreamsDelivery, asyncio.Future[None]]] = []
         self._ack_flush: asyncio.Task[None] | None = None
+        self._flushing: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
 
     def __aiter__(self) -> RedisStreamsConsumer:
         return self
@@ -386,6 +387,8 @@ class RedisStreamsConsumer:
         self._acks.append((delivery, future))
         if self._ack_flush is None:
             self._ack_flush = asyncio.create_task(self._flush_acks())
+            self._flushing.add(self._ack_flush)
+            self._ack_flush.add_done_callback(self._flushing.discard)
         await future
 
     async def _flush_acks(self) -> None:
