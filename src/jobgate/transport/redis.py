@@ -207,9 +207,8 @@ class RedisStreamsConsumer:
         self._tasks: list[asyncio.Task[None]] = []
         self._failure: BaseException | None = None
         self._closed = False
-        # Acks of one turn of the event loop, written together by one flush task.
+        # Acks waiting for the flush task scheduled with the first of them.
         self._acks: list[tuple[RedisStreamsDelivery, asyncio.Future[None]]] = []
-        self._ack_flush: asyncio.Task[None] | None = None
         self._flushing: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
 
     def __aiter__(self) -> RedisStreamsConsumer:
@@ -384,16 +383,15 @@ class RedisStreamsConsumer:
         together): one round trip for the lot instead of one each. Raises what the
         transaction raised."""
         future = asyncio.get_running_loop().create_future()
+        if not self._acks:  # else a flush is scheduled and has not taken its batch yet
+            flush = asyncio.create_task(self._flush_acks())
+            self._flushing.add(flush)
+            flush.add_done_callback(self._flushing.discard)
         self._acks.append((delivery, future))
-        if self._ack_flush is None:
-            self._ack_flush = asyncio.create_task(self._flush_acks())
-            self._flushing.add(self._ack_flush)
-            self._ack_flush.add_done_callback(self._flushing.discard)
         await future
 
     async def _flush_acks(self) -> None:
-        batch, self._acks = self._acks, []
-        self._ack_flush = None  # acks made from here on go to the next flush
+        batch, self._acks = self._acks, []  # acks made from here on go to the next flush
         ids: dict[str, list[bytes]] = {}
         for delivery, _ in batch:
             ids.setdefault(delivery.key, []).append(delivery.entry_id)
