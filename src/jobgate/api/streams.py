@@ -34,6 +34,7 @@ from jobgate.store.database import is_outage
 from jobgate.store.repositories import events as event_repo
 from jobgate.store.repositories import jobs as job_repo
 from jobgate.store.tables import events, jobs
+from jobgate.waits import wait_at_most
 
 log = structlog.get_logger("jobgate.streams")
 
@@ -393,13 +394,6 @@ def frame(data: Any, *, kind: str, event_id: int | None = None) -> bytes:
     return f"{head}event: {kind}\ndata: {body}\n\n".encode()
 
 
-async def _pause(watch: Watch, timeout_s: float) -> None:
-    """Wait for a wake-up, at most `timeout_s`."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout_s):
-            await watch.wake.wait()
-
-
 async def job_stream(
     hub: Hub,
     watch: Watch,
@@ -555,12 +549,13 @@ async def _follow(
             if not is_outage(exc):
                 raise
             log.warning("stream_store_unreachable", error=type(exc).__name__)
-            await _pause(watch, min(_OUTAGE_RETRY_S, max(0.0, heartbeat_due - loop.time())))
+            retry_in = min(_OUTAGE_RETRY_S, max(0.0, heartbeat_due - loop.time()))
+            await wait_at_most(watch.wake, retry_in)
             watch.wake.set()  # look again, woken or not
         else:
             if finished():
                 return
-            await _pause(watch, max(0.0, heartbeat_due - loop.time()))
+            await wait_at_most(watch.wake, max(0.0, heartbeat_due - loop.time()))
         if loop.time() >= heartbeat_due and not watch.closed:
             heartbeat_due = loop.time() + heartbeat_s
             yield HEARTBEAT

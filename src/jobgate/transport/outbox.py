@@ -21,6 +21,7 @@ from jobgate.ids import now
 from jobgate.store import Database
 from jobgate.store.tables import outbox
 from jobgate.transport.base import Transport, TransportError
+from jobgate.waits import wait_at_most
 
 log = structlog.get_logger("jobgate.transport")
 
@@ -90,12 +91,7 @@ class OutboxRelay:
                 continue
             if count == BATCH:
                 continue
-            wait = await self._next_due()
-            # Not `wait_for`: on Python 3.11 it swallows a cancellation that lands as a
-            # wake-up ends the wait, and `aclose` would then wait forever.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._wakeup.wait()
+            await wait_at_most(self._wakeup, await self._next_due())
 
     async def _publish_batch(self) -> int:
         async with self.db.write() as conn:

@@ -40,6 +40,7 @@ from sqlalchemy.sql.elements import ClauseElement
 from jobgate.store.repositories.tasks import CHANNEL
 from jobgate.store.repositories.workers import application_name
 from jobgate.store.tables import tasks
+from jobgate.waits import wait_at_most
 
 log = structlog.get_logger("jobgate.transport")
 
@@ -326,11 +327,7 @@ class PostgresWakeups:
             left = self._deadline - loop.time()
             if left > 0:
                 self._nudged.clear()
-                # Not `wait_for`: on Python 3.11 it swallows a cancellation that lands
-                # as a nudge ends the wait, and `aclose` then waited forever.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(left):
-                        await self._nudged.wait()
+                await wait_at_most(self._nudged, left)
                 continue
             # Followers whose patience ran out together: the first new leader's beacon
             # (its first check follows its election at once) saves the others the try.

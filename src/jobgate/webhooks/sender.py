@@ -33,6 +33,7 @@ from jobgate.config import Settings
 from jobgate.ids import now
 from jobgate.store import Database
 from jobgate.store.repositories import webhooks as webhook_repo
+from jobgate.waits import wait_at_most
 from jobgate.webhooks import signing, ssrf
 
 log = structlog.get_logger("jobgate.webhooks")
@@ -168,9 +169,7 @@ class WebhookSender:
                     batch = await self._claim(free)
                 except Exception as exc:
                     log.warning("webhook_claim_failed", error=repr(exc), retry_in_s=delay)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(delay):
-                            await self._wakeup.wait()
+                    await wait_at_most(self._wakeup, delay)
                     delay = min(delay * 2, 5.0)
                     continue
                 delay = 0.1
@@ -183,11 +182,7 @@ class WebhookSender:
                     continue  # more may be due; a finished send wakes the loop if full
             else:
                 self._saturated = True
-            # Not `wait_for`: on Python 3.11 it swallows a cancellation that lands as a
-            # wake-up ends the wait, and stopping the sender would then wait forever.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.webhook_poll_s):
-                    await self._wakeup.wait()
+            await wait_at_most(self._wakeup, self.settings.webhook_poll_s)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)

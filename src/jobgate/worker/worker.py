@@ -29,6 +29,7 @@ from jobgate.store.repositories import workers as worker_repo
 from jobgate.transport.base import Delivery, Transport
 from jobgate.transport.outbox import OutboxRelay
 from jobgate.transport.wakeups import PostgresWakeups
+from jobgate.waits import wait_at_most
 from jobgate.worker import executors, liveness
 from jobgate.worker.group_commit import GroupCommit, Regroup
 from jobgate.worker.processes import ProcessDied, ProcessPool
@@ -319,11 +320,8 @@ class Worker:
             if len(claimed) < free and not self._stopping.is_set():
                 self._idle = True
                 try:
-                    # Not `wait_for`: its inner task costs a wake-up two more loop turns.
-                    async with asyncio.timeout(self._poll_interval()):
-                        await self._wakeup.wait()
-                except TimeoutError:
-                    self._recheck = True
+                    if not await wait_at_most(self._wakeup, self._poll_interval()):
+                        self._recheck = True
                 finally:
                     self._idle = False
 
@@ -594,12 +592,7 @@ class Worker:
         if self._wakeups is None:
             await asyncio.sleep(seconds)
             return
-        # `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` swallows a
-        # cancellation that lands as the election ends the wait, and `stop` then waited
-        # forever for this loop.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._wakeups.elected.wait()
+        await wait_at_most(self._wakeups.elected, seconds)
 
     async def _register(self) -> None:
         async with self.db.write() as conn:
@@ -875,9 +868,7 @@ class Worker:
             await runtime.dirty.wait()
             if runtime.finishing:
                 return
-            with contextlib.suppress(TimeoutError):  # not `wait_for`: see `_pause`
-                async with asyncio.timeout(self.settings.event_flush_interval_s):
-                    await runtime.finish_requested.wait()
+            await wait_at_most(runtime.finish_requested, self.settings.event_flush_interval_s)
             if runtime.finishing:
                 return
             runtime.dirty.clear()
