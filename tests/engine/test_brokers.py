@@ -13,17 +13,18 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from jobgate.blobs import open_blob_store
 from jobgate.config import Settings
 from jobgate.ids import uuid7
 from jobgate.pipelines import Registry
-from jobgate.store import Database
+from jobgate.store import Database, pg
 from jobgate.store.repositories import jobs as job_repo
 from jobgate.store.tables import events, jobs, outbox
 from jobgate.transport import from_url
-from jobgate.transport.base import Transport
+from jobgate.transport import outbox as outbox_relay
+from jobgate.transport.base import Transport, TransportError
 from jobgate.transport.outbox import OutboxRelay
 from jobgate.worker import Worker
 from tests.conftest import require_exclusive
@@ -308,6 +309,89 @@ async def test_a_relay_woken_as_it_closes_stops_at_once(broker_engine: BrokerEng
         assert time.monotonic() - started < 2
     finally:
         await transport.aclose()
+
+
+async def test_two_relays_publish_each_token_once(broker_engine: BrokerEngine) -> None:
+    """Relays of several processes share the outbox: a token one relay took is not
+    another's to take, so 2,500 tokens drained by two relays at once are published 2,500
+    times in all, and the outbox ends empty."""
+    total = 2500
+    async with broker_engine.db.write() as conn:
+        await conn.execute(
+            insert(outbox), [{"queue": "default", "available_at": time.time()}] * total
+        )
+    transports = [broker_engine.transport(), broker_engine.transport()]
+    relays = [OutboxRelay(broker_engine.db, t, poll_s=60) for t in transports]
+    try:
+        for transport in transports:
+            await transport.connect()
+        drained = await asyncio.gather(*(relay.drain() for relay in relays))
+    finally:
+        for transport in transports:
+            await transport.aclose()
+    assert sum(drained) == total
+    assert all(drained), f"one relay published everything: {drained}"
+    assert await _outbox_size(broker_engine) == 0
+
+
+async def test_tokens_a_dead_relay_took_are_published_when_its_hold_ends(
+    broker_engine: BrokerEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay that took tokens and died before publishing them (no put-back, no
+    delete) holds them for `TAKEN_FOR_S`: no other relay publishes them before, and
+    another relay publishes each once after."""
+    monkeypatch.setattr(outbox_relay, "TAKEN_FOR_S", 1.5)
+    async with broker_engine.db.write() as conn:
+        await conn.execute(insert(outbox), [{"queue": "default", "available_at": time.time()}] * 3)
+    at = time.time()
+    async with broker_engine.db.autocommit() as conn:  # the dead relay's last act
+        taken = await pg.records(conn, outbox_relay._TAKE, at, at + 1.5, outbox_relay.BATCH)
+    assert len(taken) == 3
+    relay_transport, consumer_transport = broker_engine.transport(), broker_engine.transport()
+    relay = OutboxRelay(broker_engine.db, relay_transport, poll_s=60)
+    received: list[float] = []
+
+    async def consume() -> None:
+        async for token in consumer_transport.consume(["default"], prefetch=10):
+            received.append(time.time())
+            await token.ack()
+
+    consumer = asyncio.create_task(consume())
+    try:
+        await relay.start()
+        relay.wake()
+        await _until(lambda: len(received) == 3, timeout=10, what="the held tokens")
+        await asyncio.sleep(0.3)  # and no more
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await relay.aclose()
+        await relay_transport.aclose()
+        await consumer_transport.aclose()
+    assert len(received) == 3
+    assert min(received) >= at + 1.5
+    assert await _outbox_size(broker_engine) == 0
+
+
+async def test_tokens_a_failed_publish_took_are_due_again_at_once(
+    broker: str, broker_engine: BrokerEngine
+) -> None:
+    """A relay whose publish fails (here: nothing listens on the broker's port) puts the
+    tokens it took back, due at once, for the next try; they are not held."""
+    async with broker_engine.db.write() as conn:
+        await conn.execute(insert(outbox), [{"queue": "default", "available_at": time.time()}] * 2)
+    unreachable = from_url(BROKERS[broker].replace(":5672", ":1").replace(":6379", ":1"))
+    assert unreachable is not None
+    relay = OutboxRelay(broker_engine.db, unreachable, poll_s=60)
+    try:
+        with pytest.raises(TransportError):
+            await relay.drain()
+    finally:
+        await unreachable.aclose()
+    async with broker_engine.db.read() as conn:
+        due = (await conn.execute(select(outbox.c.available_at))).scalars().all()
+    assert len(due) == 2
+    assert max(due) <= time.time()
 
 
 async def _idle(relay: OutboxRelay) -> bool:
