@@ -451,12 +451,17 @@ class Outbox:
     left: list[int] = field(default_factory=list)
     """Tokens still waiting at the end of each run: how far the relay fell behind."""
 
+    _conn: asyncpg.Connection | None = None
+
     async def count(self) -> int:
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            return int(await conn.fetchval("SELECT count(*) FROM outbox"))
-        finally:
-            await conn.close()
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self.dsn)  # one for every poll, kept idle
+        return int(await self._conn.fetchval("SELECT count(*) FROM outbox"))
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
     async def wait_empty(self, timeout_s: float = 120.0) -> None:
         """Until the relay has published everything (so no run pays for the one before)."""
@@ -495,7 +500,10 @@ async def run_transports(
                     ):
                         outbox = Outbox(dsn)
                         figure = Figure(server, result, path, body, each, inflight, outbox=outbox)
-                        await _measure_in_turn([figure], seconds=seconds, runs=runs)
+                        try:
+                            await _measure_in_turn([figure], seconds=seconds, runs=runs)
+                        finally:
+                            await outbox.close()
                         result.note = "tokens not yet published at the end of each run: " + (
                             " / ".join(f"{n:,}" for n in outbox.left)
                         )
