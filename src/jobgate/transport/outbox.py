@@ -38,6 +38,7 @@ BATCH = 1000
 # How long a relay holds the tokens it took: longer than any publish may take (a publish
 # waits 10 s at most for its confirms), after which another relay may publish them.
 TAKEN_FOR_S = 30.0
+PUT_BACK_TIMEOUT_S = 5.0
 
 # Rows are found as `= ANY(ARRAY(...))`, which PostgreSQL reads by primary key; as
 # `IN (...)` the generic plan hash-joined the whole outbox. Each statement commits
@@ -151,9 +152,10 @@ class OutboxRelay:
 
     async def _put_back(self, ids: list[int], at: float) -> None:
         """Make taken tokens due again at once; if the store is out of reach too, they
-        come back by themselves after `TAKEN_FOR_S`."""
+        come back by themselves after `TAKEN_FOR_S`. Bounded in time: it also runs
+        while the relay is being closed."""
         try:
-            async with self.db.autocommit() as conn:
+            async with asyncio.timeout(PUT_BACK_TIMEOUT_S), self.db.autocommit() as conn:
                 await pg.records(conn, _PUT_BACK, ids, at)
         except Exception as exc:
             log.warning("outbox_put_back_failed", tokens=len(ids), error=repr(exc))
