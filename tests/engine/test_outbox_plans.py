@@ -5,7 +5,6 @@ whole however many tokens wait in it."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
 from sqlalchemy import insert, text
@@ -13,6 +12,7 @@ from sqlalchemy import insert, text
 from jobgate.store import Database
 from jobgate.store.tables import outbox
 from jobgate.transport import outbox as relay
+from tests.engine.plans import generic_plans
 
 pytestmark = pytest.mark.service("postgres")
 
@@ -31,16 +31,5 @@ async def test_relay_statements_use_indexes_on_the_generic_plan(database: Databa
         "put back": (relay._PUT_BACK, f"ARRAY[1, 2, 3]::bigint[], {at}"),
         "delete": (relay._DELETE, "ARRAY[1, 2, 3]::bigint[]"),
     }
-    driver = await database.engine.raw_connection()
-    try:
-        connection: Any = driver.driver_connection
-        await connection.execute("SET plan_cache_mode = force_generic_plan")
-        for name, (sql, args) in statements.items():
-            async with connection.transaction():
-                await connection.execute("PREPARE relay_step AS " + sql)
-                found = await connection.fetch(f"EXPLAIN EXECUTE relay_step({args})")
-                await connection.execute("DEALLOCATE relay_step")
-            plan = "\n".join(row[0] for row in found)
-            assert "Seq Scan" not in plan, (name, plan)
-    finally:
-        driver.close()
+    for name, plan in (await generic_plans(database, statements)).items():
+        assert "Seq Scan" not in plan, (name, plan)

@@ -14,6 +14,7 @@ from jobgate.pipelines import Registry
 from jobgate.store import Database, pg
 from jobgate.store.repositories import events as event_repo
 from jobgate.store.repositories import jobs as job_repo
+from tests.engine.plans import generic_plans
 
 pytestmark = pytest.mark.service("postgres")
 REGISTRY = Registry.from_paths([])
@@ -63,16 +64,5 @@ async def test_stream_reads_use_indexes_on_the_generic_plan(database: Database) 
     for (bounded, owned), query in streams._GLOBAL_PAGES.items():
         values = {"after": 100, "bound": 700, "owner": owner}
         statements[f"global page, bounded={bounded}, owned={owned}"] = _prepared(query, values)
-    driver = await database.engine.raw_connection()
-    try:
-        connection: Any = driver.driver_connection
-        await connection.execute("SET plan_cache_mode = force_generic_plan")
-        for name, (sql, args) in statements.items():
-            async with connection.transaction():
-                await connection.execute("PREPARE stream_read AS " + sql)
-                rows = await connection.fetch(f"EXPLAIN EXECUTE stream_read({args})")
-                await connection.execute("DEALLOCATE stream_read")
-            plan = "\n".join(row[0] for row in rows)
-            assert "Seq Scan" not in plan, (name, plan)
-    finally:
-        driver.close()
+    for name, plan in (await generic_plans(database, statements)).items():
+        assert "Seq Scan" not in plan, (name, plan)
