@@ -127,8 +127,8 @@ class OutboxRelay:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            if count == BATCH:
-                continue
+            if count == BATCH or self._wakeup.is_set():
+                continue  # more may be due, or commits woke it meanwhile: look now
             await wait_at_most(self._wakeup, await self._next_due())
 
     async def _publish_batch(self) -> int:
