@@ -335,17 +335,17 @@ async def test_two_relays_publish_each_token_once(broker_engine: BrokerEngine) -
 
 
 async def test_tokens_a_dead_relay_took_are_published_when_its_hold_ends(
-    broker_engine: BrokerEngine, monkeypatch: pytest.MonkeyPatch
+    broker_engine: BrokerEngine,
 ) -> None:
     """A relay that took tokens and died before publishing them (no put-back, no
-    delete) holds them for `TAKEN_FOR_S`: no other relay publishes them before, and
-    another relay publishes each once after."""
-    monkeypatch.setattr(outbox_relay, "TAKEN_FOR_S", 1.5)
+    delete) holds them for the time its take set (`TAKEN_FOR_S`; 1.5 s here): no other
+    relay publishes them before, and another relay publishes each once after."""
+    hold_s = 1.5
     async with broker_engine.db.write() as conn:
         await conn.execute(insert(outbox), [{"queue": "default", "available_at": time.time()}] * 3)
     at = time.time()
     async with broker_engine.db.autocommit() as conn:  # the dead relay's last act
-        taken = await pg.records(conn, outbox_relay._TAKE, at, at + 1.5, outbox_relay.BATCH)
+        taken = await pg.records(conn, outbox_relay._TAKE, at, at + hold_s, outbox_relay.BATCH)
     assert len(taken) == 3
     relay_transport, consumer_transport = broker_engine.transport(), broker_engine.transport()
     relay = OutboxRelay(broker_engine.db, relay_transport, poll_s=60)
@@ -369,7 +369,7 @@ async def test_tokens_a_dead_relay_took_are_published_when_its_hold_ends(
         await relay_transport.aclose()
         await consumer_transport.aclose()
     assert len(received) == 3
-    assert min(received) >= at + 1.5
+    assert min(received) >= at + hold_s
     assert await _outbox_size(broker_engine) == 0
 
 
