@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -361,6 +362,38 @@ async def test_a_write_that_fails_after_the_report_loses_no_message_and_no_cost(
     messages = [e["data"]["text"] for e in log if e["type"] == "message"]
     assert messages == [f"step {n} of 6" for n in range(1, 7)]
     assert sum(e["data"]["delta_usd"] for e in log if e["type"] == "cost_update") == 3.0
+
+
+async def test_a_stage_ending_during_a_flush_waits_for_it_and_loses_no_message(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage that returns while its report is being flushed: the outcome waits for
+    that flush to end (it is never cancelled), and every message is stored once, in
+    order. A flusher that is only waiting is stopped at once instead."""
+    real = tasks.flush
+    flushes: list[str] = []
+
+    async def slow_flush(conn: Any, task: Any, report: Any, *, lease_s: float, at: float) -> Any:
+        flushes.append("started")
+        await asyncio.sleep(0.3)  # the stage returns meanwhile
+        runtime, _ = worker._running[task.task_id]
+        flushes.append("outcome due" if runtime.finishing else "stage running")
+        written = await real(conn, task, report, lease_s=lease_s, at=at)
+        flushes.append("written")
+        return written
+
+    monkeypatch.setattr(tasks, "flush", slow_flush)
+    worker = await engine.start_worker()
+    # Step 1 reports at 150 ms; its flush starts 100 ms later and lasts 300 ms; the
+    # stage returns at 300 ms, in the middle of it.
+    job_id = await engine.submit("steps", {"steps": 2, "step_ms": 150, "message_every": 1})
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded"
+    assert flushes[:3] == ["started", "outcome due", "written"]
+    log = await engine.events(job_id)
+    assert [e["seq"] for e in log] == list(range(1, len(log) + 1))
+    messages = [e["data"]["text"] for e in log if e["type"] == "message"]
+    assert messages == ["step 1 of 2", "step 2 of 2"]
 
 
 async def test_one_submit_of_several_owners_moves_each_owners_clock(engine: Engine) -> None:

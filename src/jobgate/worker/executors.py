@@ -53,14 +53,14 @@ async def execute(
             raise RuntimeError("isolation='process' needs the worker's process pool")
         return await processes.run(stage, ctx)
     kwargs = call_arguments(stage, ctx)
-    if stage.is_async:
-        work: asyncio.Future[Any] = asyncio.ensure_future(stage.fn(ctx, **kwargs))
-    else:
-        loop = asyncio.get_running_loop()
-        call = functools.partial(contextvars.copy_context().run, stage.fn, ctx, **kwargs)
-        work = loop.run_in_executor(threads, call)
     try:
-        output = await asyncio.wait_for(work, timeout=stage.timeout_s)
+        async with asyncio.timeout(stage.timeout_s):
+            if stage.is_async:
+                output = await stage.fn(ctx, **kwargs)
+            else:
+                loop = asyncio.get_running_loop()
+                call = functools.partial(contextvars.copy_context().run, stage.fn, ctx, **kwargs)
+                output = await loop.run_in_executor(threads, call)
     except TimeoutError:
         raise StageTimeout(f"stage {stage.name!r} ran longer than {stage.timeout_s:g} s") from None
     return to_json(output)

@@ -48,6 +48,8 @@ class TaskRuntime:
         # Set once the stage's runner was cancelled: it is cancelled at most once.
         self.interrupted = False
         self.flusher: asyncio.Task[None] | None = None
+        # Set while the flusher writes a report: it must then finish, not be cancelled.
+        self.flushing = False
         self.finish_requested = asyncio.Event()
 
     # -- StageRuntime ----------------------------------------------------------------

@@ -811,12 +811,17 @@ class Worker:
             What the outcome returned, or None when it could not be written.
         """
         # The outcome carries whatever is still buffered; no flush may race with it.
-        # A flush under way is awaited, never cancelled, so its report is not lost.
+        # A flush under way is awaited, never cancelled, so its report is not lost; a
+        # flusher only waiting is stopped without a wait (the loop turns it would take
+        # come before the outcome's statement on every job's path).
         runtime.finishing = True
         runtime.finish_requested.set()
         runtime.dirty.set()
         if runtime.flusher is not None:
-            await asyncio.wait([runtime.flusher])
+            if runtime.flushing:
+                await asyncio.wait([runtime.flusher])
+            else:
+                runtime.flusher.cancel()
         delay = 0.05
         while True:
             report = runtime.take_report()
@@ -872,6 +877,7 @@ class Worker:
             if runtime.finishing:
                 return
             runtime.dirty.clear()
+            runtime.flushing = True
             try:
                 await runtime.flush()
             except tasks.LeaseLost:
@@ -881,6 +887,8 @@ class Worker:
                 return
             except Exception:
                 log.warning("flush_failed", exc_info=True)
+            finally:
+                runtime.flushing = False
             if runtime.cancel_requested():
                 self._stop_soon(runtime)
 
