@@ -375,7 +375,7 @@ async def test_a_stage_ending_during_a_flush_waits_for_it_and_loses_no_message(
 
     async def slow_flush(conn: Any, task: Any, report: Any, *, lease_s: float, at: float) -> Any:
         flushes.append("started")
-        await asyncio.sleep(0.3)  # the stage returns meanwhile
+        await asyncio.sleep(0.4)  # the stage returns meanwhile
         runtime, _ = worker._running[task.task_id]
         flushes.append("outcome due" if runtime.finishing else "stage running")
         written = await real(conn, task, report, lease_s=lease_s, at=at)
@@ -384,9 +384,10 @@ async def test_a_stage_ending_during_a_flush_waits_for_it_and_loses_no_message(
 
     monkeypatch.setattr(tasks, "flush", slow_flush)
     worker = await engine.start_worker()
-    # Step 1 reports at 150 ms; its flush starts 100 ms later and lasts 300 ms; the
-    # stage returns at 300 ms, in the middle of it.
-    job_id = await engine.submit("steps", {"steps": 2, "step_ms": 150, "message_every": 1})
+    # Step 1 reports at 200 ms; its flush starts a flush interval (100 ms) later and
+    # lasts 400 ms; the stage returns at 400 ms, in the middle of it.
+    assert engine.settings.event_flush_interval_s == 0.1
+    job_id = await engine.submit("steps", {"steps": 2, "step_ms": 200, "message_every": 1})
     snapshot = await engine.wait(job_id)
     assert snapshot.job["status"] == "succeeded"
     assert flushes[:3] == ["started", "outcome due", "written"]
