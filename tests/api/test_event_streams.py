@@ -578,6 +578,48 @@ async def test_an_idle_servers_global_stream_sends_a_jobs_whole_life_without_a_r
             ]
 
 
+async def test_events_that_come_together_go_out_in_one_write(
+    app_factory: AppFactory, make_key: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's end is two events committed together (its stage's `stage_update`, then
+    `completed`): a global stream sends them in one write to the socket, not one each."""
+    app = await app_factory(worker_concurrency=2, sse_poll_s=60)
+    _, key = await make_key("root", ["admin"])
+    writes: list[bytes] = []
+    respond = streams.EventStreamResponse.__call__
+
+    async def recording(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        async def recorded(message: Any) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                writes.append(message["body"])
+            await send(message)
+
+        await respond(self, scope, receive, recorded)
+
+    monkeypatch.setattr(streams.EventStreamResponse, "__call__", recording)
+    opened = asyncio.Event()
+
+    async def until_completed(client: httpx.AsyncClient) -> None:
+        async with asyncio.timeout(10), client.stream("GET", "/v1/events") as response:
+            opened.set()
+            async for event in read_events(response):
+                if event.kind == "completed":
+                    return
+        raise AssertionError("the stream ended before `completed`")
+
+    async with signed_in(app, key, SSE) as admin:
+        reader = asyncio.create_task(until_completed(admin))
+        await asyncio.wait_for(opened.wait(), 10)
+        response = await admin.post("/v1/jobs", json={"pipeline": "noop", "params": {}})
+        assert response.status_code == 202, response.text
+        await reader
+    ends = [w for w in writes if b"event: completed\n" in w]
+    assert len(ends) == 1, writes
+    assert ends[0].count(b"\n\n") == 2, ends[0]
+    assert ends[0].index(b"event: stage_update\n") < ends[0].index(b"event: completed\n")
+    assert b'"status":"succeeded"' in ends[0]
+
+
 async def _stored_events(db: Database, job_id: str) -> list[dict[str, Any]]:
     async with db.read() as conn:
         rows = await conn.execute(

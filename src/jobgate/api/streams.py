@@ -432,13 +432,15 @@ async def job_stream(
             resumed = False
             if not rows:
                 return
+            frames: list[bytes] = []
             for row in rows:
                 watch.seen = int(row["seq"])
-                yield frame(row["data"], kind=row["type"], event_id=watch.seen)
+                frames.append(frame(row["data"], kind=row["type"], event_id=watch.seen))
                 if row["type"] in TERMINAL_EVENTS:
                     finished = True
-                    return
-            if len(rows) < PAGE:
+                    break
+            yield b"".join(frames)  # one write for the page
+            if finished or len(rows) < PAGE:
                 return
 
     async for chunk in _follow(watch, heartbeat_s, catch_up, lambda: finished):
@@ -488,10 +490,13 @@ async def _all_chunks(
             # follow what was sent without a gap are committed rows, every id up to
             # them too, so they go as they are.
             reported = hub.reported_rows
+            frames: list[bytes] = []
             while (row := reported.get(watch.seen + 1)) is not None:
                 watch.seen += 1
                 if owner is None or row["owner"] == owner:
-                    yield _global_frame(row)
+                    frames.append(_global_frame(row))
+            if frames:  # one write for what came together (a job's end is two events)
+                yield b"".join(frames)
             if watch.seen >= hub.reported_max:
                 return
         watch.needs_read = False
@@ -503,9 +508,9 @@ async def _all_chunks(
                     hub.whole_pages = False
                     break
                 whole_to, page = found
-                for row in page:
-                    watch.seen = int(row["id"])
-                    yield _global_frame(row)
+                if page:
+                    watch.seen = int(page[-1]["id"])
+                    yield b"".join(map(_global_frame, page))
                 # Every id up to `whole_to` was read: those not sent are other owners'.
                 watch.seen = max(watch.seen, whole_to)
                 if whole_to < after + PAGE:
@@ -517,9 +522,9 @@ async def _all_chunks(
             return  # nothing is safe to read yet: a writer is still in flight
         while True:
             rows = await _global_page(hub.db, after=watch.seen, bound=bound, owner=owner)
-            for row in rows:
-                watch.seen = int(row["id"])
-                yield _global_frame(row)
+            if rows:
+                watch.seen = int(rows[-1]["id"])
+                yield b"".join(map(_global_frame, rows))
             if len(rows) < PAGE:
                 return
 
