@@ -490,13 +490,17 @@ async def _all_chunks(
             # follow what was sent without a gap are committed rows, every id up to
             # them too, so they go as they are.
             reported = hub.reported_rows
-            frames: list[bytes] = []
             while (row := reported.get(watch.seen + 1)) is not None:
-                watch.seen += 1
-                if owner is None or row["owner"] == owner:
-                    frames.append(_global_frame(row))
-            if frames:  # one write for what came together (a job's end is two events)
-                yield b"".join(frames)
+                # One write for what came together (a job's end is two events); then a
+                # look for what was handed over while it was being sent.
+                frames: list[bytes] = []
+                while row is not None:
+                    watch.seen += 1
+                    if owner is None or row["owner"] == owner:
+                        frames.append(_global_frame(row))
+                    row = reported.get(watch.seen + 1)
+                if frames:
+                    yield b"".join(frames)
             if watch.seen >= hub.reported_max:
                 return
         watch.needs_read = False
