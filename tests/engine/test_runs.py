@@ -369,7 +369,7 @@ async def test_a_stage_ending_during_a_flush_waits_for_it_and_loses_no_message(
 ) -> None:
     """A stage that returns while its report is being flushed: the outcome waits for
     that flush to end (it is never cancelled), and every message is stored once, in
-    order. A flusher that is only waiting is stopped at once instead."""
+    order."""
     real = tasks.flush
     flushes: list[str] = []
 
