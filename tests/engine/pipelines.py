@@ -110,6 +110,22 @@ def spin(ctx: StageContext) -> None:
         ctx.check_cancelled()
 
 
+# One branch fails the job at once; the other, a thread that never checks for a stop,
+# saves an artifact after that (within its cancel grace).
+late_saver = Pipeline("late-saver")
+
+
+@late_saver.stage(retries=0)
+async def breaks(ctx: StageContext) -> None:
+    raise ValueError("broken on purpose")
+
+
+@late_saver.stage
+def saves_late(ctx: StageContext) -> None:
+    time.sleep(float(ctx.params.get("after_s", 0.6)))
+    ctx.save_artifact("late.txt", b"too late")
+
+
 # Six branches that finish at the same moment, then one stage that needs all of them.
 fan = Pipeline("fan")
 
@@ -240,4 +256,5 @@ ALL = (
     proc,
     proc_slow,
     spenders,
+    late_saver,
 )

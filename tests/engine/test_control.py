@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -135,7 +136,7 @@ async def test_retry_refuses_jobs_that_are_not_failed_or_cancelled(engine: Engin
 
 
 async def _claim(
-    engine: Engine, *, at: float | None = None, worker: str = "w1"
+    engine: Engine, *, at: float | None = None, worker: str = "w1", limit: int = 10
 ) -> list[tasks.Claimed]:
     async with engine.db.write() as conn:
         return await tasks.claim(
@@ -143,7 +144,7 @@ async def _claim(
             worker_id=worker,
             queues=["default"],
             pipelines=engine.registry.names(),
-            limit=10,
+            limit=limit,
             lease_s=engine.settings.lease_s,
             at=at or now(),
             registry=engine.registry,
@@ -185,6 +186,95 @@ async def test_zombie_cannot_commit_after_its_lease_was_taken_over(engine: Engin
     assert snapshot.job["result"] == {"x": 1}
     types = [e["type"] for e in await engine.events(job_id)]
     assert types.count("completed") == 1
+
+
+async def _complete(engine: Engine, task: tasks.Claimed, output: object, **report: Any) -> None:
+    async with engine.db.write() as conn:
+        await outcomes.complete(
+            conn, task, output, tasks.Report(**report), registry=engine.registry, at=now()
+        )
+
+
+async def test_a_cancelled_map_job_ends_when_its_last_running_item_succeeds(
+    engine: Engine,
+) -> None:
+    """Cancel drops a map stage's waiting items; the running one that then succeeds
+    (a stage that never checks) ends the job `cancelled`, with one terminal event
+    (regression: the item was recorded and the job stayed `running` for good)."""
+    job_id = await engine.submit("mapper", {"items": ["a", "b", "c"]})
+    [first] = await _claim(engine)
+    await _complete(engine, first, ["a", "b", "c"])
+    [item] = await _claim(engine, limit=1)
+    assert item.stage == "shout"
+    assert await cancel(engine, job_id) is False  # an item runs: cancel waits for it
+    await _complete(engine, item, {"text": "A"})
+    snapshot = await engine.job(job_id)
+    assert snapshot.job["status"] == "cancelled"
+    assert engine.stage(snapshot, "shout")["status"] == "cancelled"
+    assert engine.stage(snapshot, "collect")["status"] == "cancelled"
+    types = [e["type"] for e in await engine.events(job_id)]
+    assert types.count("cancelled") == 1
+    assert types[-1] == "cancelled"
+    async with engine.db.read() as conn:
+        assert await tasks.depth(conn) == {}
+
+
+async def test_runs_ending_after_a_sibling_failed_the_job_log_nothing_after_its_end(
+    engine: Engine,
+) -> None:
+    """Two stages run; one fails the job. What the other reports afterwards (a flush,
+    then its own failure; or its success) adds its cost to the job's `actual_usd` and
+    writes nothing after the terminal `error` event (regression: a `cost_update` and a
+    `stage_update` followed it)."""
+    for ends in ("fails", "succeeds"):
+        job_id = await engine.submit("spenders", {"ends": ends})
+        east, west = sorted(await _claim(engine), key=lambda t: t.stage)
+        async with engine.db.write() as conn:
+            await outcomes.fail(
+                conn,
+                east,
+                {"type": "stage_failed", "message": "east broke"},
+                tasks.Report(),
+                retryable=False,
+                registry=engine.registry,
+                at=now(),
+            )
+        ended = await engine.events(job_id)
+        assert ended[-1]["type"] == "error"
+        late = tasks.Report(
+            events=[("message", {"level": "info", "text": "still going", "stage": "west"})],
+            progress=0.5,
+            cost_delta=1.5,
+        )
+        async with engine.db.write() as conn:
+            flushed = await tasks.flush(conn, west, late, lease_s=30, at=now())
+        assert flushed.stop is True
+        last = tasks.Report(cost_delta=0.5)
+        if ends == "fails":
+            async with engine.db.write() as conn:
+                await outcomes.fail(
+                    conn,
+                    west,
+                    {"type": "stage_failed", "message": "west broke too"},
+                    last,
+                    retryable=True,
+                    registry=engine.registry,
+                    at=now(),
+                )
+        else:
+            await _complete(engine, west, {"steps": 1}, cost_delta=0.5)
+        assert await engine.events(job_id) == ended
+        snapshot = await engine.job(job_id)
+        assert snapshot.job["status"] == "failed"
+        assert snapshot.job["error"]["message"] == "east broke"
+        assert snapshot.job["actual_usd"] == pytest.approx(2.0)
+        west_row = engine.stage(snapshot, "west")
+        if ends == "fails":
+            assert (west_row["status"], west_row["error"]) == ("cancelled", None)
+        else:  # kept, so that a retry does not run it again
+            assert west_row["status"] == "succeeded"
+        async with engine.db.read() as conn:
+            assert await tasks.depth(conn) == {}
 
 
 async def test_task_delivered_too_often_fails_the_job_lost(engine: Engine) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 
-from jobgate.store.repositories import tasks
+from jobgate.store.repositories import artifacts, tasks
 from tests.engine.conftest import Engine
 
 
@@ -63,6 +64,8 @@ async def test_map_stage_records_each_item_and_job_succeeds_with_partial_failure
     assert snapshot.job["result"] == {"texts": ["A", "C"], "failed": ["1"]}
     assert snapshot.job["records_succeeded"] == 2
     assert snapshot.job["records_failed"] == 1
+    # Known only once `items` has run (regression: counted before the stage's total).
+    assert snapshot.job["records_expected"] == 3
     shout = engine.stage(snapshot, "shout")
     assert (shout["items_total"], shout["items_succeeded"], shout["items_failed"]) == (3, 2, 1)
     error = shout["output"]["errors"][0]["error"]
@@ -222,6 +225,50 @@ async def test_parallel_stages_share_the_jobs_budget(engine: Engine) -> None:
     }
 
 
+async def test_cost_updates_of_parallel_stages_tell_the_jobs_stored_cost(
+    engine: Engine,
+) -> None:
+    """Each `cost_update` carries the job's cost as stored, parallel stages' charges
+    included: in log order, each `actual_usd` is the last one plus its own `delta_usd`,
+    and the last is the job's `actual_usd` (regression: a stage's stale view of it)."""
+    await engine.start_worker(concurrency=4)
+    job_id = await engine.submit("spenders", {"steps": 12, "step_s": 0.02, "cost": 1.0})
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "succeeded"
+    updates = [e["data"] for e in await engine.events(job_id) if e["type"] == "cost_update"]
+    total = 0.0
+    for update in updates:
+        total += update["delta_usd"]
+        assert update["actual_usd"] == pytest.approx(total)
+    assert total == pytest.approx(24.0)
+    assert snapshot.job["actual_usd"] == pytest.approx(24.0)
+
+
+async def test_an_artifact_saved_after_a_sibling_failed_the_job_is_refused(
+    engine: Engine,
+) -> None:
+    """A stage that saves an artifact after its job failed gets `JobCancelled`: the
+    artifact is not stored and the log ends with the job's `error` (regression: an
+    `artifact` event followed it)."""
+    await engine.start_worker()
+    job_id = await engine.submit("late-saver")
+    snapshot = await engine.wait(job_id)
+    deadline = time.monotonic() + 10
+    while True:  # until `saves_late` has ended: its task is gone
+        async with engine.db.read() as conn:
+            if not await tasks.has_tasks(conn, job_id):
+                break
+        assert time.monotonic() < deadline, "saves_late never ended"
+        await asyncio.sleep(0.02)
+    log = await engine.events(job_id)
+    assert snapshot.job["status"] == "failed"
+    assert snapshot.job["error"]["message"] == "broken on purpose"
+    assert log[-1]["type"] == "error"
+    assert "artifact" not in [e["type"] for e in log]
+    async with engine.db.read() as conn:
+        assert await artifacts.artifact(conn, job_id, "late.txt") is None
+
+
 async def test_higher_priority_is_claimed_first(engine: Engine) -> None:
     """With both waiting, a priority-10 job runs before an earlier priority-0 one."""
     low = await engine.submit("noop", {"n": "low"}, priority=0)
@@ -341,9 +388,9 @@ async def test_a_write_that_fails_after_the_report_loses_no_message_and_no_cost(
     real = tasks.apply_report
     failures = 0
 
-    async def apply_then_fail(conn: Any, task: Any, report: Any, *, at: float) -> None:
+    async def apply_then_fail(conn: Any, task: Any, report: Any, **kwargs: Any) -> None:
         nonlocal failures
-        await real(conn, task, report, at=at)
+        await real(conn, task, report, **kwargs)
         if failures < 2 and report.events:
             failures += 1
             raise RuntimeError("the connection dropped mid-transaction")

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobgate.errors import BudgetExhausted
+from jobgate.errors import BudgetExhausted, JobCancelled
 from jobgate.ids import now
 from jobgate.pipelines.context import ArtifactSource
 from jobgate.pipelines.files import sanitize_filename, sniff
@@ -108,7 +108,11 @@ class TaskRuntime:
         # Events buffered so far go first, so the log keeps the stage's own order.
         await self.flush()
         async with self._worker.db.write() as conn:
-            await tasks.hold(conn, self.task)
+            job = await tasks.hold(conn, self.task)
+            if job.status not in ("queued", "running"):
+                # A sibling stage failed the job meanwhile: its log and artifacts are
+                # closed, and this stage has nothing left to do.
+                raise JobCancelled()
             return await artifacts.put(
                 conn,
                 job_id=self.task.job_id,

@@ -21,15 +21,19 @@ Event = tuple[str, dict[str, Any]]
 _INSERT = insert(events)
 
 
+_ACTIVE = ("queued", "running")
+
+
 @functools.cache
-def _bump(job_columns: tuple[str, ...]) -> Update:
-    """`last_seq += :n` (and `job_columns` set from `:v_<name>`) for job `:job_id`."""
+def _bump(job_columns: tuple[str, ...], while_active: bool = False) -> Update:
+    """`last_seq += :n` (and `job_columns` set from `:v_<name>`) for job `:job_id`
+    (only while it is queued or running, with `while_active`)."""
     values: dict[str, Any] = {name: bindparam(f"v_{name}") for name in job_columns}
-    return (
-        update(jobs)
-        .where(jobs.c.id == bindparam("job_id"))
-        .values(**values, last_seq=jobs.c.last_seq + bindparam("n"))
-        .returning(jobs.c.last_seq)
+    statement = update(jobs).where(jobs.c.id == bindparam("job_id"))
+    if while_active:
+        statement = statement.where(jobs.c.status.in_(_ACTIVE))
+    return statement.values(**values, last_seq=jobs.c.last_seq + bindparam("n")).returning(
+        jobs.c.last_seq
     )
 
 
@@ -40,12 +44,20 @@ async def append(
     *,
     at: float,
     job_values: Mapping[str, Any] | None = None,
+    while_active: bool = False,
 ) -> int:
     """Append events to a job's log; returns the job's last `seq` afterwards.
 
     The job row's `last_seq` hands out the numbers, so concurrent writers for one job
     serialise on that row and never reuse a number. `job_values` are more columns of
     the job's row to set in the same statement.
+
+    Args:
+        while_active: write only while the job is queued or running, and otherwise
+            nothing (returning 0). A job's log closes with its terminal event; writers
+            that do not hold the job's row (a running stage's report) append this way,
+            and the check is made on the row they update, so a finish committed
+            meanwhile is seen.
 
     Raises:
         NotFound: no such job (nothing is written).
@@ -54,16 +66,20 @@ async def append(
         return 0
     job_values = job_values or {}
     if conn.dialect.name == "postgresql":
-        last = await _append_pg(conn, job_id, items, at=at, job_values=job_values)
-        if items:
+        last = await _append_pg(
+            conn, job_id, items, at=at, job_values=job_values, while_active=while_active
+        )
+        if items and last:
             note(conn, job_id, last)
         return last
     params = {f"v_{name}": value for name, value in job_values.items()}
     bumped = await conn.execute(
-        _bump(tuple(job_values)), {"job_id": job_id, "n": len(items), **params}
+        _bump(tuple(job_values), while_active), {"job_id": job_id, "n": len(items), **params}
     )
     found = bumped.scalar_one_or_none()
     if found is None:
+        if while_active:
+            return 0
         raise NotFound(f"no job {job_id!r}")
     last = int(found)
     if items:
@@ -106,14 +122,15 @@ def _option(conn: AsyncConnection, name: str) -> Any:
 
 
 @functools.cache
-def _append_pg_sql(job_columns: tuple[str, ...]) -> str:
+def _append_pg_sql(job_columns: tuple[str, ...], while_active: bool = False) -> str:
     """`append` in one statement: $1 job id, $2 number of events, $3 now, $4 and $5 the
     events' types and JSON data, then one parameter per job column to set."""
     sets = [f"{name} = ${n}" for n, name in enumerate(job_columns, start=6)]
     sets.append("last_seq = last_seq + $2")
+    active = " AND status IN ('queued', 'running')" if while_active else ""
     return f"""
 WITH bumped AS (
-    UPDATE jobs SET {", ".join(sets)} WHERE id = $1 RETURNING last_seq
+    UPDATE jobs SET {", ".join(sets)} WHERE id = $1{active} RETURNING last_seq
 ), logged AS (
     INSERT INTO events (job_id, seq, type, data, created_at)
     SELECT $1, b.last_seq - $2 + u.n, u.type, u.data::jsonb, $3
@@ -129,6 +146,7 @@ async def _append_pg(
     *,
     at: float,
     job_values: Mapping[str, Any],
+    while_active: bool,
 ) -> int:
     # JSON travels as text: to the driver (SQLAlchemy's codec takes text) and to ::jsonb.
     values = [
@@ -137,7 +155,7 @@ async def _append_pg(
     ]
     last = await pg.value(
         conn,
-        _append_pg_sql(tuple(job_values)),
+        _append_pg_sql(tuple(job_values), while_active),
         job_id,
         len(items),
         at,
@@ -146,6 +164,8 @@ async def _append_pg(
         *values,
     )
     if last is None:
+        if while_active:
+            return 0
         raise NotFound(f"no job {job_id!r}")
     return int(last)
 

@@ -91,9 +91,12 @@ async def complete(
         job = await _take_and_succeed(conn, task, output, at=at)
     else:
         job = await tasks.take(conn, task)
-        await tasks.apply_report(conn, task, report, at=at)
+        await tasks.apply_report(conn, task, report, at=at, job=job)
         if task.item_index is not None:
-            await _record_item(conn, task, pipeline, "succeeded", data=output, error=None, at=at)
+            if job.status in ("queued", "running"):
+                await _record_item(
+                    conn, task, pipeline, "succeeded", job, data=output, error=None, at=at
+                )
             return
         await conn.execute(
             _STAGE_SUCCEEDED,
@@ -379,12 +382,14 @@ async def _record_item(
     task: Claimed,
     pipeline: Pipeline,
     status: str,
+    job: tasks.JobState,
     *,
     data: Any,
     error: dict[str, Any] | None,
     at: float,
     aging_s: float = DEFAULT_AGING_S,
 ) -> None:
+    """Record one item's run; the last one closes its stage, or ends its cancelled job."""
     index = task.item_index
     assert index is not None
     await conn.execute(
@@ -444,7 +449,12 @@ async def _record_item(
         ],
         at=at,
     )
-    if done >= counted.items_total:
+    if job.cancel_requested:
+        # The cancel dropped the items still waiting, so the count never completes: the
+        # last run of the job to end finishes it.
+        if not await tasks.has_tasks(conn, task.job_id):
+            await scheduling.finalize(conn, task.job_id, "cancelled", at=at, webhook=job.webhook)
+    elif done >= counted.items_total:
         await scheduling.finish_map_stage(
             conn, task.job_id, pipeline, task.stage, at=at, aging_s=aging_s
         )
@@ -478,7 +488,12 @@ async def fail(
         LeaseLost: the lease is gone; nothing was written.
     """
     job = await tasks.hold(conn, task)
-    await tasks.apply_report(conn, task, report, at=at)
+    await tasks.apply_report(conn, task, report, at=at, job=job)
+    if job.status not in ("queued", "running"):
+        # The job finished while this run went on (a sibling stage failed it): the run
+        # ends with it. The job's log and its stages closed then; only the cost counts.
+        await conn.execute(delete(task_table).where(task_table.c.id == task.task_id))
+        return None
     pipeline = registry.get(task.pipeline)
     stage = pipeline.stages[task.stage]
     error = {**error, "stage": task.stage}
@@ -525,13 +540,15 @@ async def fail(
     await conn.execute(delete(task_table).where(task_table.c.id == task.task_id))
     if task.item_index is not None and retryable and not stopping:
         await _record_item(
-            conn, task, pipeline, "failed", data=None, error=error, at=at, aging_s=aging_s
+            conn, task, pipeline, "failed", job, data=None, error=error, at=at, aging_s=aging_s
         )
         return None
+    # A run that fails while its job is being cancelled ends the stage cancelled.
+    status = "cancelled" if stopping else "failed"
     await conn.execute(
         update(stages)
         .where(stages.c.job_id == task.job_id, stages.c.name == task.stage)
-        .values(status="failed" if not stopping else "cancelled", error=error, finished_at=at)
+        .values(status=status, error=error, finished_at=at)
     )
     await events.append(
         conn,
@@ -539,7 +556,7 @@ async def fail(
         [
             (
                 "stage_update",
-                {"stage": task.stage, "status": "failed", "attempt": task.attempt, "error": error},
+                {"stage": task.stage, "status": status, "attempt": task.attempt, "error": error},
             )
         ],
         at=at,
@@ -569,7 +586,7 @@ async def stopped(conn: AsyncConnection, task: Claimed, report: Report, *, at: f
         LeaseLost: the lease is gone; nothing was written.
     """
     job = await tasks.take(conn, task)
-    await tasks.apply_report(conn, task, report, at=at)
+    await tasks.apply_report(conn, task, report, at=at, job=job)
     if job.status in ("queued", "running") and not await tasks.has_tasks(conn, task.job_id):
         await scheduling.finalize(conn, task.job_id, "cancelled", at=at, webhook=job.webhook)
 

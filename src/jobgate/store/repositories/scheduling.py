@@ -64,7 +64,6 @@ async def enqueue_stage(
         )
         indexes = [i for i in range(total) if i not in done]
         values.update(items_total=total, items_succeeded=len(done), items_failed=0)
-        await _recount_records(conn, job_id)
     stage_attempt = (
         await conn.execute(
             update(stages)
@@ -73,6 +72,8 @@ async def enqueue_stage(
             .returning(stages.c.attempt)
         )
     ).scalar_one()
+    if stage.is_map:
+        await _recount_records(conn, job_id)  # after `items_total` is set: it is summed
     await events.append(
         conn,
         job_id,
@@ -226,7 +227,8 @@ async def advance(
     if job is None:
         job = await tasks.job_state(conn, job_id)
     if job.status not in ("queued", "running"):
-        await events.append(conn, job_id, carry, at=at)
+        # Finished meanwhile (a sibling stage failed it): the job's log is closed. The
+        # stage's success stays on its row, so a retry does not run it again.
         return
     if job.cancel_requested:
         if await tasks.has_tasks(conn, job_id):

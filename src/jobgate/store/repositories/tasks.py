@@ -222,6 +222,9 @@ async def outputs(conn: AsyncConnection, job_id: str, names: Sequence[str]) -> d
     return {row.name: row.output for row in rows}
 
 
+_ACTIVE = ("queued", "running")  # the statuses of a job not yet finished
+
+
 @dataclass(frozen=True)
 class JobState:
     """The two facts of a job that decide what an outcome may do, and its webhook
@@ -243,7 +246,7 @@ class JobState:
     @property
     def stopping(self) -> bool:
         """Cancelled, or already finished: record nothing that moves the job on."""
-        return self.cancel_requested or self.status not in ("queued", "running")
+        return self.cancel_requested or self.status not in _ACTIVE
 
 
 def webhook_of(value: Any) -> Mapping[str, Any] | None:
@@ -742,15 +745,32 @@ async def flush(
     return Flushed(stop=stop, actual_usd=float(flag.actual_usd))
 
 
-async def apply_report(conn: AsyncConnection, task: Claimed, report: Report, *, at: float) -> None:
+async def apply_report(
+    conn: AsyncConnection, task: Claimed, report: Report, *, at: float, job: JobState | None = None
+) -> None:
     """Write a report's cost, progress and events. `report` itself is left as it is: if
-    the transaction fails, the caller puts it back whole, to be written again."""
+    the transaction fails, the caller puts it back whole, to be written again.
+
+    A job's log closes with its terminal event: for a job already finished (a stage
+    still running when a sibling failed it), only the cost is written, since
+    `actual_usd` counts what every run spent. `job` is the job's state when the caller
+    holds its row; without it the events are appended only while the job is active.
+    """
+    log = report.events
     if report.cost_delta:
-        await conn.execute(
-            update(jobs)
-            .where(jobs.c.id == task.job_id)
-            .values(actual_usd=jobs.c.actual_usd + report.cost_delta)
-        )
+        total = (
+            await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == task.job_id)
+                .values(actual_usd=jobs.c.actual_usd + report.cost_delta)
+                .returning(jobs.c.actual_usd)
+            )
+        ).scalar_one()
+        # The stored total includes what parallel stages charged since this stage last
+        # looked: the event tells that, not the stage's own view of it.
+        log = [_with_total(event, float(total)) for event in log]
+    if job is not None and job.status not in _ACTIVE:
+        return
     if report.progress is not None and task.item_index is None:
         await conn.execute(
             update(stages)
@@ -758,11 +778,18 @@ async def apply_report(conn: AsyncConnection, task: Claimed, report: Report, *, 
             .values(progress=report.progress)
         )
         overall = await job_progress(conn, task.job_id, task.stage)
-        for kind, data in report.events:
+        for kind, data in log:
             if kind == "progress":
                 data.setdefault("progress", overall)
-    if report.events:
-        await events.append(conn, task.job_id, report.events, at=at)
+    if log:
+        await events.append(conn, task.job_id, log, at=at, while_active=True)
+
+
+def _with_total(event: events.Event, total: float) -> events.Event:
+    kind, data = event
+    if kind != "cost_update":
+        return event
+    return kind, {**data, "actual_usd": round(total, 10)}
 
 
 async def job_progress(conn: AsyncConnection, job_id: str, stage: str) -> float:
@@ -770,7 +797,11 @@ async def job_progress(conn: AsyncConnection, job_id: str, stage: str) -> float:
         await conn.execute(select(func.avg(stages.c.progress)).where(stages.c.job_id == job_id))
     ).scalar_one()
     value = float(average or 0.0)
-    await conn.execute(update(jobs).where(jobs.c.id == job_id).values(progress=value, stage=stage))
+    await conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.status.in_(_ACTIVE))
+        .values(progress=value, stage=stage)
+    )
     return value
 
 
@@ -847,9 +878,13 @@ async def renew(
 
 
 async def release(conn: AsyncConnection, task: Claimed, report: Report, *, at: float) -> None:
-    """Hand a task back unfinished (worker shutdown): it runs again, this run uncounted."""
-    await hold(conn, task)
-    await apply_report(conn, task, report, at=at)
+    """Hand a task back unfinished (worker shutdown): it runs again, this run uncounted
+    (unless its job finished meanwhile: then it is dropped)."""
+    job = await hold(conn, task)
+    await apply_report(conn, task, report, at=at, job=job)
+    if job.status not in _ACTIVE:
+        await conn.execute(delete(task_table).where(task_table.c.id == task.task_id))
+        return
     await conn.execute(
         update(task_table)
         .where(task_table.c.id == task.task_id)
