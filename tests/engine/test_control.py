@@ -129,6 +129,26 @@ async def test_retry_of_a_cancelled_map_job_keeps_succeeded_items(engine: Engine
     assert snapshot.job["result"]["texts"] == ["A", "B"]
 
 
+async def test_retry_of_a_job_cancelled_after_its_last_stage_succeeded_ends_it_succeeded(
+    engine: Engine,
+) -> None:
+    """A cancel that waits for a running stage which then succeeds leaves the job
+    `cancelled` with every stage succeeded; a retry has nothing to run and ends the
+    job `succeeded` with its result (regression: it stayed `queued` for good)."""
+    job_id = await engine.submit("noop", {"x": 7})
+    [task] = await _claim(engine)
+    assert await cancel(engine, job_id) is False
+    await _complete(engine, task, {"x": 7})
+    cancelled = await engine.job(job_id)
+    assert cancelled.job["status"] == "cancelled"
+    assert {s["status"] for s in cancelled.stages} == {"succeeded"}
+    await retry(engine, job_id)
+    snapshot = await engine.job(job_id)
+    assert snapshot.job["status"] == "succeeded"
+    assert snapshot.job["result"] == {"x": 7}
+    assert [e["type"] for e in await engine.events(job_id)][-2:] == ["cancelled", "completed"]
+
+
 async def test_retry_refuses_jobs_that_are_not_failed_or_cancelled(engine: Engine) -> None:
     job_id = await engine.submit("noop")
     with pytest.raises(Conflict):

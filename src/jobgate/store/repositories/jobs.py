@@ -587,6 +587,13 @@ async def retry(
             select(stages.c.name).where(stages.c.job_id == job_id, stages.c.status == "succeeded")
         )
     }
+    if done.issuperset(pipeline.stages):
+        # Every stage had succeeded (the last one while a cancel waited for it to stop):
+        # nothing is left to run, so the job ends now as it would have then.
+        result = await scheduling.job_result(conn, job_id, pipeline)
+        webhook = tasks.webhook_of(job["webhook"])
+        await scheduling.finalize(conn, job_id, "succeeded", at=at, result=result, webhook=webhook)
+        return
     for name in pipeline.topological_order():
         stage = pipeline.stages[name]
         if name not in done and all(dep in done for dep in stage.after):

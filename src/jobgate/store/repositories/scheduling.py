@@ -237,12 +237,10 @@ async def advance(
             await finalize(conn, job_id, "cancelled", at=at, carry=carry, webhook=job.webhook)
         return
     if all(status == "succeeded" for status in statuses.values()):
-        sinks = pipeline.sinks()
-        if sinks == [finished]:
+        if pipeline.sinks() == [finished]:
             result = output
         else:
-            outputs = await tasks.outputs(conn, job_id, sinks)
-            result = outputs[sinks[0]] if len(sinks) == 1 else {n: outputs[n] for n in sinks}
+            result = await job_result(conn, job_id, pipeline)
         await finalize(
             conn, job_id, "succeeded", at=at, result=result, carry=carry, webhook=job.webhook
         )
@@ -259,6 +257,13 @@ async def advance(
         await enqueue_stage(
             conn, job_id, pipeline, name, at=at, aging_s=aging_s, carry=carry if i == 0 else ()
         )
+
+
+async def job_result(conn: AsyncConnection, job_id: str, pipeline: Pipeline) -> Any:
+    """A job's result once every stage succeeded: its sink's output, or by sink name."""
+    sinks = pipeline.sinks()
+    outputs = await tasks.outputs(conn, job_id, sinks)
+    return outputs[sinks[0]] if len(sinks) == 1 else {n: outputs[n] for n in sinks}
 
 
 async def finalize(
