@@ -16,6 +16,7 @@ JobgateError
 │   ├── Conflict                    409 conflict
 │   ├── IdempotencyConflict         409 idempotency-conflict
 │   ├── RateLimited                 429 rate-limited (with `retry_after` and headers)
+│   │   └── TooManyStreams              429 too-many-streams
 │   └── Unavailable                 503 unavailable
 └── StageError                  raised inside stage code, seen by the worker
     ├── JobCancelled                the job was cancelled (`ctx.check_cancelled()`)
@@ -128,7 +129,10 @@ class IdempotencyConflict(RequestError):
 
 
 class RateLimited(RequestError):
-    """Too many requests; try again later."""
+    """Too many requests; try again later.
+
+    Every 429 jobgate answers is one of these, so every one carries `Retry-After`.
+    """
 
     status, slug, title = 429, "rate-limited", "Too many requests"
 
@@ -145,10 +149,13 @@ class RateLimited(RequestError):
         self.headers = {**(headers or {}), "Retry-After": str(self.retry_after)}
 
 
-class TooManyStreams(RequestError):
-    """The job has as many open event streams as it may."""
+class TooManyStreams(RateLimited):
+    """The job has as many open event streams as it may.
 
-    status, slug, title = 429, "too-many-streams", "Too many streams"
+    A `RateLimited`, as every 429 is, so it carries `Retry-After` too.
+    """
+
+    slug, title = "too-many-streams", "Too many streams"
 
 
 class Unavailable(RequestError):

@@ -46,14 +46,27 @@ def now() -> float:
     return time.time()
 
 
+MIN_EPOCH = -62_135_596_800.0
+"""0001-01-01T00:00:00Z, the earliest time a `datetime` holds, as epoch seconds."""
+
+MAX_EPOCH = 253_402_300_799.0
+"""9999-12-31T23:59:59Z, the latest whole second a `datetime` holds, as epoch seconds."""
+
+
 def rfc3339(epoch: float | None) -> str | None:
-    """An epoch time as RFC 3339 UTC with milliseconds, or None."""
+    """An epoch time as RFC 3339 UTC with milliseconds, or None.
+
+    A time outside years 1 to 9999 (which no `datetime` holds) is shown as the nearest
+    end of that range: a row stored with one must not make its listing fail.
+    """
     return None if epoch is None else _rfc3339(epoch)
 
 
 # The jobs of one submit share their times: a batch's answer formats one time 100 times.
 @functools.lru_cache(maxsize=4096)
 def _rfc3339(epoch: float) -> str:
+    if not MIN_EPOCH <= epoch <= MAX_EPOCH:
+        epoch = MAX_EPOCH if epoch > 0 else MIN_EPOCH
     moment = datetime.fromtimestamp(epoch, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

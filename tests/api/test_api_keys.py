@@ -185,3 +185,39 @@ async def test_an_admin_revokes_anyones_key(
     jo = await make_client(key=key)
     expect_problem(await jo.get("/v1/me"), 401, "unauthenticated")
     expect_problem(await client.delete("/v1/api-keys/no-such-id"), 404, "not-found")
+
+
+@pytest.mark.parametrize(
+    "expires_at",
+    ["9999-12-31T23:59:59-23:59", "9999-12-31T23:59:59.999999Z"],
+    ids=["year-10000-in-utc", "past-the-last-second"],
+)
+async def test_an_expiry_past_year_9999_is_422_and_stores_nothing(
+    client: httpx.AsyncClient,
+    make_client: MakeClient,
+    expect_problem: ExpectProblem,
+    expires_at: str,
+) -> None:
+    """An `expires_at` whose UTC instant no date holds is refused, and listing still works."""
+    bob = await make_client("bob", ["user"])
+    before = {key["id"] for key in (await client.get("/v1/api-keys")).json()["api_keys"]}
+    response = await bob.post("/v1/api-keys", json={"name": "far", "expires_at": expires_at})
+    problem = expect_problem(response, 422, "validation-error")
+    assert problem["errors"][0]["loc"] == ["expires_at"]
+    for caller in (bob, client):
+        assert (await caller.get("/v1/api-keys")).status_code == 200
+    after = {key["id"] for key in (await client.get("/v1/api-keys")).json()["api_keys"]}
+    assert after == before
+
+
+async def test_a_stored_expiry_past_year_9999_does_not_break_listing(
+    client: httpx.AsyncClient, make_client: MakeClient, make_key: MakeKey
+) -> None:
+    """A key row stored with a year-10000 expiry (before the check) is listed, capped."""
+    await make_key("bob", ["user"], expires_at=253_402_387_139.0, name="far")
+    bob = await make_client("bob", ["user"])
+    for caller in (bob, client):
+        response = await caller.get("/v1/api-keys")
+        assert response.status_code == 200, response.text
+        far = [key for key in response.json()["api_keys"] if key["name"] == "far"]
+        assert [key["expires_at"] for key in far] == ["9999-12-31T23:59:59.000Z"]

@@ -129,6 +129,37 @@ async def test_range_request_gives_206(
     assert response.headers["content-range"] == f"bytes 10-19/{len(REPORT)}"
 
 
+@pytest.mark.parametrize("artifact", ["report.json", "report.csv"])
+async def test_a_range_past_the_end_is_a_416_problem(
+    client: httpx.AsyncClient,
+    anon: httpx.AsyncClient,
+    expect_problem: Any,
+    job_id: str,
+    artifact: str,
+) -> None:
+    """A range starting past the end is 416 `range-not-satisfiable` (problem+json), with
+    `Content-Range: bytes */<size>`."""
+    info = (await client.get(f"/v1/jobs/{job_id}/artifacts/{artifact}")).json()
+    response = await anon.get(_path(info["download_url"]), headers={"Range": "bytes=100000-200000"})
+    expect_problem(response, 416, "range-not-satisfiable")
+    assert response.headers["content-range"] == f"bytes */{info['size']}"
+
+
+@pytest.mark.parametrize(
+    "header", ["bytes=5-2", "bytes=abc", "items=0-5", "bytes=", "bytes"], ids=repr
+)
+async def test_an_invalid_or_foreign_range_is_ignored(
+    client: httpx.AsyncClient, anon: httpx.AsyncClient, job_id: str, header: str
+) -> None:
+    """A range of another unit, or an invalid byte range, is ignored (RFC 9110 §14.2):
+    200 with the whole file, never a text/plain 400."""
+    info = (await client.get(f"/v1/jobs/{job_id}/download")).json()
+    response = await anon.get(_path(info["download_url"]), headers={"Range": header})
+    assert response.status_code == 200
+    assert response.content == REPORT
+    assert "content-range" not in response.headers
+
+
 @pytest.mark.parametrize("field", ["sig", "exp", "name", "ct"])
 async def test_tampered_urls_are_403(
     client: httpx.AsyncClient,

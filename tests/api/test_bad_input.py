@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from structlog.testing import capture_logs
 
 from tests.api.conftest import AppFactory
 from tests.api.helpers import PNG, TEXT, CountingBody, Guard, blob_root, client_for, multipart
@@ -550,3 +551,87 @@ async def test_bad_list_parameters_are_422(
 ) -> None:
     """Unknown statuses, unparseable times and negative pages are 422."""
     expect_problem(await client.get("/v1/jobs", params=params), 422, "validation-error")
+
+
+# -- clients that leave ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/files", "/v1/jobs"])
+async def test_a_client_leaving_mid_upload_is_not_a_server_error(
+    app: FastAPI, client: httpx.AsyncClient, guard: Guard, path: str
+) -> None:
+    """A client that disconnects halfway through a file part: no 500, no error log, no
+    exception out of the app (the server would log its traceback), nothing left."""
+    head = (
+        b'--B\r\nContent-Disposition: form-data; name="pipeline"\r\n\r\ntext-stats\r\n'
+        if path == "/v1/jobs"
+        else b""
+    ) + b'--B\r\nContent-Disposition: form-data; name="files"; filename="a.txt"\r\n\r\n'
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"authorization", client.headers["authorization"].encode()),
+            (b"content-type", b"multipart/form-data; boundary=B"),
+            (b"content-length", b"100000"),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    messages = [
+        {"type": "http.request", "body": head + b"x" * 1000, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if len(messages) > 1 else messages[0]
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with capture_logs() as logs:
+        await app(scope, receive, send)
+    statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+    assert all(status < 500 for status in statuses)
+    assert [e for e in logs if e["log_level"] in ("error", "critical", "exception")] == []
+    assert [e for e in logs if e.get("exc_info")] == []
+    await guard.check()
+
+
+@pytest.mark.parametrize("path", ["/v1/files", "/v1/jobs"])
+async def test_a_boundary_longer_than_the_parser_takes_is_400(
+    client: httpx.AsyncClient, guard: Guard, expect_problem: Problem, path: str
+) -> None:
+    """A multipart boundary of 257 characters (the parser takes 256) is 400."""
+    body, headers = multipart({"pipeline": "text-stats"}, [("a.txt", TEXT)], boundary="a" * 257)
+    response = await client.post(path, content=body, headers=headers)
+    expect_problem(response, 400, "malformed-request")
+    await guard.check()
+
+
+async def test_integer_query_values_the_store_cannot_bind_are_422(
+    client: httpx.AsyncClient, expect_problem: Problem
+) -> None:
+    """`offset` past 2**63 - 1 and a job's events `after` past 2**31 - 1 (its `seq` is a
+    32-bit column) are 422, not 500; the largest allowed values answer 200."""
+    job = await client.post("/v1/jobs", json={"pipeline": "noop"})
+    job_id = job.json()["id"]
+    for path, name, largest in (
+        ("/v1/jobs", "offset", 2**63 - 1),
+        (f"/v1/jobs/{job_id}/records", "offset", 2**63 - 1),
+        (f"/v1/jobs/{job_id}/events", "after", 2**31 - 1),
+    ):
+        for too_big in (largest + 1, 2**63):
+            response = await client.get(path, params={name: str(too_big)})
+            problem = expect_problem(response, 422, "validation-error")
+            assert problem["errors"][0]["loc"] == ["query", name]
+        response = await client.get(path, params={name: str(largest)})
+        assert response.status_code == 200, response.text

@@ -746,3 +746,41 @@ def _rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+async def test_too_many_streams_carries_retry_after(
+    app_factory: AppFactory, make_key: Any, expect_problem: Any
+) -> None:
+    """The 429 `too-many-streams` carries `Retry-After` (seconds), like every 429."""
+    app = await app_factory(sse_max_per_job=1)
+    _, key = await make_key("user-1", ["user"])
+    async with signed_in(app, key) as user:
+        job_id = await _submit(user)
+        url = f"/v1/jobs/{job_id}/events"
+        async with user.stream("GET", url, headers=SSE) as one:
+            assert one.status_code == 200
+            second = await user.get(url, headers=SSE)
+            expect_problem(second, 429, "too-many-streams")
+            assert int(second.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u00b3", "\uff11", "1\u00b2", str(2**63)], ids=repr)
+async def test_a_last_event_id_that_is_not_a_stored_id_is_422(
+    app_factory: AppFactory, make_key: Any, expect_problem: Any, value: str
+) -> None:
+    """`Last-Event-ID` that `str.isdigit` takes but is not ASCII digits ("²", a fullwidth
+    "1"), or too large for the store, is 422 `validation-error`, as header or query, on
+    both streams; a job's stream takes at most 2**31 - 1 (its `seq` is 32-bit)."""
+    app = await app_factory()
+    _, key = await make_key("user-1", ["user"])
+    async with signed_in(app, key) as user:
+        job_id = await _submit(user, "noop")
+        too_big = {b"Last-Event-ID": str(2**31).encode()}
+        response = await user.get(f"/v1/jobs/{job_id}/events", headers={**SSE, **too_big})
+        expect_problem(response, 422, "validation-error")
+        for path in (f"/v1/jobs/{job_id}/events", "/v1/events"):
+            by_query = await user.get(path, params={"last_event_id": value}, headers=SSE)
+            expect_problem(by_query, 422, "validation-error")
+            header = {b"Last-Event-ID": value.encode("utf-8")}
+            by_header = await user.get(path, headers={**SSE, **header})
+            expect_problem(by_header, 422, "validation-error")

@@ -473,6 +473,30 @@ async def test_a_token_with_an_empty_or_non_string_sub_is_refused(
     await refused(app, hs256(sub=sub), expect_problem)
 
 
+HUGE = 10**400
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"exp": HUGE},
+        {"exp": str(HUGE)},
+        {"exp": 1e300},
+        {"nbf": -HUGE},
+        {"iat": -HUGE},
+        {"iat": True},
+    ],
+    ids=["exp-400-digits", "exp-400-digit-string", "exp-1e300", "nbf", "iat", "iat-bool"],
+)
+async def test_a_time_claim_no_date_can_hold_is_refused(
+    jwt_app: Any, expect_problem: ExpectProblem, overrides: dict[str, Any]
+) -> None:
+    """A validly signed token whose `exp`, `nbf` or `iat` is not a number within years
+    1 to 9999 is 401, never a 500."""
+    app = await jwt_app()
+    await refused(app, hs256(**overrides), expect_problem)
+
+
 def segments(header: bytes, payload: bytes = b"{}") -> str:
     return f"{b64(header)}.{b64(payload)}.{b64(b'signature')}"
 

@@ -354,3 +354,35 @@ def test_local_store_satisfies_the_protocol(tmp_path: Path) -> None:
     """`LocalBlobStore` is a `BlobStore`."""
     make: Callable[[Path], BlobStore] = LocalBlobStore
     assert isinstance(make(tmp_path), BlobStore)
+
+
+async def test_a_staged_write_is_invisible_until_published(store: BlobStore) -> None:
+    """`stage_stream` hashes the bytes but publishes nothing; `publish` does, once."""
+    data = b"staged bytes\n" * 1000
+    staged = await store.stage_stream(stream([data[:5000], data[5000:]]))
+    assert (staged.sha256, staged.size) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert staged.head == data[:HEAD_BYTES]
+    assert staged.stored is None
+    assert not await store.exists(staged.sha256)
+    stored = await staged.publish()
+    assert stored.created
+    assert stored == staged.stored == await staged.publish()
+    assert await store.exists(staged.sha256)
+    await staged.discard()  # once published: nothing to remove
+    assert await store.exists(staged.sha256)
+    assert leftovers(store) == []
+
+
+async def test_a_discarded_staged_write_leaves_nothing(store: BlobStore) -> None:
+    staged = await store.stage_stream(stream([b"never published"]))
+    await staged.discard()
+    assert stored_files(store) == []
+    assert leftovers(store) == []
+
+
+async def test_discard_keeps_blobs_named_in_keep(store: BlobStore) -> None:
+    kept = await store.put_bytes(b"a row refers to me")
+    dropped = await store.put_bytes(b"nobody refers to me")
+    await discard(store, kept, dropped, keep={kept.sha256})
+    assert await store.exists(kept.sha256)
+    assert not await store.exists(dropped.sha256)

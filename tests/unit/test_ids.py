@@ -65,3 +65,10 @@ def test_uuid7_in_a_forked_child_differs_from_its_parent() -> None:
     os.waitpid(pid, 0)
     parent = uuid7()
     assert uuid.UUID(child).int & (1 << 74) - 1 != uuid.UUID(parent).int & (1 << 74) - 1
+
+
+def test_rfc3339_shows_times_outside_years_1_to_9999_at_the_nearest_end() -> None:
+    """No `datetime` holds them; they are shown, not refused with an error."""
+    assert rfc3339(253_402_387_139.0) == "9999-12-31T23:59:59.000Z"
+    assert rfc3339(1e300) == "9999-12-31T23:59:59.000Z"
+    assert rfc3339(-1e300) == "0001-01-01T00:00:00.000Z"

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from jobgate.errors import RequestError, Unavailable
 from jobgate.store.database import OUTAGE_TYPES, is_outage
@@ -25,6 +26,7 @@ _SLUG_BY_STATUS = {
     409: ("conflict", "Conflict"),
     413: ("file-too-large", "Request too large"),
     415: ("unsupported-media-type", "Unsupported media type"),
+    416: ("range-not-satisfiable", "Range not satisfiable"),
     422: ("validation-error", "Validation error"),
     429: ("rate-limited", "Too many requests"),
     503: ("unavailable", "Service unavailable"),
@@ -127,6 +129,14 @@ async def _on_store_error(request: Request, exc: Exception) -> JSONResponse:
     return from_error(request, refusal)
 
 
+async def _on_client_disconnect(request: Request, exc: Exception) -> JSONResponse:
+    # The client went away mid-body: not a server error, and no one reads the answer.
+    # Whatever the request wrote was removed on the way out (`parse_form`).
+    log.debug("client_disconnected", path=request.url.path)
+    detail = "the client closed the connection before the request was read"
+    return problem(request, 400, "malformed-request", "Malformed request", detail)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("request_failed", path=request.url.path, exc_info=exc)
     return problem(
@@ -143,6 +153,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestError, _on_request_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(ClientDisconnect, _on_client_disconnect)
     for kind in OUTAGE_TYPES:
         app.add_exception_handler(kind, _on_store_error)
     app.add_exception_handler(Exception, _on_unexpected)

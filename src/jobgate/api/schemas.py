@@ -7,13 +7,23 @@ Request bodies forbid unknown fields (`extra="forbid"`). Response models exist s
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jobgate.ids import MAX_EPOCH
 
 Role = Literal["admin", "user", "viewer"]
+
+MAX_INT64 = 2**63 - 1
+"""The largest integer a query may pass to the store: SQLite and PostgreSQL bind 64-bit
+integers, and a larger one fails in the driver. Offsets and event ids beyond it are 422."""
+
+MAX_SEQ = 2**31 - 1
+"""The largest per-job event `seq`: a 32-bit column on PostgreSQL, so a larger `after`
+or `Last-Event-ID` on a job's events is 422 rather than an error in the driver."""
 
 # -- problems (RFC 9457) ---------------------------------------------------------------
 
@@ -46,6 +56,7 @@ _PROBLEM_DESCRIPTIONS = {
     409: "Conflict",
     413: "Too large",
     415: "Unsupported file type",
+    416: "The range starts past the end of the file (`Content-Range: bytes */<size>`)",
     422: "Validation error",
     429: "Too many requests",
     503: "A backend is unavailable",
@@ -271,7 +282,22 @@ class ApiKeyCreate(BaseModel):
     name: str | None = Field(None, max_length=255)
     owner: str | None = Field(None, min_length=1, max_length=255)
     roles: list[Role] | None = Field(None, min_length=1)
-    expires_at: datetime | None = Field(None, description="RFC 3339; naive times are UTC")
+    expires_at: datetime | None = Field(
+        None, description="RFC 3339; naive times are UTC; at most 9999-12-31T23:59:59Z"
+    )
+
+    @field_validator("expires_at")
+    @classmethod
+    def _within_year_9999(cls, value: datetime | None) -> datetime | None:
+        # `9999-12-31T23:59:59-23:59` parses, but its UTC instant lies in year 10000:
+        # no UTC `datetime` holds it, so it could be stored but never shown.
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        if value.timestamp() > MAX_EPOCH:
+            raise ValueError("must be at most 9999-12-31T23:59:59Z")
+        return value
 
 
 class ApiKeyView(BaseModel):

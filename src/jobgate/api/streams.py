@@ -46,6 +46,9 @@ _SWEEP_CHUNK = 1000  # job ids per query of the periodic check
 _SAFE_RETRY_S = 0.01  # how soon global streams look again while a writer is in flight
 _OUTAGE_RETRY_S = 1.0  # how soon a stream tries the store again after it failed
 _REPORTED_ROWS = 4096  # the newest events this process's writers handed the hub
+STREAM_RETRY_AFTER_S = 5
+"""`Retry-After` of a 429 `too-many-streams`: a place frees when a stream closes, which
+nobody can foretell; a few seconds keeps reconnecting clients from hammering."""
 # The newest event id taken, then the transactions of this database that hold a
 # transaction id (writers), running now: only these can hold an event id, and other
 # databases' transactions on the same server do not delay streams (the cluster-wide
@@ -236,7 +239,10 @@ class Hub:
             log = self._jobs[job_id] = JobLog()
         watching = log.watches
         if len(watching) >= self.max_per_job:
-            raise TooManyStreams(f"job {job_id!r} already has {self.max_per_job} open streams")
+            raise TooManyStreams(
+                f"job {job_id!r} already has {self.max_per_job} open streams",
+                retry_after=STREAM_RETRY_AFTER_S,
+            )
         watching.add(watch)
         return watch
 

@@ -3,8 +3,10 @@
 The checks run in API.md's order (after authentication, role and the rate limits of
 `api/limits.py`): the body's form (400), its content (413, 415, 422), then the budgets
 (422 `budget-exceeded`: the job's, then the owner's monthly cap). A refused submission
-leaves nothing: files it streamed in are deleted by the caller (`Form.discard`), and
-rows are written only in `commit`'s single transaction.
+leaves nothing: files it streamed in stay unpublished until the caller has validated
+the submission (`Submission.publish`, just before `commit`), are removed by the caller
+(`Submission.discard`) if it is refused, and rows are written only in `commit`'s single
+transaction.
 """
 
 from __future__ import annotations
@@ -147,10 +149,15 @@ class Submission:
     form: Form | None = None
     uploads: list[UploadedFile] = field(default_factory=list)
 
-    async def discard(self, state: AppState) -> None:
-        """Delete the blobs this request created."""
+    async def publish(self) -> None:
+        """Publish the streamed files: once validated, just before `commit`."""
         if self.form is not None:
-            await self.form.discard(state.blobs)
+            await self.form.publish()
+
+    async def discard(self, state: AppState) -> None:
+        """Remove the files this request streamed in (`Form.discard`)."""
+        if self.form is not None:
+            await self.form.discard(state.blobs, state.db)
 
 
 def file_cap(registry: Registry) -> Callable[[Mapping[str, str]], int | None]:
@@ -170,7 +177,7 @@ def file_cap(registry: Registry) -> Callable[[Mapping[str, str]], int | None]:
 
 
 async def read_submission(request: Request, state: AppState) -> Submission:
-    """Read `POST /v1/jobs`: a JSON body, or a multipart form whose files are stored.
+    """Read `POST /v1/jobs`: a JSON body, or a multipart form whose files are staged.
 
     Raises:
         MalformedRequest, FileTooLarge, ValidationFailed, HTTPException(415).
@@ -191,7 +198,7 @@ async def read_submission(request: Request, state: AppState) -> Submission:
     try:
         body = parse_model(JobSubmit, _form_values(form))
     except BaseException:
-        await form.discard(state.blobs)
+        await form.drop_staged()
         raise
     fingerprint = {
         "fields": form.fields,

@@ -2,16 +2,20 @@
 
 Nothing here reads a whole body into memory or lets Starlette spool it to temporary
 files. Multipart bodies are parsed with `python_multipart`'s streaming parser as they
-arrive; each file part flows into `BlobStore.put_stream`, which hashes it while
-writing. Limits are enforced on the bytes actually received, never on what
-`Content-Length` claims (a larger claim is refused before reading anything):
+arrive; each file part flows into `BlobStore.stage_stream`, which hashes it while
+writing to a temporary file of the blob store. The parts stay unpublished until the
+route has read and validated the whole request: it calls `Form.publish` just before
+writing their rows, so no client can hold a published upload open while its request
+may still be refused. Limits are enforced on the bytes actually received, never on
+what `Content-Length` claims (a larger claim is refused before reading anything):
 
 - the whole request: `JOBGATE_MAX_UPLOAD_BYTES` (413 `file-too-large`);
 - the number of parts: `JOBGATE_MAX_UPLOAD_PARTS` (400 `malformed-request`);
 - each text field: `MAX_FIELD_BYTES` (413);
 - each file: a caller-supplied cap, usually the pipeline's `FileRule.max_bytes` (413).
 
-A refused request removes every blob it created (`Form.discard`), so it leaves no file.
+A refused request removes its temporary files, and every blob it published and created
+that no committed row refers to (`Form.discard`), so it leaves no file.
 """
 
 from __future__ import annotations
@@ -24,15 +28,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote
 
+import structlog
 from fastapi import HTTPException
 from pydantic_core import from_json
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from jobgate.blobs import BlobStore, StoredBlob, discard
+from jobgate.blobs import BlobStore, StagedBlob, discard
 from jobgate.errors import FileTooLarge, MalformedRequest, ValidationFailed
 from jobgate.pipelines.files import sanitize_filename, sniff
+from jobgate.store import Database
+from jobgate.store.repositories import blobs as blob_repo
 
 MAX_FIELD_BYTES = 64_000
 """The largest non-file multipart field (`params` included)."""
@@ -147,21 +154,24 @@ def _holds_infinity(value: Any) -> bool:
 # -- multipart -------------------------------------------------------------------------
 
 
+log = structlog.get_logger("jobgate.api")
+
+
 @dataclass(frozen=True)
 class UploadedFile:
-    """A file part, stored as a blob.
+    """A file part, staged in the blob store (published by `Form.publish`).
 
     Attributes:
         field: the part's field name.
         name: the sanitised file name.
-        blob: the stored blob (hash, size, first bytes, whether this request created it).
+        blob: the staged blob (hash, size, first bytes; once published, the stored blob).
         content_type: detected from the bytes (and the name, for text), never from the
             part's own Content-Type header.
     """
 
     field: str
     name: str
-    blob: StoredBlob
+    blob: StagedBlob
     content_type: str
 
     @property
@@ -175,14 +185,41 @@ class UploadedFile:
 
 @dataclass
 class Form:
-    """A parsed multipart body: its text fields and its stored files, in order."""
+    """A parsed multipart body: its text fields and its staged files, in order."""
 
     fields: dict[str, str] = field(default_factory=dict)
     files: list[UploadedFile] = field(default_factory=list)
 
-    async def discard(self, store: BlobStore) -> None:
-        """Delete the blobs this request created (not those that were already stored)."""
-        await discard(store, *(f.blob for f in self.files))
+    async def publish(self) -> None:
+        """Publish the files under their hashes: once the request is validated, just
+        before its rows are written (so the window before its commit or rollback is
+        short, and the server's)."""
+        for upload in self.files:
+            await upload.blob.publish()
+
+    async def drop_staged(self) -> None:
+        """Remove the temporary files of the parts not published."""
+        for upload in self.files:
+            await upload.blob.discard()
+
+    async def discard(self, store: BlobStore, db: Database) -> None:
+        """Undo a refused request: remove its temporary files, and the blobs it
+        published and created unless a committed row refers to them by now (the same
+        bytes, uploaded by a request that published after this one)."""
+        await self.drop_staged()
+        published = [f.blob.stored for f in self.files]
+        created = [blob for blob in published if blob is not None and blob.created]
+        if not created:
+            return
+        try:
+            async with db.read() as conn:
+                recorded = await blob_repo.find(conn, [blob.sha256 for blob in created])
+        except Exception as exc:
+            # Unsure whether a row refers to them: keep them (the garbage collector's
+            # job), and let the request's own error be the answer.
+            log.warning("upload_discard_skipped", error=type(exc).__name__)
+            return
+        await discard(store, *created, keep=recorded.keys())
 
 
 FileCap = Callable[[Mapping[str, str]], int | None]
@@ -259,26 +296,29 @@ async def _events(
         nonlocal finished
         finished = True
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_end": on_end,
-        },
-        max_header_count=MAX_PART_HEADERS,
-        max_header_size=MAX_PART_HEADER_BYTES,
-    )
+    try:
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": on_part_begin,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_headers_finished": on_headers_finished,
+                "on_part_data": on_part_data,
+                "on_part_end": on_part_end,
+                "on_end": on_end,
+            },
+            max_header_count=MAX_PART_HEADERS,
+            max_header_size=MAX_PART_HEADER_BYTES,
+        )
+    except FormParserError:  # a boundary longer than the parser takes (256 bytes)
+        raise MalformedRequest("the multipart boundary is too long") from None
     async with aclosing(_capped(request, max_bytes)) as chunks:
         async for chunk in chunks:
             try:
                 parser.write(chunk)
-            except MultipartParseError:
+            except FormParserError:
                 raise MalformedRequest("the multipart body is malformed") from None
             ready, pending[:] = list(pending), []
             for event in ready:
@@ -287,7 +327,7 @@ async def _events(
                 break
     try:
         parser.finalize()
-    except MultipartParseError:
+    except FormParserError:
         raise MalformedRequest("the multipart body is malformed") from None
     for event in pending:
         yield event
@@ -339,8 +379,8 @@ async def parse_form(
         file_cap: the per-file cap, asked when each file part starts.
 
     Returns:
-        The fields and the stored files. On any error the blobs this request created
-        are deleted before the error propagates.
+        The fields and the staged files, to `Form.publish` (or `Form.discard`). On any
+        error their temporary files are removed before the error propagates.
 
     Raises:
         MalformedRequest: no boundary, malformed or empty body, too many parts.
@@ -357,7 +397,7 @@ async def parse_form(
             request, boundary, form, store, max_bytes, max_parts, text_fields, file_fields, file_cap
         )
     except BaseException:
-        await form.discard(store)
+        await form.drop_staged()
         raise
     if not form.fields and not form.files:
         raise MalformedRequest("the multipart body has no parts")
@@ -396,7 +436,7 @@ async def _read_parts(
                     errors=[{"loc": [name[:64]], "msg": "Unexpected file field"}],
                 )
             cap = file_cap(form.fields) if file_cap is not None else None
-            blob = await store.put_stream(reader, max_bytes=cap)
+            blob = await store.stage_stream(reader, max_bytes=cap)
             safe_name = sanitize_filename(filename)
             form.files.append(
                 UploadedFile(

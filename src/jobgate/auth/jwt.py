@@ -7,7 +7,8 @@ Key contracts:
   the JWKS key of the token's `kid` whose algorithm it is. So `alg: none`, and HS256
   signed with a public key as the HMAC secret (algorithm confusion), never verify.
 - `exp` and `sub` are required; `nbf` and `iat` are checked when present; `aud` and
-  `iss` when configured (then a token without them is refused).
+  `iss` when configured (then a token without them is refused). `exp`, `nbf` and `iat`
+  must be numbers within years 1 to 9999 (a 400-digit `exp` is refused, not an error).
 - Every failure raises `Unauthenticated(AUTH_FAILED)`, one message for all; the reason
   is logged at debug level, the token never.
 - A verified token is remembered for `VERIFIED_CACHE_S` (never past its `exp`), so
@@ -35,6 +36,7 @@ import structlog
 from jobgate.auth.api_keys import AUTH_FAILED
 from jobgate.auth.principal import ROLES, Principal
 from jobgate.errors import Unauthenticated
+from jobgate.ids import MAX_EPOCH, MIN_EPOCH
 
 if TYPE_CHECKING:
     from jobgate.config import Settings
@@ -190,6 +192,7 @@ class JwtVerifier:
             )
         except jwt.PyJWTError as exc:
             raise _Rejected(type(exc).__name__) from None
+        _check_dates(claims)
         _check_subject_and_iat(claims, leeway_s=self._leeway_s)
         return claims
 
@@ -206,6 +209,19 @@ class JwtVerifier:
         return key
 
 
+def _check_dates(claims: Mapping[str, Any]) -> None:
+    # PyJWT takes any integer (or numeric string): a 400-digit `exp` passes its check,
+    # and no float or date can hold it afterwards.
+    for name in ("exp", "nbf", "iat"):
+        if name not in claims:
+            continue
+        value = claims[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Rejected(f"bad_{name}")
+        if not MIN_EPOCH <= value <= MAX_EPOCH:  # NaN too
+            raise _Rejected(f"bad_{name}")
+
+
 def _check_subject_and_iat(claims: Mapping[str, Any], *, leeway_s: float) -> None:
     if not isinstance(claims.get("sub"), str) or not claims["sub"]:
         raise _Rejected("bad_sub")
@@ -213,8 +229,6 @@ def _check_subject_and_iat(claims: Mapping[str, Any], *, leeway_s: float) -> Non
     issued_at = claims.get("iat")
     if issued_at is None:
         return
-    if not isinstance(issued_at, int | float) or isinstance(issued_at, bool):
-        raise _Rejected("bad_iat")
     if issued_at > time.time() + leeway_s:
         raise _Rejected("iat_in_future")
 

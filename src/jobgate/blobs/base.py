@@ -7,6 +7,9 @@ Key contracts:
 - A blob becomes visible only complete: bytes stream to a temporary object first, and
   are published under their hash in one atomic step. A failed, refused or cancelled
   write leaves nothing behind.
+- A write may also be staged (`stage_stream`): hashed and kept unpublished until its
+  caller decides, so a request publishes its uploads only once it has read and
+  validated all of them, just before it writes their rows.
 - The store knows nothing of owners or jobs; the `blobs` and `blob_grants` tables do.
   Garbage collection deletes blobs that no row references any more.
 """
@@ -14,7 +17,7 @@ Key contracts:
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -73,6 +76,49 @@ class StoredBlob:
     created: bool = True
 
 
+class StagedBlob(Protocol):
+    """Bytes written and hashed, not yet published under their hash (`stage_stream`).
+
+    Nobody else sees them until `publish`. Call `publish` or `discard`: a staged blob
+    holds a temporary object until one of them runs.
+    """
+
+    @property
+    def sha256(self) -> str:
+        """The lowercase hex SHA-256 of the bytes."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Their length in bytes."""
+        ...
+
+    @property
+    def head(self) -> bytes:
+        """Their first `HEAD_BYTES` bytes, for type sniffing."""
+        ...
+
+    @property
+    def stored(self) -> StoredBlob | None:
+        """The published blob, once `publish` has run (even if its caller was
+        cancelled meanwhile), else None."""
+        ...
+
+    async def publish(self) -> StoredBlob:
+        """Publish the bytes under their hash (dropped if that blob exists already).
+
+        Publishing twice returns the first result.
+
+        Raises:
+            BlobError: The storage failed; the temporary object is removed.
+        """
+        ...
+
+    async def discard(self) -> None:
+        """Remove the temporary object; nothing, once published."""
+        ...
+
+
 @runtime_checkable
 class BlobStore(Protocol):
     """Where file bytes live, named by their SHA-256.
@@ -96,6 +142,24 @@ class BlobStore(Protocol):
 
         Returns:
             The stored blob's hash, size and first bytes.
+
+        Raises:
+            FileTooLarge: The stream passed `max_bytes`; nothing is kept.
+            BlobError: The storage failed; nothing is kept.
+        """
+        ...
+
+    async def stage_stream(
+        self, chunks: AsyncIterator[bytes], *, max_bytes: int | None = None
+    ) -> StagedBlob:
+        """Write and hash the bytes `chunks` yields, without publishing them.
+
+        Args:
+            chunks: The bytes, in chunks of any size.
+            max_bytes: Refuse the stream as soon as it passes this many bytes.
+
+        Returns:
+            The staged bytes; `publish` or `discard` them.
 
         Raises:
             FileTooLarge: The stream passed `max_bytes`; nothing is kept.
@@ -158,19 +222,26 @@ class BlobStore(Protocol):
         ...
 
 
-async def discard(store: BlobStore, *blobs: StoredBlob) -> None:
-    """Remove the blobs a refused request wrote, so it leaves no file behind.
+async def discard(store: BlobStore, *blobs: StoredBlob, keep: Collection[str] = ()) -> None:
+    """Remove the published blobs a refused request created, so it leaves no file behind.
 
-    Blobs that were already stored before the request (`created` is False) are kept:
-    the same bytes may belong to another caller. A concurrent request that stores the
-    same bytes and commits between the write and this call could still lose them, so
-    call this only before any row refers to the blobs, and keep that window short; the
-    garbage collector is the backstop for anything left over.
+    Kept are the blobs that were already stored before the request (`created` is False)
+    and those named in `keep`: the hashes a committed row refers to, which the caller
+    reads from the store just before. The same bytes may belong to another caller, who
+    published them after this request did (and so did not create them).
+
+    One window remains: another request that publishes the same bytes after this
+    request did, and commits its row between the caller's read of `keep` and this
+    call, loses them. So publish only after the whole request is read and validated
+    (`BlobStore.stage_stream`), just before writing the rows, which keeps that window
+    short and in the server's hands, never the client's; the garbage collector is the
+    backstop for anything left over.
 
     Args:
         store: The store the blobs were written to.
-        *blobs: The blobs the refused request wrote.
+        *blobs: The blobs the refused request published.
+        keep: Hashes not to remove, whoever created them.
     """
     for blob in blobs:
-        if blob.created:
+        if blob.created and blob.sha256 not in keep:
             await store.delete(blob.sha256)

@@ -5,6 +5,9 @@ A write fills a temporary file in `root/tmp/` (same filesystem, so publishing it
 atomic link or rename), fsyncs it, and links it under its hash only if no blob of that
 hash exists yet. Every file operation runs in a worker thread, never on the event loop.
 
+A staged write (`stage_stream`) stops before the link: its closed temporary file waits
+for `publish` or `discard`.
+
 Guarantees: a blob path only ever holds complete bytes matching its name; a write that
 fails, is refused (`max_bytes`) or is cancelled removes its temporary file before the
 error reaches the caller. Only a crash of the process can leave `*.part` files behind;
@@ -74,6 +77,13 @@ class LocalBlobStore:
         self, chunks: AsyncIterator[bytes], *, max_bytes: int | None = None
     ) -> StoredBlob:
         """Store the bytes `chunks` yields; see `BlobStore.put_stream`."""
+        staged = await self.stage_stream(chunks, max_bytes=max_bytes)
+        return await staged.publish()
+
+    async def stage_stream(
+        self, chunks: AsyncIterator[bytes], *, max_bytes: int | None = None
+    ) -> LocalStagedBlob:
+        """Write the bytes `chunks` yields to a temporary file; see `BlobStore.stage_stream`."""
         writer = await _in_thread(_TempFile, self._tmp, self.fsync)
         try:
             head = bytearray()
@@ -92,14 +102,14 @@ class LocalBlobStore:
                     pending, pending_bytes = [], 0
             if pending:
                 await _in_thread(writer.write, _join(pending))
-            sha256, created = await _in_thread(writer.publish, self.root)
+            sha256 = await _in_thread(writer.finish)
         except BaseException:
             # Also on cancellation: the temporary file must not outlive the request.
             # Errors of the source (a dropped client, say) propagate unchanged.
             with contextlib.suppress(BlobError):
                 await _in_thread(writer.discard)
             raise
-        return StoredBlob(sha256=sha256, size=size, head=bytes(head), created=created)
+        return LocalStagedBlob(self.root, writer, sha256, bytes(head))
 
     async def put_bytes(self, data: bytes) -> StoredBlob:
         """Store `data`; see `BlobStore.put_bytes`."""
@@ -188,6 +198,44 @@ class LocalBlobStore:
         """Nothing to release: files are opened and closed per operation."""
 
 
+class LocalStagedBlob:
+    """A `StagedBlob` in a closed temporary file of `root/tmp/`."""
+
+    def __init__(self, root: Path, writer: _TempFile, sha256: str, head: bytes) -> None:
+        self._root = root
+        self._writer = writer
+        self.sha256 = sha256
+        self.size = writer.size
+        self.head = head
+
+    def __repr__(self) -> str:
+        return f"LocalStagedBlob({self.sha256!r}, size={self.size})"
+
+    @property
+    def stored(self) -> StoredBlob | None:
+        """The published blob, or None; see `StagedBlob.stored`."""
+        if self._writer.created is None:
+            return None
+        return StoredBlob(self.sha256, self.size, self.head, created=self._writer.created)
+
+    async def publish(self) -> StoredBlob:
+        """Link the file under its hash; see `StagedBlob.publish`."""
+        if self.stored is None:
+            try:
+                await _in_thread(self._writer.publish, self._root)
+            except BaseException:
+                with contextlib.suppress(BlobError):
+                    await _in_thread(self._writer.discard)
+                raise
+        stored = self.stored
+        assert stored is not None  # published, or `publish` raised
+        return stored
+
+    async def discard(self) -> None:
+        """Remove the temporary file; see `StagedBlob.discard`."""
+        await _in_thread(self._writer.discard)
+
+
 class _Stopped(Exception):
     """The caller gave up on the copy."""
 
@@ -200,6 +248,7 @@ class _TempFile:
         fd, name = tempfile.mkstemp(dir=directory, prefix="put-", suffix=".part")
         self.path = Path(name)
         self.size = 0
+        self.created: bool | None = None  # once published: whether it was new there
         self._fsync = fsync
         self._hash = hashlib.sha256()
         self._file: BinaryIO = os.fdopen(fd, "wb")
@@ -209,13 +258,18 @@ class _TempFile:
         self._file.write(data)
         self.size += len(data)
 
+    def finish(self) -> str:
+        """Flush and close the file (to stable storage, with fsync); its SHA-256."""
+        if not self._file.closed:
+            self._file.flush()
+            if self._fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+        return self._hash.hexdigest()
+
     def publish(self, root: Path) -> tuple[str, bool]:
         """Move the file under its hash; whether it was new there."""
-        self._file.flush()
-        if self._fsync:
-            os.fsync(self._file.fileno())
-        self._file.close()
-        sha256 = self._hash.hexdigest()
+        sha256 = self.finish()
         final = _blob_path(root, sha256)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -231,12 +285,14 @@ class _TempFile:
             os.replace(self.path, final)
         else:
             created = True
+        self.created = created
         self.path.unlink(missing_ok=True)
         return sha256, created
 
     def discard(self) -> None:
         self._file.close()
-        self.path.unlink(missing_ok=True)
+        if self.created is None:  # once published, the name may be another writer's
+            self.path.unlink(missing_ok=True)
 
 
 def _blob_path(root: Path, sha256: str) -> Path:

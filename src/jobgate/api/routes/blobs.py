@@ -3,6 +3,11 @@
 The signature vouches for the blob, the file name, the content type and the expiry;
 a tampered or expired URL is 403. Files are served as attachments with `nosniff`
 and a sandboxing CSP, so an HTML or SVG artifact is never rendered inline.
+
+`Range` follows RFC 9110 §14.2: a range of another unit, or one that is not a valid
+byte range (`bytes=5-2`, `bytes=abc`), is ignored and the whole file is sent (200); a
+valid range that starts past the end is 416 `range-not-satisfiable` (a problem, with
+`Content-Range: bytes */<size>`).
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from jobgate.api.deps import StateDep
 from jobgate.api.schemas import problem_responses
@@ -31,14 +37,32 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
+class BlobResponse(FileResponse):
+    """A `FileResponse` whose Range refusals are problems, or ignored (module docstring)."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []  # no range: the whole file, as RFC 9110 allows (and for units, asks)
+        except RangeNotSatisfiable as exc:
+            # Raised before anything is sent, so the app's handler answers it.
+            raise HTTPException(
+                416,
+                "the range starts past the end of the file",
+                headers={"Content-Range": f"bytes */{exc.max_size}"},
+            ) from None
+
+
 @router.get(
     "/{sha256}",
-    response_class=FileResponse,
+    response_class=BlobResponse,
     summary="Download a blob through a signed URL (no credentials)",
     responses={
         200: {"description": "The bytes", "content": {"application/octet-stream": {}}},
         206: {"description": "The requested range"},
-        **problem_responses(403, 404),
+        **problem_responses(403, 404, 416),
     },
 )
 async def get_blob(
@@ -70,7 +94,7 @@ async def get_blob(
     path = state.blobs.local_path(sha256)
     if path is None or not await state.blobs.exists(sha256):
         raise NotFound("this file is no longer stored")
-    return FileResponse(
+    return BlobResponse(
         path,
         media_type=ct,
         headers={

@@ -3,6 +3,7 @@ and one SSE stream of every job the caller may see (`api/streams.py`)."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -11,7 +12,7 @@ from fastapi.responses import Response
 from jobgate.api import views
 from jobgate.api.deps import CurrentPrincipal, StateDep
 from jobgate.api.models import EventPage, StreamToken
-from jobgate.api.schemas import problem_responses
+from jobgate.api.schemas import MAX_INT64, MAX_SEQ, problem_responses
 from jobgate.api.state import AppState
 from jobgate.api.streams import EventStreamResponse, all_stream, job_stream
 from jobgate.auth import Principal
@@ -38,6 +39,9 @@ SSE_EVENT = {
 }
 SSE_CONTENT = {"text/event-stream": {"schema": SSE_EVENT}}
 
+# ASCII digits only: `str.isdigit` also takes "²", which `int` refuses.
+_EVENT_ID = re.compile(r"[0-9]{1,19}")
+
 LastEventIdHeader = Annotated[
     str | None, Header(alias="Last-Event-ID", description="resume after this event id")
 ]
@@ -50,13 +54,17 @@ def _wants_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
 
 
-def _resume_after(header: str | None, query: str | None) -> int | None:
-    """The event id to resume after (the header wins), or None for a fresh stream."""
+def _resume_after(header: str | None, query: str | None, maximum: int) -> int | None:
+    """The event id to resume after (the header wins), or None for a fresh stream.
+
+    Raises:
+        ValidationFailed: not ASCII digits, or more than `maximum` (what the store holds).
+    """
     given = header if header is not None else query
     if given is None or not given.strip():
         return None
     value = given.strip()
-    if not value.isdigit() or len(value) > 18:
+    if _EVENT_ID.fullmatch(value) is None or int(value) > maximum:
         raise ValidationFailed(
             "Last-Event-ID must be a non-negative event id",
             errors=[{"loc": ["header", "Last-Event-ID"], "msg": "Not an event id"}],
@@ -92,7 +100,7 @@ async def job_events(
     job_id: str,
     request: Request,
     state: StateDep,
-    after: Annotated[int, Query(ge=0, description="the last seq already seen")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ, description="the last seq already seen")] = 0,
     limit: Annotated[int, Query(ge=1, description="capped at 1000")] = 100,
     token: Annotated[str | None, Query(description="a stream token instead of credentials")] = (
         None
@@ -111,7 +119,7 @@ async def job_events(
                 conn, job_id, after=after, limit=min(limit, EVENTS_MAX_LIMIT)
             )
         return views.respond({"events": [views.event(r) for r in rows]})
-    resume = _resume_after(last_event_id_header, last_event_id)
+    resume = _resume_after(last_event_id_header, last_event_id, MAX_SEQ)
     async with state.db.read() as conn:
         await job_repo.get(conn, job_id, owner=owner)
     hub = state.streams
@@ -162,7 +170,7 @@ async def all_events(
 ) -> Response:
     """Events of all the caller's jobs (an admin's: all jobs) with global, increasing
     ids; each `data` also carries `job_id` and `seq`. Resumes after `Last-Event-ID`."""
-    resume = _resume_after(last_event_id_header, last_event_id)
+    resume = _resume_after(last_event_id_header, last_event_id, MAX_INT64)
     hub = state.streams
     watch = hub.open(None)
     try:

@@ -28,7 +28,10 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 async def upload_files(
     request: Request, state: StateDep, principal: CurrentPrincipal
 ) -> dict[str, Any]:
-    """Store each `files` part (the same bytes once) and let the caller use it."""
+    """Store each `files` part (the same bytes once) and let the caller use it.
+
+    The parts are published under their hashes only once the whole form is read, just
+    before their rows are written (`uploads.Form.publish`)."""
     principal.require_write()
     if body_kind(request) != "multipart":
         raise HTTPException(415, "send multipart/form-data with one or more files parts")
@@ -46,6 +49,7 @@ async def upload_files(
                 "no files parts",
                 errors=[{"loc": ["files"], "msg": "At least one file is required"}],
             )
+        await form.publish()  # the whole form is read: now, just before the rows
         at = now()
         async with state.db.write() as conn:
             await blob_repo.add(
@@ -58,7 +62,7 @@ async def upload_files(
             )
             await blob_repo.grant(conn, (f.sha256 for f in form.files), owner=principal.id, at=at)
     except BaseException:
-        await form.discard(state.blobs)
+        await form.discard(state.blobs, state.db)
         raise
     return {
         "files": [

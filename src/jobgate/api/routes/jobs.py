@@ -32,7 +32,7 @@ from jobgate.api.models import (
     RecordPage,
     request_body,
 )
-from jobgate.api.schemas import problem_responses
+from jobgate.api.schemas import MAX_INT64, problem_responses
 from jobgate.api.state import AppState
 from jobgate.auth import Principal
 from jobgate.errors import Forbidden, NotFound, TooManyJobs, ValidationFailed
@@ -125,6 +125,7 @@ async def submit_job(request: Request) -> Response:
         )
         submit.check_budget(new_job)
         await submit.check_monthly_budget(state, principal.id, [new_job])
+        await submission.publish()  # validated: publish the files just before the rows
         snapshots, replayed = await submit.commit(
             state,
             principal,
@@ -234,7 +235,7 @@ async def list_jobs(
     created_after: Annotated[str | None, Query(description="RFC 3339")] = None,
     created_before: Annotated[str | None, Query(description="RFC 3339")] = None,
     limit: Annotated[int, Query(ge=1, description="capped at JOBGATE_LIST_MAX_LIMIT")] = 10,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
     owner: Annotated[str | None, Query(description="admins only")] = None,
 ) -> dict[str, Any]:
     """The caller's jobs (an admin's: everyone's, or `owner`'s), filtered and paged."""
@@ -334,7 +335,7 @@ async def list_records(
     principal: CurrentPrincipal,
     status: Literal["succeeded", "failed"] | None = None,
     limit: Annotated[int, Query(ge=1, description="capped at 1000")] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
     format: Literal["json", "csv", "jsonl"] = "json",
 ) -> Any:
     """A page of records, or (`format=csv|jsonl`) a stream of every record."""
