@@ -126,6 +126,47 @@ def saves_late(ctx: StageContext) -> None:
     ctx.save_artifact("late.txt", b"too late")
 
 
+# A bit of everything, for the mixed-workload test: a map over a stage's output (async),
+# a sync sibling in a thread, a join; costs everywhere; failures where `fail` says.
+class MixedParams(BaseModel):
+    n: int = 3
+    fail: list[str] = []
+    sleep_s: float = 0.01
+
+
+mixed = Pipeline("mixed", params=MixedParams)
+
+
+@mixed.stage
+async def plan(ctx: StageContext) -> list[int]:
+    await asyncio.sleep(ctx.params.sleep_s)
+    ctx.add_cost(0.01, item="plan")
+    return list(range(ctx.params.n))
+
+
+@mixed.map_stage(over=plan, retries=1, backoff=0.01)
+async def part(ctx: StageContext, item: int) -> int:
+    await asyncio.sleep(ctx.params.sleep_s)
+    ctx.add_cost(0.01, item=f"part {item}")
+    if f"part{item}" in ctx.params.fail:
+        raise ValueError(f"part {item} fails")
+    return item * item
+
+
+@mixed.stage(after=[plan], retries=1, backoff=0.01)
+def side(ctx: StageContext, plan: list[int]) -> int:
+    time.sleep(ctx.params.sleep_s)
+    ctx.add_cost(0.01, item="side")
+    if "side" in ctx.params.fail:
+        raise ValueError("side fails")
+    return len(plan)
+
+
+@mixed.stage(after=[part, side], name="join")
+async def join_mixed(ctx: StageContext, part: dict[str, Any], side: int) -> dict[str, Any]:
+    return {"parts": len(part["results"]), "failed": len(part["errors"]), "side": side}
+
+
 # Six branches that finish at the same moment, then one stage that needs all of them.
 fan = Pipeline("fan")
 
@@ -257,4 +298,5 @@ ALL = (
     proc_slow,
     spenders,
     late_saver,
+    mixed,
 )
