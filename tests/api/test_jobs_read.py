@@ -7,11 +7,11 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 
 from jobgate.ids import now, rfc3339
 from jobgate.store import tables
-from tests.api.helpers import state_of
+from tests.api.helpers import client_for, state_of
 
 
 async def _submit(client: httpx.AsyncClient, pipeline: str = "noop", **body: Any) -> str:
@@ -165,6 +165,32 @@ async def test_cancel_then_retry(
     assert retried.json()["stages"][0]["status"] == "queued"
     assert calls == [1, 1]
     expect_problem(await client.post(f"/v1/jobs/{job_id}/retry"), 409, "conflict")
+
+
+async def test_a_retried_job_keeps_its_place_by_the_configured_priority_aging(
+    app_factory: Any,
+) -> None:
+    """With `JOBGATE_PRIORITY_AGING_S=1000`, a retried priority-5 job is queued 5,000 s
+    early, as it was when submitted, not by the default aging."""
+    app = await app_factory(priority_aging_s=1000.0)
+    async with await client_for(app, roles=("admin",)) as client:
+        job_id = await _submit(client, "steps", priority=5)
+
+        async def claim_order() -> float:
+            async with state_of(app).db.read() as conn:
+                fair_key = await conn.scalar(
+                    select(tables.jobs.c.fair_key).where(tables.jobs.c.id == job_id)
+                )
+                sort_key = await conn.scalar(
+                    select(tables.tasks.c.sort_key).where(tables.tasks.c.job_id == job_id)
+                )
+            return float(fair_key - sort_key)
+
+        assert await claim_order() == 5000.0
+        assert (await client.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+        retried = await client.post(f"/v1/jobs/{job_id}/retry")
+        assert retried.status_code == 202, retried.text
+        assert await claim_order() == 5000.0
 
 
 async def test_cancel_of_a_running_job_is_202_and_flags_it(

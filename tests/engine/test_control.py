@@ -25,7 +25,7 @@ async def cancel(engine: Engine, job_id: str) -> bool:
 
 async def retry(engine: Engine, job_id: str) -> None:
     async with engine.db.write() as conn:
-        await jobs.retry(conn, job_id, owner=None, registry=engine.registry, at=now())
+        await jobs.retry(conn, job_id, owner=None, registry=engine.registry, at=now(), aging_s=10.0)
     for worker in engine.workers:
         worker.wake()
 

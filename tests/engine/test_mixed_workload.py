@@ -44,7 +44,9 @@ async def _cancel_later(engine: Engine, job_id: str, delay_s: float) -> None:
 async def _retry(engine: Engine, job_id: str) -> bool:
     try:
         async with engine.db.write() as conn:
-            await jobs.retry(conn, job_id, owner=None, registry=engine.registry, at=now())
+            await jobs.retry(
+                conn, job_id, owner=None, registry=engine.registry, at=now(), aging_s=10.0
+            )
     except Conflict:
         return False  # a stage still stopping: not retried
     for worker in engine.workers:

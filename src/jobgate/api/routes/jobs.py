@@ -311,7 +311,14 @@ async def retry_job(job_id: str, state: StateDep, principal: CurrentPrincipal) -
     principal.require_write()
     owner = principal.owner_filter()
     async with state.db.write() as conn:
-        await job_repo.retry(conn, job_id, owner=owner, registry=state.registry, at=now())
+        await job_repo.retry(
+            conn,
+            job_id,
+            owner=owner,
+            registry=state.registry,
+            at=now(),
+            aging_s=state.settings.priority_aging_s,
+        )
         snapshot = await job_repo.get(conn, job_id, owner=owner)
     state.wake()
     return views.job(snapshot)

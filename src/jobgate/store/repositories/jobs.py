@@ -240,7 +240,9 @@ async def create(
     for job in new_jobs:
         for stage in job.pipeline.stages.values():
             if not stage.after and stage.is_map and not job.files:
-                await scheduling.finish_map_stage(conn, job.id, job.pipeline, stage.name, at=at)
+                await scheduling.finish_map_stage(
+                    conn, job.id, job.pipeline, stage.name, at=at, aging_s=aging_s
+                )
                 finished_early = True
     if finished_early:
         return await load(conn, [job.id for job in new_jobs])
@@ -551,9 +553,18 @@ async def cancel(conn: AsyncConnection, job_id: str, *, owner: str | None, at: f
 
 
 async def retry(
-    conn: AsyncConnection, job_id: str, *, owner: str | None, registry: Registry, at: float
+    conn: AsyncConnection,
+    job_id: str,
+    *,
+    owner: str | None,
+    registry: Registry,
+    at: float,
+    aging_s: float,
 ) -> None:
     """Queue a failed or cancelled job again, resuming at the stages that did not succeed.
+
+    Args:
+        aging_s: seconds of waiting one priority point is worth (the claim order).
 
     Raises:
         NotFound: no such job (or another owner's).
@@ -597,4 +608,4 @@ async def retry(
     for name in pipeline.topological_order():
         stage = pipeline.stages[name]
         if name not in done and all(dep in done for dep in stage.after):
-            await scheduling.enqueue_stage(conn, job_id, pipeline, name, at=at)
+            await scheduling.enqueue_stage(conn, job_id, pipeline, name, at=at, aging_s=aging_s)

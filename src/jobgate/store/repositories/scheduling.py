@@ -81,7 +81,7 @@ async def enqueue_stage(
         at=at,
     )
     if not indexes:
-        await finish_map_stage(conn, job_id, pipeline, name, at=at)
+        await finish_map_stage(conn, job_id, pipeline, name, at=at, aging_s=aging_s)
         return
     attempt = stage_attempt if not stage.is_map else 0
     await conn.execute(
