@@ -224,6 +224,7 @@ def serve(
         server.run()
     if not server.started:
         raise typer.Exit(3)
+    _exit_past_stuck_stages()
 
 
 @app.command()
@@ -281,6 +282,34 @@ def worker(
             await blobs.aclose()
 
     asyncio.run(_with_db(settings, run))
+    _exit_past_stuck_stages()
+
+
+def _exit_past_stuck_stages() -> None:
+    """Exit 0 now if a sync stage ignored its cancel and still runs in its thread.
+
+    The worker handed that stage back before it stopped, so the thread's work is
+    wasted; but the interpreter would wait for it at exit, and a process told to stop
+    must stop (docs/guarantees.md)."""
+    import logging
+    import sys
+
+    import structlog
+
+    from jobgate.worker.executors import stuck_stage_threads
+
+    stuck = stuck_stage_threads(wait_s=1.0)
+    if not stuck:
+        return
+    structlog.get_logger("jobgate.cli").warning(
+        "stage_threads_abandoned",
+        threads=len(stuck),
+        reason="sync stages that ignored their cancel; they were handed back",
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -- db --------------------------------------------------------------------------------

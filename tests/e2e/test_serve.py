@@ -160,6 +160,39 @@ def test_separate_worker_processes_run_jobs_and_drain_on_sigterm(
         assert client.get("/v1/workers").json()["workers"] == []
 
 
+def test_sigterm_stops_a_worker_whose_sync_stage_ignores_its_cancel(tmp_path: Path) -> None:
+    """A thread stage that never checks its cancel: SIGTERM still ends the worker (exit 0)
+    soon after the grace, with the stage handed back for the next worker."""
+    settings = {
+        "JOBGATE_PIPELINES": "tests.e2e.pipelines:stubborn",
+        "PYTHONPATH": str(Path(__file__).parents[2]),
+    }
+    api = start_server(tmp_path, None, worker_concurrency=0, settings=settings)
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [*JOBGATE, "worker", "--id", "stubborn-host"],
+        env={**api.env, "JOBGATE_SHUTDOWN_GRACE_S": "1"},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with api.client() as client:
+            job_id = client.post("/v1/jobs", json={"pipeline": "stubborn"}).json()["id"]
+            wait_for_stage(client, job_id, "block", "running")
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=20) == 0, log.read_text()[-3000:]
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            block = job["stages"][0]
+            assert (block["status"], block["attempt"]) == ("queued", 0)
+            assert client.get("/v1/workers").json()["workers"] == []
+        assert "stage_threads_abandoned" in log.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        assert api.stop() == 0
+
+
 def _start_worker(server: Server, tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [*JOBGATE, "worker", "--concurrency", "2", "--id", name],

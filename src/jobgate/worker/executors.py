@@ -6,6 +6,8 @@ import asyncio
 import contextvars
 import functools
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,21 @@ from jobgate.pipelines import Stage, StageContext
 
 if TYPE_CHECKING:
     from jobgate.worker.processes import ProcessPool
+
+
+STAGE_THREAD_PREFIX = "jobgate-stage"
+
+
+def stuck_stage_threads(wait_s: float) -> list[threading.Thread]:
+    """Stage threads still alive after `wait_s`: sync stages that ignored their cancel.
+
+    Call it once the workers stopped. The interpreter joins such threads at exit, so
+    one that never looks at its cancel would keep the stopped process up for good."""
+    deadline = time.monotonic() + wait_s
+    alive = [t for t in threading.enumerate() if t.name.startswith(STAGE_THREAD_PREFIX)]
+    for thread in alive:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in alive if t.is_alive()]
 
 
 class StageTimeout(Exception):

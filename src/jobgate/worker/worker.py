@@ -90,7 +90,7 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         # Threads abandoned by a timeout keep their slot until they end; leave headroom.
         self._threads = ThreadPoolExecutor(
-            max_workers=self.concurrency * 2, thread_name_prefix="jobgate-stage"
+            max_workers=self.concurrency * 2, thread_name_prefix=executors.STAGE_THREAD_PREFIX
         )
         # Subprocesses for `isolation="process"` stages, started when first needed.
         self.processes = ProcessPool(
