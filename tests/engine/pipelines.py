@@ -285,6 +285,19 @@ spenders.stage(name="east")(_spend)
 spenders.stage(name="west")(_spend)
 
 
+# Two charges half a second apart, after a pause the test uses to lock the job's row.
+charger = Pipeline("charger")
+
+
+@charger.stage(name="charge")
+async def _charge(ctx: StageContext) -> dict[str, int]:
+    await asyncio.sleep(1.0)
+    ctx.add_cost(1.0, item="first")
+    await asyncio.sleep(0.5)  # a flush takes the first charge and waits for the row
+    ctx.add_cost(1.0, item="second")
+    return {"charges": 2}
+
+
 ALL = (
     napper,
     capped,
@@ -297,6 +310,7 @@ ALL = (
     proc,
     proc_slow,
     spenders,
+    charger,
     late_saver,
     mixed,
 )

@@ -7,7 +7,9 @@ import time
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from jobgate.store import tables
 from jobgate.store.repositories import artifacts, tasks
 from tests.engine.conftest import Engine
 
@@ -223,6 +225,26 @@ async def test_parallel_stages_share_the_jobs_budget(engine: Engine) -> None:
         "failed",
         "cancelled",
     }
+
+
+async def test_a_charge_made_while_the_last_one_is_being_written_still_counts(
+    engine: Engine,
+) -> None:
+    """The budget check counts a charge whose write has not returned: with the job's row
+    locked, the first charge's flush waits, and the second passes the budget at once
+    (regression: it saw the stored total without the first and ran on)."""
+    await engine.start_worker()
+    job_id = await engine.submit("charger", budget_usd=1.5)
+    await engine.wait(job_id, until=lambda s: engine.stage(s, "charge")["status"] == "running")
+    async with engine.db.write() as conn:
+        await conn.execute(
+            select(tables.jobs.c.id).where(tables.jobs.c.id == job_id).with_for_update()
+        )
+        await asyncio.sleep(2.0)  # the charges come at 1.0 s and 1.5 s into the stage
+    snapshot = await engine.wait(job_id)
+    assert snapshot.job["status"] == "failed"
+    assert snapshot.job["error"]["type"] == "budget_exceeded"
+    assert snapshot.job["actual_usd"] == pytest.approx(2.0)
 
 
 async def test_cost_updates_of_parallel_stages_tell_the_jobs_stored_cost(

@@ -35,7 +35,11 @@ class TaskRuntime:
         self._events: list[tuple[str, dict[str, Any]]] = []
         self._progress: tuple[float, str | None] | None = None
         self._cost_delta = 0.0
+        # Cost taken into a report whose write has not returned: the store's total
+        # does not hold it yet, and the budget check must not miss it meanwhile.
+        self._cost_in_flight = 0.0
         self._cost_items: str = ""
+        self._flush_lock = asyncio.Lock()
         self._cancelled = threading.Event()
         if task.cancel_requested:
             self._cancelled.set()
@@ -70,7 +74,7 @@ class TaskRuntime:
         with self._lock:
             self._cost_delta += usd
             self._cost_items = item
-            total = self.task.actual_usd + self._cost_delta
+            total = self._job_cost()
         self._mark_dirty()
         if total > self.task.budget_usd + 1e-9:
             raise BudgetExhausted(
@@ -80,7 +84,10 @@ class TaskRuntime:
 
     def job_cost(self) -> float:
         with self._lock:
-            return self.task.actual_usd + self._cost_delta
+            return self._job_cost()
+
+    def _job_cost(self) -> float:
+        return self.task.actual_usd + self._cost_in_flight + self._cost_delta
 
     def cancel_requested(self) -> bool:
         return self._cancelled.is_set()
@@ -136,8 +143,9 @@ class TaskRuntime:
             report = tasks.Report(events=self._events, buffered=len(self._events))
             self._events = []
             if self._cost_delta:
-                actual = self.task.actual_usd + self._cost_delta
+                actual = self._job_cost()
                 report.cost_delta = self._cost_delta
+                self._cost_in_flight += self._cost_delta
                 report.events.append(
                     (
                         "cost_update",
@@ -166,29 +174,35 @@ class TaskRuntime:
         the cost and progress put back here (merged with what came since)."""
         with self._lock:
             self._events = report.events[: report.buffered] + self._events
+            self._cost_in_flight -= report.cost_delta
             self._cost_delta += report.cost_delta
             if self._progress is None and report.progress is not None:
                 self._progress = (report.progress, report.progress_message)
 
     async def flush(self) -> None:
-        """Write what is buffered (renewing the lease); raises `LeaseLost`."""
-        report = self.take_report()
-        if not report:
-            return
-        try:
-            async with self._worker.db.write() as conn:
-                flushed = await tasks.flush(
-                    conn, self.task, report, lease_s=self._worker.settings.lease_s, at=now()
-                )
-        except tasks.LeaseLost:
-            raise
-        except Exception:
-            self.put_back(report)
-            raise
-        # The stored cost includes parallel stages' reports, so the next `report_cost`
-        # checks the budget against the whole job's spending, not this stage's alone.
-        with self._lock:
-            self.task.actual_usd = flushed.actual_usd
+        """Write what is buffered (renewing the lease); raises `LeaseLost`.
+
+        One flush at a time (the flusher's and an artifact's), so the stored total a
+        flush returns holds every report this stage has written."""
+        async with self._flush_lock:
+            report = self.take_report()
+            if not report:
+                return
+            try:
+                async with self._worker.db.write() as conn:
+                    flushed = await tasks.flush(
+                        conn, self.task, report, lease_s=self._worker.settings.lease_s, at=now()
+                    )
+            except tasks.LeaseLost:
+                raise
+            except Exception:
+                self.put_back(report)
+                raise
+            # The stored cost includes parallel stages' reports, so the next
+            # `report_cost` checks the budget against the whole job's spending.
+            with self._lock:
+                self.task.actual_usd = flushed.actual_usd
+                self._cost_in_flight -= report.cost_delta
         if flushed.stop:
             self.cancel()
 
