@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 
 from jobgate.ids import now, uuid7
 from jobgate.store import tables
@@ -100,6 +100,43 @@ async def test_a_batch_must_fit_the_cap_as_a_whole(
         one = await client.post("/v1/jobs/batch", json={"jobs": [_steps(2.0)]})
     assert one.status_code == 202, one.text
     assert one.json()["jobs"][0]["cost"]["budget_usd"] == 3.0
+
+
+async def test_a_replayed_submit_is_answered_after_the_month_is_spent(
+    app_factory: AppFactory, expect_problem: Any
+) -> None:
+    """A submit retried with its Idempotency-Key after its own job spent what the month
+    had left: 200 with the first job, for one job and for a batch (regression: 422);
+    a new key is still refused, and the key with another body is 409."""
+    app = await app_factory(user_monthly_budget_usd=10.0)
+    await _spent(app, 7.0)
+    async with await client_for(app, OWNER) as client:
+        first = await client.post("/v1/jobs", json=_steps(2.0), headers={"Idempotency-Key": "a"})
+        assert first.status_code == 202, first.text
+        batch = await client.post(
+            "/v1/jobs/batch", json={"jobs": [_steps(1.0)]}, headers={"Idempotency-Key": "b"}
+        )
+        assert batch.status_code == 202, batch.text
+        async with state_of(app).db.write() as conn:  # both jobs spent their estimates
+            await conn.execute(
+                update(tables.jobs)
+                .where(tables.jobs.c.owner == OWNER, tables.jobs.c.status == "queued")
+                .values(status="succeeded", actual_usd=tables.jobs.c.estimated_usd)
+            )
+        assert (await client.get("/v1/me")).json()["usage"]["month_spent_usd"] == 10.0
+        again = await client.post("/v1/jobs", json=_steps(2.0), headers={"Idempotency-Key": "a"})
+        assert again.status_code == 200, again.text
+        assert again.json()["id"] == first.json()["id"]
+        batch_again = await client.post(
+            "/v1/jobs/batch", json={"jobs": [_steps(1.0)]}, headers={"Idempotency-Key": "b"}
+        )
+        assert batch_again.status_code == 200, batch_again.text
+        assert batch_again.json()["jobs"][0]["id"] == batch.json()["jobs"][0]["id"]
+        other = await client.post("/v1/jobs", json=_steps(1.0), headers={"Idempotency-Key": "a"})
+        expect_problem(other, 409, "idempotency-conflict")
+        fresh = await client.post("/v1/jobs", json=_steps(2.0), headers={"Idempotency-Key": "c"})
+        expect_problem(fresh, 422, "budget-exceeded")
+    assert await _jobs_of(app) == 3
 
 
 async def test_a_spent_month_refuses_even_free_jobs(

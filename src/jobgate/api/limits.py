@@ -648,14 +648,16 @@ async def check_submit(request: Request, state: AppState, principal: Principal) 
     except RateLimited:
         # A retry of a submit that went through is a replay (or a 409): neither counts,
         # so let it reach the key lookup. Anything else is refused by the take (429).
-        if not await _key_is_known(request, state, principal.id):
+        key = request.headers.get("idempotency-key")
+        if not await idempotency_key_known(state, principal.id, key):
             raise
         quota.deferred = True
     return quota
 
 
-async def _key_is_known(request: Request, state: AppState, owner: str) -> bool:
-    key = request.headers.get("idempotency-key")
+async def idempotency_key_known(state: AppState, owner: str, key: str | None) -> bool:
+    """Whether `owner` used `key` on a submit still remembered: a retry of that submit
+    is its replay (or a 409), creates nothing, and so spends no quota or budget."""
     if not key or len(key) > idempotency.MAX_KEY_LENGTH:
         return False
     async with state.db.read() as conn:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 
+from jobgate.api import limits
 from jobgate.api.models import JobSubmit
 from jobgate.api.state import AppState
 from jobgate.api.uploads import (
@@ -409,7 +410,12 @@ async def prepare_many(
 
 
 async def check_monthly_budget(
-    state: AppState, owner: str, new_jobs: Sequence[NewJob], *, batch: bool = False
+    state: AppState,
+    owner: str,
+    new_jobs: Sequence[NewJob],
+    *,
+    batch: bool = False,
+    idempotency_key: str | None = None,
 ) -> None:
     """Hold `new_jobs` to the owner's monthly spend cap (`JOBGATE_USER_MONTHLY_BUDGET_USD`).
 
@@ -417,6 +423,8 @@ async def check_monthly_budget(
     then each job's budget is lowered to that, so a job stops when the month's money
     runs out. (Jobs running at once may each spend what is left: the cap can be
     passed by their number times that; docs/limits.md.)
+
+    A submit whose `idempotency_key` is known passes: it replays what it created.
 
     Raises:
         BudgetExceeded: the estimates do not fit what is left this month.
@@ -429,6 +437,8 @@ async def check_monthly_budget(
     left = max(0.0, cap - spent)
     estimated = sum(job.estimated_usd for job in new_jobs)
     if estimated > left + 1e-9 or left <= 0:
+        if await limits.idempotency_key_known(state, owner, idempotency_key):
+            return
         raise BudgetExceeded(
             f"the monthly spend cap of {cap:.4f} USD has {left:.4f} USD left; "
             f"the estimated cost is {estimated:.4f} USD",

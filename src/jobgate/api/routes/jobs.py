@@ -124,7 +124,7 @@ async def submit_job(request: Request) -> Response:
             correlation_id=submit.correlation_header(request),
         )
         submit.check_budget(new_job)
-        await submit.check_monthly_budget(state, principal.id, [new_job])
+        await submit.check_monthly_budget(state, principal.id, [new_job], idempotency_key=key)
         await submission.publish()  # validated: publish the files just before the rows
         snapshots, replayed = await submit.commit(
             state,
@@ -171,7 +171,9 @@ async def submit_batch(request: Request) -> Response:
     new_jobs = await submit.prepare_many(
         state, principal, batch.jobs, correlation_id=submit.correlation_header(request)
     )
-    await submit.check_monthly_budget(state, principal.id, new_jobs, batch=True)
+    await submit.check_monthly_budget(
+        state, principal.id, new_jobs, batch=True, idempotency_key=key
+    )
     snapshots, replayed = await submit.commit(
         state,
         principal,
