@@ -359,6 +359,35 @@ async def test_a_global_stream_waits_for_a_slower_writer_of_a_smaller_id(
     assert got[0].id < got[1].id
 
 
+@pytest.mark.service("postgres")
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_fresh_global_stream_opened_while_a_writer_is_in_flight_starts_now(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """A new client of `/v1/events` gets what happens from now on, even when a write is
+    in flight as it connects (regression: the stream began at the last id known safe,
+    0 in a new process, and sent the whole history first)."""
+    app = await app_factory()
+    db = state_of(app).db
+    _, key = await make_key("root", ["admin"])
+    async with signed_in(app, key, SSE) as admin:
+        job_id = await _submit(admin, "noop")
+        for i in range(5):
+            async with db.write() as conn:
+                await event_repo.append(conn, job_id, [("message", {"text": f"old {i}"})], at=now())
+        async with db.write() as slow:
+            await event_repo.append(slow, job_id, [("message", {"text": "in flight"})], at=now())
+            reader = asyncio.create_task(_read_all(admin, 1, kind="message"))
+            await asyncio.sleep(0.3)  # the stream is connecting meanwhile
+        await asyncio.sleep(0.2)
+        async with db.write() as conn:
+            await event_repo.append(conn, job_id, [("message", {"text": "new"})], at=now())
+        async with asyncio.timeout(5):
+            got = await reader
+    assert [e.data["text"] for e in got] == ["new"]
+
+
+@pytest.mark.service("postgres")
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_a_writer_in_another_database_does_not_hold_global_streams_back(
     app_factory: AppFactory, make_key: Any

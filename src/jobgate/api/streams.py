@@ -44,6 +44,8 @@ PAGE = 500  # events read from the store at a time
 _CACHED_ROWS = 1000  # the newest events of a watched job its streams share
 _SWEEP_CHUNK = 1000  # job ids per query of the periodic check
 _SAFE_RETRY_S = 0.01  # how soon global streams look again while a writer is in flight
+# How long a fresh global stream waits, at most, for writers in flight to end.
+_START_WAIT_S = 1.0
 _OUTAGE_RETRY_S = 1.0  # how soon a stream tries the store again after it failed
 _REPORTED_ROWS = 4096  # the newest events this process's writers handed the hub
 STREAM_RETRY_AFTER_S = 5
@@ -61,6 +63,10 @@ _LAST_ID_THEN_WRITERS = (
     "SELECT taken.id, (SELECT coalesce(array_agg(backend_xid::text), '{}') "
     "FROM pg_stat_activity WHERE datname = current_database() "
     "AND backend_xid IS NOT NULL AND taken.id IS NOT NULL) FROM taken"
+)
+_WRITERS = (
+    "SELECT coalesce(array_agg(backend_xid::text), '{}') FROM pg_stat_activity "
+    "WHERE datname = current_database() AND backend_xid IS NOT NULL"
 )
 # A global stream's page and the proof that it is whole, in one round trip: the
 # sequence's value `v` (capped at a page past `$1`), how many events exist in
@@ -386,6 +392,30 @@ class Hub:
                 )
             return self._safe
 
+    async def start_id(self) -> int | None:
+        """Where a fresh global stream starts (None: any id is safe, SQLite).
+
+        The sequence's value now, once the writers then in flight have ended: they
+        may hold smaller ids, and every id up to it is then committed or never will be.
+        The newest safe id known may be far older, and starting there would send a new
+        client the history it did not ask for. A writer that does not end within
+        `_START_WAIT_S` began well before this stream; its events are not waited for.
+        """
+        if self.db.is_sqlite:
+            return None
+        deadline = time.monotonic() + _START_WAIT_S
+        pause = 0.002
+        async with self.db.autocommit() as conn:
+            taken, writers = await pg.record(conn, _LAST_ID_THEN_WRITERS)
+            running = frozenset(writers)
+            while running and time.monotonic() < deadline:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                running &= frozenset(await pg.value(conn, _WRITERS))
+        if not running:
+            self._safe = max(self._safe, int(taken))
+        return int(taken)
+
     def _wake_global(self) -> None:
         self._retry = None
         for watch in self._all:
@@ -595,7 +625,7 @@ async def _whole_page(
 
 
 async def _latest_id(hub: Hub) -> int:
-    bound = await hub.safe_event_id()
+    bound = await hub.start_id()
     if bound is not None:
         return bound
     async with hub.db.read() as conn:
