@@ -3,6 +3,7 @@ submits with files, batches, paging, cancel and retry, wait, records, downloads,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -93,8 +94,20 @@ async def test_upload_then_submit_by_reference(sdk: AsyncClient, tmp_path: Path)
     path = tmp_path / "b.txt"
     path.write_bytes(b"beta\n")
     job = await sdk.submit("text-stats", files=[*uploaded, path])
-    assert job.files[0].sha256 == uploaded[0].sha256
-    assert len(job.files) == 2
+    assert [(f.name, f.sha256) for f in job.files] == [
+        ("a.txt", uploaded[0].sha256),
+        ("b.txt", hashlib.sha256(b"beta\n").hexdigest()),
+    ]
+
+
+async def test_uploaded_files_keep_their_names_and_places_in_a_submit(sdk: AsyncClient) -> None:
+    """A submit of `FileInfo`s names each file as uploaded, not by its hash; mixed with
+    local files, every file keeps its place (a map over files numbers items by it)."""
+    uploaded = await sdk.upload([("one.txt", b"one\n"), ("three.txt", b"three\n")])
+    by_reference = await sdk.submit("text-stats", files=uploaded)
+    assert [f.name for f in by_reference.files] == ["one.txt", "three.txt"]
+    mixed = await sdk.submit("text-stats", files=[uploaded[0], ("two.txt", b"two\n"), uploaded[1]])
+    assert [f.name for f in mixed.files] == ["one.txt", "two.txt", "three.txt"]
 
 
 async def test_idempotency_key_replays_the_first_job(sdk: AsyncClient) -> None:

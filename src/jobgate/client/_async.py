@@ -21,7 +21,13 @@ from jobgate.client._errors import (
     raise_for_problem,
     transport_error,
 )
-from jobgate.client._files import AtomicFile, FileInput, split_files, target_path
+from jobgate.client._files import (
+    AtomicFile,
+    FileInput,
+    target_path,
+    to_upload_first,
+    with_uploaded,
+)
 from jobgate.client._models import (
     Artifact,
     Download,
@@ -108,16 +114,14 @@ class AsyncClient(BaseClient):
         version: str | None = None,
     ) -> Job:
         """Submit a job (see `Client.submit`)."""
-        local, refs = split_files(files)
-        if local and refs:
-            refs += [f.sha256 for f in await self.upload(local)]
-            local = []
+        local = to_upload_first(files)
+        if local:
+            files = with_uploaded(files, await self.upload(local))
         return await self._send(
             calls.submit(
                 pipeline,
                 params,
-                files=local,
-                file_refs=refs,
+                files=files,
                 priority=priority,
                 budget_usd=budget_usd,
                 webhook=webhook,

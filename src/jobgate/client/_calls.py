@@ -16,7 +16,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from jobgate.client._files import FileInput, Part, open_parts
+from jobgate.client._files import FileInput, Part, file_ref, open_parts
 from jobgate.client._models import (
     Artifact,
     Download,
@@ -102,7 +102,6 @@ def submit(
     params: Mapping[str, Any] | None = None,
     *,
     files: Sequence[FileInput] = (),
-    file_refs: Sequence[str] = (),
     priority: int | None = None,
     budget_usd: float | None = None,
     webhook: Webhook | Mapping[str, Any] | str | None = None,
@@ -110,7 +109,11 @@ def submit(
     correlation_id: str | None = None,
     version: str | None = None,
 ) -> Call[Job]:
-    """`POST /v1/jobs`: JSON when every file is a `sha256` reference, else multipart."""
+    """`POST /v1/jobs`: JSON when every file is an uploaded `FileInfo`, else multipart.
+
+    Raises:
+        ValueError: `files` mixes both (`upload()` the local ones first).
+    """
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
     body = _without_none(
         {
@@ -123,12 +126,13 @@ def submit(
             "correlation_id": correlation_id,
         }
     )
-    if not files:
-        if file_refs:
-            body["files"] = list(file_refs)
+    refs = [file_ref(f) for f in files if isinstance(f, FileInfo)]
+    if len(refs) == len(files):
+        if refs:
+            body["files"] = refs
         return Call("POST", "/v1/jobs", _model(Job), json=body, headers=headers)
-    if file_refs:
-        raise ValueError("upload() the local files first, then submit sha256 references")
+    if refs:
+        raise ValueError("upload() the local files first, then submit their FileInfos")
     form = {k: v if isinstance(v, str) else json.dumps(v) for k, v in body.items()}
     return Call("POST", "/v1/jobs", _model(Job), data=form, files=files, headers=headers)
 

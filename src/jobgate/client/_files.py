@@ -30,10 +30,23 @@ Part = tuple[str, tuple[str, FileContent, str]]
 OCTET_STREAM = "application/octet-stream"
 
 
-def split_files(files: Sequence[FileInput]) -> tuple[list[FileInput], list[str]]:
-    """The files still to send, and the `sha256` of those already uploaded."""
+def to_upload_first(files: Sequence[FileInput]) -> list[FileInput]:
+    """The local files of a submit that mixes them with uploaded `FileInfo`s (none if
+    it does not): a request is JSON or multipart, so these go up first, by `upload()`."""
     local: list[FileInput] = [f for f in files if not isinstance(f, FileInfo)]
-    return local, [f.sha256 for f in files if isinstance(f, FileInfo)]
+    return local if local and len(local) < len(files) else []
+
+
+def with_uploaded(files: Sequence[FileInput], uploaded: Sequence[FileInfo]) -> list[FileInput]:
+    """`files` with each local one replaced by its upload, in their order (a map stage
+    over the job's files numbers its items by it)."""
+    replacements = iter(uploaded)
+    return [f if isinstance(f, FileInfo) else next(replacements) for f in files]
+
+
+def file_ref(info: FileInfo) -> dict[str, str]:
+    """An uploaded file in a JSON submit: by `sha256`, keeping the name it was sent with."""
+    return {"sha256": info.sha256, "name": info.name}
 
 
 def open_parts(files: Sequence[FileInput], stack: ExitStack) -> list[Part]:

@@ -21,7 +21,13 @@ from jobgate.client._errors import (
     raise_for_problem,
     transport_error,
 )
-from jobgate.client._files import AtomicFile, FileInput, split_files, target_path
+from jobgate.client._files import (
+    AtomicFile,
+    FileInput,
+    target_path,
+    to_upload_first,
+    with_uploaded,
+)
 from jobgate.client._models import (
     Artifact,
     Download,
@@ -128,16 +134,14 @@ class Client(BaseClient):
             InvalidRequestError: bad params or files, unknown pipeline, over budget.
             RateLimitedError: over the submit rate limit (see `retry_after`).
         """
-        local, refs = split_files(files)
-        if local and refs:
-            refs += [f.sha256 for f in self.upload(local)]
-            local = []
+        local = to_upload_first(files)
+        if local:
+            files = with_uploaded(files, self.upload(local))
         return self._send(
             calls.submit(
                 pipeline,
                 params,
-                files=local,
-                file_refs=refs,
+                files=files,
                 priority=priority,
                 budget_usd=budget_usd,
                 webhook=webhook,
