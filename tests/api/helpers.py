@@ -145,3 +145,27 @@ async def client_for(
         base_url="http://test",
         headers={"Authorization": f"Bearer {key}"},
     )
+
+
+def asgi_scope(
+    method: str,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    query_string: bytes = b"",
+) -> dict[str, Any]:
+    """An HTTP scope for driving an app by hand (a client that leaves mid-request)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query_string,
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }

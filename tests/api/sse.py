@@ -15,6 +15,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from tests.api.helpers import asgi_scope
+
 
 @dataclass
 class Sse:
@@ -112,20 +114,12 @@ async def stream_briefly(
     transport = client._transport
     assert isinstance(transport, httpx.ASGITransport)
     request = client.build_request("GET", path, headers=headers)
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": request.url.path,
-        "raw_path": request.url.raw_path.split(b"?")[0],
-        "query_string": request.url.query,
-        "root_path": "",
-        "headers": [(k.lower(), v) for k, v in request.headers.raw],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    scope = asgi_scope(
+        "GET",
+        request.url.path,
+        [(k.lower(), v) for k, v in request.headers.raw],
+        query_string=request.url.query,
+    )
     leave = asyncio.Event()
     started: dict[str, Any] = {}
     body = bytearray()

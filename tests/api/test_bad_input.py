@@ -17,7 +17,16 @@ from fastapi import FastAPI
 from structlog.testing import capture_logs
 
 from tests.api.conftest import AppFactory
-from tests.api.helpers import PNG, TEXT, CountingBody, Guard, blob_root, client_for, multipart
+from tests.api.helpers import (
+    PNG,
+    TEXT,
+    CountingBody,
+    Guard,
+    asgi_scope,
+    blob_root,
+    client_for,
+    multipart,
+)
 
 Problem = Any
 
@@ -567,24 +576,15 @@ async def test_a_client_leaving_mid_upload_is_not_a_server_error(
         if path == "/v1/jobs"
         else b""
     ) + b'--B\r\nContent-Disposition: form-data; name="files"; filename="a.txt"\r\n\r\n'
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
+    scope = asgi_scope(
+        "POST",
+        path,
+        [
             (b"authorization", client.headers["authorization"].encode()),
             (b"content-type", b"multipart/form-data; boundary=B"),
             (b"content-length", b"100000"),
         ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    )
     messages = [
         {"type": "http.request", "body": head + b"x" * 1000, "more_body": True},
         {"type": "http.disconnect"},

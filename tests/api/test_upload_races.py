@@ -17,31 +17,22 @@ import pytest
 from fastapi import FastAPI
 
 from jobgate.api.uploads import Form, UploadedFile
-from tests.api.helpers import blob_root, multipart, state_of
+from tests.api.helpers import asgi_scope, blob_root, multipart, state_of
 
 MakeClient = Any
 ExpectProblem = Any
 
 
 def _scope(path: str, key: str, length: int) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
+    return asgi_scope(
+        "POST",
+        path,
+        [
             (b"authorization", key.encode()),
             (b"content-type", b"multipart/form-data; boundary=B"),
             (b"content-length", str(length).encode()),
         ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    )
 
 
 @pytest.mark.parametrize("path", ["/v1/files", "/v1/jobs"])
