@@ -73,6 +73,12 @@ def test_submit_status_and_download(served: Server, tmp_path: Path) -> None:
 
     saved = json_of(jobgate(served, "download", job["id"], "-o", str(tmp_path), "--json"))
     assert saved["path"] == str(tmp_path / "report.json")
+    # The README's `-o out/`: a directory made for it, not a file named `out`.
+    into = json_of(jobgate(served, "download", job["id"], "-o", "out/", "--json", cwd=tmp_path))
+    assert into["path"] == str(Path("out") / "report.json")
+    assert (tmp_path / "out" / "report.json").read_bytes() == (
+        tmp_path / "report.json"
+    ).read_bytes()
     with served.client() as http:
         link = http.get(f"/v1/jobs/{job['id']}/artifacts/report.csv").json()
     done = jobgate(served, "download", job["id"], "report.csv", cwd=tmp_path)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import stat
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -474,6 +476,19 @@ def test_download_into_a_directory(mode: str, tmp_path: Path) -> None:
     assert path == tmp_path / "report.json"
     assert path.read_bytes() == b'{"a": 1}'
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_download_into_a_directory_named_with_a_trailing_slash(mode: str, tmp_path: Path) -> None:
+    """`out/` that does not exist yet is made and the artifact lands in it under its
+    own name (regression: a file named `out`), with the mode the umask gives new files."""
+    old_umask = os.umask(0o027)
+    try:
+        path = run(mode, artifact_server(b"{}", b"{}"), "download", "j1", path=f"{tmp_path}/out/")
+    finally:
+        os.umask(old_umask)
+    assert path == tmp_path / "out" / "report.json"
+    assert path.read_bytes() == b"{}"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 def test_a_corrupt_download_leaves_nothing_behind(mode: str, tmp_path: Path) -> None:

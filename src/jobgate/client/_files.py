@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 import os
-import tempfile
+import secrets
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -77,14 +77,27 @@ def open_parts(files: Sequence[FileInput], stack: ExitStack) -> list[Part]:
 
 
 def target_path(path: str | os.PathLike[str] | None, filename: str) -> Path:
-    """Where a download goes: `path`, or `filename` inside `path` if it is a directory."""
+    """Where a download goes: `path`, or `filename` inside `path` if it is a directory
+    (one that exists, or any path ending in a separator: `out/` is made if need be)."""
     name = Path(filename).name
     if name in ("", ".", ".."):
         name = "download"
     if path is None:
         return Path.cwd() / name
     target = Path(path)
-    return target / name if target.is_dir() else target
+    as_dir = os.fspath(path).endswith(tuple(filter(None, (os.sep, os.altsep))))
+    return target / name if as_dir or target.is_dir() else target
+
+
+def _create_temp(target: Path) -> tuple[Path, int]:
+    """A new temporary file next to `target`, made as any new file is: its mode is what
+    the umask leaves of 0666 (`mkstemp` would make it 0600, and the rename keep that)."""
+    while True:
+        temp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
+        try:
+            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
 
 
 class AtomicFile:
@@ -100,8 +113,7 @@ class AtomicFile:
         self._hash = hashlib.sha256()
         self.size = 0
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        self._temp = Path(temp)
+        self._temp, fd = _create_temp(target)
         self._file: IO[bytes] = os.fdopen(fd, "wb")
 
     @property

@@ -18,6 +18,7 @@ from jobgate.commands.options import (
     connected,
     emit_json,
     err,
+    load_json,
     out,
     parse_param,
 )
@@ -71,7 +72,7 @@ def _params(params_json: str | None, pairs: list[str] | None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if params_json is not None:
         try:
-            loaded = json.loads(params_json)
+            loaded = load_json(params_json)
         except ValueError as exc:
             raise typer.BadParameter(f"not JSON: {exc}", param_hint="--params-json") from exc
         if not isinstance(loaded, dict):
@@ -168,8 +169,13 @@ def download(
         str | None, typer.Argument(help="The artifact (default: the primary one).")
     ] = None,
     output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="A file, or a directory (default: here)."),
+        # A str, not a Path: a Path drops the trailing "/" that says "a directory".
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="A file, or a directory (one that exists, or ending in /; default: here).",
+        ),
     ] = None,
     url: UrlOpt = DEFAULT_URL,
     key: KeyOpt = None,
