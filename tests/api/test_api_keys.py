@@ -95,11 +95,20 @@ async def test_creating_needs_credentials(
         ({"roles": ["root"]}, "roles"),
         ({"roles": []}, "roles"),
         ({"owner": ""}, "owner"),
+        ({"owner": "   "}, "owner"),
         ({"key": "jg_mine"}, "key"),
         ({"expires_at": "not a time"}, "expires_at"),
         ({"expires_at": "2000-01-01T00:00:00Z"}, "expires_at"),
     ],
-    ids=["unknown-role", "no-roles", "empty-owner", "extra-field", "bad-time", "past"],
+    ids=[
+        "unknown-role",
+        "no-roles",
+        "empty-owner",
+        "blank-owner",
+        "extra-field",
+        "bad-time",
+        "past",
+    ],
 )
 async def test_invalid_bodies_are_422(
     client: httpx.AsyncClient, expect_problem: ExpectProblem, body: dict[str, Any], loc: str

@@ -75,6 +75,20 @@ def test_keys_create_refuses_unknown_roles(runner: CliRunner, env: dict[str, str
     assert not KEY_RE.search(result.stdout)
 
 
+@pytest.mark.parametrize("owner", ["", "   ", "o" * 256])
+def test_keys_create_refuses_an_owner_the_api_would_refuse(
+    runner: CliRunner, env: dict[str, str], owner: str
+) -> None:
+    """A blank or over-long owner exits 2 with the reason and creates no key, as
+    `POST /v1/api-keys` answers 422 (regression: a key acting as user "")."""
+    result = runner.invoke(app, ["keys", "create", "--owner", owner, "--role", "user"], env=env)
+    assert result.exit_code == 2, result.output
+    assert "owner must be 1 to 255 characters" in result.stderr
+    assert not KEY_RE.search(result.stdout)
+    listed = runner.invoke(app, ["keys", "list", "--json"], env=env)
+    assert json.loads(listed.stdout)["api_keys"] == []
+
+
 def test_keys_revoke(runner: CliRunner, env: dict[str, str]) -> None:
     """`keys revoke ID` stops a key; revoking it again fails."""
     created = runner.invoke(app, ["keys", "create", "--owner", "o", "--role", "user"], env=env)
@@ -98,11 +112,28 @@ def test_keys_revoke(runner: CliRunner, env: dict[str, str]) -> None:
         ('obj={"a": [1]}', ("obj", {"a": [1]})),
         ("eq=a=b", ("eq", "a=b")),
         ("empty=", ("empty", "")),
+        # Not JSON, though Python's json reads them: kept as the strings they are.
+        ("x=NaN", ("x", "NaN")),
+        ("x=-Infinity", ("x", "-Infinity")),
+        ("big=1e400", ("big", "1e400")),
+        ('obj={"a": Infinity}', ("obj", '{"a": Infinity}')),
     ],
 )
 def test_param_values_are_json_when_they_parse(text: str, expected: tuple[str, object]) -> None:
     """`--param k=v`: v as JSON when it parses, else the string."""
     assert parse_param(text) == expected
+
+
+@pytest.mark.parametrize("text", ['{"a": NaN}', '{"a": 1e400}', '{"a": [Infinity]}'])
+def test_params_json_that_is_not_json_is_a_usage_error(runner: CliRunner, text: str) -> None:
+    """`--params-json` with NaN, Infinity or an out-of-range number: exit 2 with the
+    reason, not a traceback from deep in the HTTP client."""
+    result = runner.invoke(
+        app, ["submit", "steps", "--params-json", text, "--url", "http://127.0.0.1:9", "--key", "k"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "not JSON" in result.stderr
+    assert "Traceback" not in result.output
 
 
 def test_submit_without_a_server_fails_cleanly(runner: CliRunner) -> None:

@@ -118,6 +118,19 @@ def clear_cache() -> None:
 # -- repository functions --------------------------------------------------------------
 
 
+MAX_LABEL_LENGTH = 255
+
+
+def _check_owner(owner: str) -> None:
+    """Every way in (the command line too) keeps the rule of `POST /v1/api-keys`: an
+    owner is 1 to 255 characters, and not all spaces."""
+    if not owner.strip() or len(owner) > MAX_LABEL_LENGTH:
+        raise ValidationFailed(
+            f"owner must be 1 to {MAX_LABEL_LENGTH} characters, not all spaces",
+            errors=[{"loc": ["owner"], "msg": f"1 to {MAX_LABEL_LENGTH} characters, not blank"}],
+        )
+
+
 async def create_key(
     conn: AsyncConnection,
     *,
@@ -141,8 +154,15 @@ async def create_key(
         The stored row (without the hash) and the key itself, which is not kept.
 
     Raises:
-        ValidationFailed: unknown roles, or an expiry that is not in the future.
+        ValidationFailed: a blank or over-long owner, an over-long name, unknown
+            roles, or an expiry that is not in the future.
     """
+    _check_owner(owner)
+    if name is not None and len(name) > MAX_LABEL_LENGTH:
+        raise ValidationFailed(
+            f"name must be at most {MAX_LABEL_LENGTH} characters",
+            errors=[{"loc": ["name"], "msg": f"At most {MAX_LABEL_LENGTH} characters"}],
+        )
     if expires_at is not None and expires_at <= at:
         raise ValidationFailed(
             "expires_at must lie in the future",

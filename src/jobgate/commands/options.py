@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, NoReturn
@@ -26,13 +27,34 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 __all__ = ["DEFAULT_URL", "JsonOpt", "KeyOpt", "UrlOpt", "err", "out"]
 
 
+def load_json(text: str) -> Any:
+    """`text` as strict JSON: Python's `json` also takes `NaN`, `Infinity` and numbers
+    past a float's range (as infinity), none of which a request can carry.
+
+    Raises:
+        ValueError: not JSON.
+    """
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def parse_param(text: str) -> tuple[str, Any]:
     """`k=v` as a pair; `v` is JSON when it parses as JSON, else the string itself."""
     name, sep, raw = text.partition("=")
     if not sep or not name:
         raise typer.BadParameter(f"{text!r} is not NAME=VALUE", param_hint="--param")
     try:
-        return name, json.loads(raw)
+        return name, load_json(raw)
     except ValueError:
         return name, raw
 
