@@ -94,6 +94,22 @@ async def test_signed_url_downloads_without_credentials(
     assert "filename*=UTF-8''report.json" in disposition
 
 
+async def test_head_of_a_signed_url_tells_size_and_type_without_the_bytes(
+    client: httpx.AsyncClient, anon: httpx.AsyncClient, job_id: str
+) -> None:
+    """`HEAD` (as `curl -I` sends) answers what `GET` would, without a body; a tampered
+    URL is 403 to it too."""
+    info = (await client.get(f"/v1/jobs/{job_id}/download")).json()
+    response = await anon.head(_path(info["download_url"]))
+    assert response.status_code == 200
+    assert response.content == b""
+    assert response.headers["content-length"] == str(len(REPORT))
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["content-disposition"].startswith("attachment;")
+    tampered = _path(info["download_url"]).replace("sig=", "sig=0")
+    assert (await anon.head(tampered)).status_code == 403
+
+
 async def test_named_artifact_url(
     client: httpx.AsyncClient, anon: httpx.AsyncClient, job_id: str
 ) -> None:

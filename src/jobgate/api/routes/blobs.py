@@ -1,4 +1,4 @@
-"""`GET /v1/blobs/{sha256}`: signed downloads, without credentials.
+"""`GET /v1/blobs/{sha256}` (and `HEAD`): signed downloads, without credentials.
 
 The signature vouches for the blob, the file name, the content type and the expiry;
 a tampered or expired URL is 403. Files are served as attachments with `nosniff`
@@ -55,8 +55,10 @@ class BlobResponse(FileResponse):
             ) from None
 
 
-@router.get(
+# HEAD too: `curl -I` and download managers ask for the size and type first.
+@router.api_route(
     "/{sha256}",
+    methods=["GET", "HEAD"],
     response_class=BlobResponse,
     summary="Download a blob through a signed URL (no credentials)",
     responses={
