@@ -322,6 +322,17 @@ async def test_a_roles_claim_with_no_known_role_is_refused(
     await refused(app, hs256(roles=roles), expect_problem)
 
 
+async def test_a_roles_claim_of_null_is_refused(
+    jwt_app: Any, expect_problem: ExpectProblem
+) -> None:
+    """`"roles": null` is a claim that is neither a list nor a string: 401, not the
+    default role a missing claim gets."""
+    app = await jwt_app()
+    await refused(
+        app, jwt.encode({**claims(), "roles": None}, SECRET, algorithm="HS256"), expect_problem
+    )
+
+
 async def test_a_viewer_jwt_cannot_submit(jwt_app: Any, expect_problem: ExpectProblem) -> None:
     """A `viewer` JWT reads but may not submit: 403."""
     app = await jwt_app()
@@ -464,13 +475,23 @@ async def test_a_token_without_exp_or_sub_is_refused(
     await refused(app, hs256(**{claim: None}), expect_problem)
 
 
-@pytest.mark.parametrize("sub", ["", 42, ["a"]], ids=repr)
+@pytest.mark.parametrize("sub", ["", 42, ["a"], "u" * 256, "a\x00b"], ids=repr)
 async def test_a_token_with_an_empty_or_non_string_sub_is_refused(
     jwt_app: Any, expect_problem: ExpectProblem, sub: Any
 ) -> None:
-    """`sub` must be a non-empty string."""
+    """`sub` must be a non-empty string an owner id can be: at most 255 characters, no
+    NUL (regression: such a token was accepted, and its submits were 500 on PostgreSQL)."""
     app = await jwt_app()
     await refused(app, hs256(sub=sub), expect_problem)
+
+
+async def test_a_subject_of_255_characters_submits(jwt_app: Any) -> None:
+    """The longest `sub` an owner id holds works on every route, submits included."""
+    app = await jwt_app()
+    token = hs256(sub="u" * 255)
+    response = await call(app, token, "POST", "/v1/jobs", json={"pipeline": "noop", "params": {}})
+    assert response.status_code == 202, response.text
+    assert (await call(app, token)).json()["id"] == "u" * 255
 
 
 HUGE = 10**400

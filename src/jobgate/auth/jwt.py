@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 MAX_TOKEN_CHARS = 8192
 """Longer bearer tokens are refused before any parsing."""
+MAX_SUBJECT_LENGTH = 255
+"""A longer `sub` is refused: it is the owner id, stored in columns this wide."""
 HS_ALGORITHM = "HS256"
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -223,7 +225,15 @@ def _check_dates(claims: Mapping[str, Any]) -> None:
 
 
 def _check_subject_and_iat(claims: Mapping[str, Any], *, leeway_s: float) -> None:
-    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+    subject = claims.get("sub")
+    # The subject is the owner stored on jobs and keys: no longer than those columns,
+    # and no NUL, which PostgreSQL text cannot hold.
+    if (
+        not isinstance(subject, str)
+        or not subject
+        or len(subject) > MAX_SUBJECT_LENGTH
+        or "\x00" in subject
+    ):
         raise _Rejected("bad_sub")
     # Checked here too: not every PyJWT version that pyproject allows refuses a future iat.
     issued_at = claims.get("iat")
@@ -243,7 +253,7 @@ def _roles_from(claims: Mapping[str, Any], claim: str) -> frozenset[str]:
     A claim that is neither a string nor a list, or names no known role, is refused.
     """
     value = _claim_value(claims, claim)
-    if value is None:
+    if value is _MISSING:
         return DEFAULT_ROLES
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list):
@@ -254,13 +264,16 @@ def _roles_from(claims: Mapping[str, Any], claim: str) -> frozenset[str]:
     return roles
 
 
+_MISSING = object()  # no such claim, unlike a claim whose value is null (refused)
+
+
 def _claim_value(claims: Mapping[str, Any], path: str) -> Any:
     if path in claims:
         return claims[path]
     value: Any = claims
     for part in path.split("."):
         if not isinstance(value, Mapping) or part not in value:
-            return None
+            return _MISSING
         value = value[part]
     return value
 
