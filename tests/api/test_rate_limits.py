@@ -335,6 +335,21 @@ async def test_concurrent_submits_never_pass_the_limit(limited: Limited, connect
     assert (await snapshot(app))["jobs"] == 4
 
 
+async def test_a_burst_past_the_storage_connections_still_keeps_the_limit(
+    limited: Limited, connect: Connect
+) -> None:
+    """150 submits at once against `100/hour`: exactly 100 jobs. On Redis each check
+    needs a connection, and more checks than the pool holds must wait for one
+    (regression: the pool refused them at once, the limiter took that for an outage,
+    failed open, and all 150 went through uncounted)."""
+    app = await limited(rate_limit_submit="100/hour")
+    user = await connect(app)
+    assert (await user.get("/v1/me")).status_code == 200  # the key is verified: cached
+    answers = await asyncio.gather(*(submit(user) for _ in range(150)))
+    assert sorted(a.status_code for a in answers) == [202] * 100 + [429] * 50
+    assert (await snapshot(app))["jobs"] == 100
+
+
 async def test_the_order_is_auth_then_role_then_rate_limit_then_body(
     limited: Limited, connect: Connect, expect_problem: Expect
 ) -> None:
@@ -412,6 +427,26 @@ async def test_active_jobs_cap_is_429_until_a_job_ends(
     me = (await user.get("/v1/me")).json()
     assert me["limits"]["max_active_jobs_per_user"] == 3
     assert me["usage"]["active_jobs"] == 3
+
+
+async def test_a_retry_is_held_to_the_active_jobs_cap(
+    app_factory: AppFactory, connect: Connect, expect_problem: Expect
+) -> None:
+    """A retry queues its job again, so it needs room under the cap as a submit does:
+    429 with Retry-After when the cap is full (regression: 202, and six active jobs
+    under a cap of two); 202 once a job ended; a job that cannot be retried is 409."""
+    app = await app_factory(max_active_jobs_per_user=2)
+    user = await connect(app, "kim")
+    ended = [(await submit(user)).json()["id"] for _ in range(2)]
+    for job_id in ended:
+        assert (await user.post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+    waiting = [(await submit(user)).json()["id"] for _ in range(2)]
+    refused = expect_problem(await user.post(f"/v1/jobs/{ended[0]}/retry"), 429, "rate-limited")
+    assert "queued or running" in refused["detail"]
+    expect_problem(await user.post(f"/v1/jobs/{waiting[0]}/retry"), 409, "conflict")
+    assert (await user.post(f"/v1/jobs/{waiting[0]}/cancel")).status_code == 200
+    assert (await user.post(f"/v1/jobs/{ended[0]}/retry")).status_code == 202
+    assert (await user.get("/v1/me")).json()["usage"]["active_jobs"] == 2
 
 
 # -- the IP limit ------------------------------------------------------------------------

@@ -56,6 +56,8 @@ T = TypeVar("T")
 
 STORAGE_TIMEOUT_S = 0.5
 """A Redis call slower than this counts as a storage failure (and fails open)."""
+REDIS_POOL_SIZE = 64
+"""Connections to the limits' Redis per API process; more checks at once wait for one."""
 VIEW_TTL_S = 1.0
 """How long a process trusts its last reading of a submit window with room, for the check."""
 _SEEN_MAX = 100_000  # readings kept; older ones are dropped when there are more
@@ -277,11 +279,18 @@ def open_backend(
 
         return Backend(limiter, (), _nothing, take_in_memory, take_now=take_in_memory_now)
     if separator and scheme in ("redis", "rediss"):
-        from redis.asyncio import ConnectionPool, Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
         from redis.exceptions import RedisError
 
-        pool = ConnectionPool.from_url(
-            url, socket_connect_timeout=STORAGE_TIMEOUT_S, socket_timeout=STORAGE_TIMEOUT_S
+        # Blocking: a check past the pool's size waits (up to the storage timeout) for a
+        # connection. redis-py's plain pool refuses it at once, which `_guard` would take
+        # for an outage and fail open on: a burst of submits would pass uncounted.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_POOL_SIZE,
+            timeout=STORAGE_TIMEOUT_S,
+            socket_connect_timeout=STORAGE_TIMEOUT_S,
+            socket_timeout=STORAGE_TIMEOUT_S,
         )
         # Our own pool (`limits` passes it to redis-py), so that shutdown can close it.
         options: dict[str, Any] = {"connection_pool": pool}
@@ -450,6 +459,18 @@ class RateLimits:
             async with db.read() as conn:
                 active = await job_repo.count_active(conn, owner)
         return SubmitQuota(self, owner, window, active)
+
+    async def require_active_room(self, db: Database, owner: str) -> None:
+        """Refuse one more active job of `owner` past the active-jobs cap: a retry
+        queues its job again, as a submit does, so the cap holds it too.
+
+        Raises:
+            RateLimited: 429, with Retry-After.
+        """
+        if self.max_active_jobs > 0:
+            async with db.read() as conn:
+                active = await job_repo.count_active(conn, owner)
+            SubmitQuota(self, owner, None, active).require(1)
 
     def admitted_now(self, scope: Scope) -> bool:
         """Count one request from the scope's client, if that needs no storage call (no

@@ -306,12 +306,18 @@ async def cancel_job(
     status_code=202,
     response_model=Job,
     summary="Retry a failed or cancelled job",
-    responses=problem_responses(401, 403, 404, 409),
+    responses=problem_responses(401, 403, 404, 409, 429),
 )
 async def retry_job(job_id: str, state: StateDep, principal: CurrentPrincipal) -> dict[str, Any]:
-    """Queue the job again at the stages that did not succeed; 409 unless failed/cancelled."""
+    """Queue the job again at the stages that did not succeed; 409 unless failed/cancelled,
+    429 if the owner's active-jobs cap is full."""
     principal.require_write()
     owner = principal.owner_filter()
+    if state.limits.max_active_jobs > 0:
+        async with state.db.read() as conn:
+            job = (await job_repo.get(conn, job_id, owner=owner)).job
+        if job["status"] in ("failed", "cancelled"):  # else the retry's 409 answers
+            await state.limits.require_active_room(state.db, job["owner"])
     async with state.db.write() as conn:
         await job_repo.retry(
             conn,
