@@ -98,6 +98,9 @@ def _settings() -> Settings:
         _fail(f"invalid settings: {exc}", 2)
 
 
+DB_CLOSE_S = 2.0  # how long a command waits for the store to close its connections
+
+
 async def _with_db(settings: Settings, use: Callable[[Database], Awaitable[T]]) -> T:
     """Run `use(db)` on the configured database (an embedded SQLite is migrated first)."""
     if settings.is_sqlite:
@@ -110,7 +113,12 @@ async def _with_db(settings: Settings, use: Callable[[Database], Awaitable[T]]) 
     try:
         return await use(db)
     finally:
-        await db.aclose()
+        # A store out of reach (a partition) never answers a close: exit all the same.
+        try:
+            async with asyncio.timeout(DB_CLOSE_S):
+                await db.aclose()
+        except TimeoutError:
+            err.print("warning: the database did not answer the close; exiting", markup=False)
 
 
 @app.callback(invoke_without_command=True)
@@ -278,7 +286,9 @@ def worker(
         finally:
             if sender is not None:  # after the drain, whose last job ends queue some
                 await sender.aclose()
-            await bus.aclose()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DB_CLOSE_S):  # a bus on the store, out of reach
+                    await bus.aclose()
             await blobs.aclose()
 
     asyncio.run(_with_db(settings, run))

@@ -478,12 +478,16 @@ async def test_the_sweep_check_runs_through_the_pool_too(postgres_db_url: str) -
                 .values(leased_by="ghost", lease_token="t", lease_expires_at=now() - 1)
             )
         check = worker_repo.sweep_check(
-            at=now(), silent_before=now() - 75, busy_every_s=2, idle_every_s=30
+            at=now(),
+            silent_before=now() - 75,
+            busy_silent_before=now() - 10,
+            busy_every_s=2,
+            idle_every_s=30,
         )
         async with db.read() as conn:
             found = worker_repo.SweepCheck.from_row((await conn.execute(check)).mappings().one())
         assert (found.busy, found.expired, found.next_check_s) == (True, True, 2.0)
-        assert [(s.id, s.connected) for s in found.suspects] == [("ghost", False)]
+        assert [(s.id, s.connected, s.busy) for s in found.suspects] == [("ghost", False, True)]
     finally:
         await db.aclose()
 

@@ -80,6 +80,23 @@ def test_a_long_silent_worker_is_lost_connected_or_not() -> None:
     assert Absences(TIMINGS).lost([hung, ghost], at=AT, own_id="me") == ["hung", "ghost"]
 
 
+def test_a_busy_worker_silent_past_the_grace_is_lost_though_connected() -> None:
+    """A worker holding a lease renews (and is seen) twice a second: one unseen for the
+    beat grace, watched that long for the absence grace, is lost with its connection
+    still showing (a partition: the server keeps the session). One just claimed, not
+    yet renewed, is spared by the watch; an idle connected worker is never suspect."""
+    absences = Absences(TIMINGS)
+    cut_off = Suspect("cut-off", AT - 11, connected=True, busy=True)
+    idle = Suspect("idle", AT - 11, connected=True, busy=False)
+    assert absences.lost([cut_off, idle], at=AT, own_id="me") == []  # watched from now
+    assert absences.next_due() == AT + 5
+    assert absences.lost([cut_off, idle], at=AT + 5, own_id="me") == ["cut-off"]
+    renewed = Suspect("cut-off", AT + 4, connected=True, busy=True)
+    fresh = Absences(TIMINGS)
+    fresh.lost([cut_off], at=AT, own_id="me")
+    assert fresh.lost([renewed], at=AT + 5, own_id="me") == []
+
+
 def test_a_sweeper_never_declares_itself_lost() -> None:
     absences = Absences(TIMINGS)
     me = _gone("me", AT - 100)

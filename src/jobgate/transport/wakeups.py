@@ -350,6 +350,10 @@ class PostgresWakeups:
                     await self._depose()
                     silent_since = None
                     self._deadline = loop.time() + 0.2  # its lock goes as its session ends
+                if silent_since is not None:
+                    # Try again when the asked leader is due to be deposed, not a whole
+                    # patience later (which would double a silent leader's reign).
+                    self._deadline = min(self._deadline, silent_since + self._depose_after_s)
             except Exception as exc:  # the connection is going; `_run` reconnects
                 log.warning("leader_election_failed", error=type(exc).__name__)
                 self._deadline = loop.time() + self.beacon_patience_s

@@ -41,6 +41,8 @@ log = structlog.get_logger("jobgate.webhooks")
 USER_AGENT = f"jobgate-webhooks/{__version__}"
 LEASE_MARGIN_S = 30.0
 """How much longer than an attempt a claim lasts: time to record the outcome."""
+CLAIM_LOOP_STOP_S = 1.0
+"""How long a stop waits for the claim loop to end before cancelling it."""
 _GONE = 410
 
 
@@ -119,8 +121,12 @@ class WebhookSender:
         for timer in self._timers:
             timer.cancel()
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # It ends at its next turn; one stuck in a claim the store never answers
+            # (a partition) is cancelled: what it claimed goes back with the lease.
+            done, _ = await asyncio.wait([self._task], timeout=CLAIM_LOOP_STOP_S)
+            if not done:
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=CLAIM_LOOP_STOP_S)
             self._task = None
         if self._sending:
             grace = self.timeout_s + 1.0 if grace_s is None else grace_s

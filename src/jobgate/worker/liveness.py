@@ -9,6 +9,9 @@ The rules (docs/liveness.md explains them):
   One worker, the leader, sweeps. It declares a worker lost when
   - its connection has been gone for `absent_grace_s`, as the leader saw it, and its
     last heartbeat is older than `beat_grace_s`; or
+  - it holds a lease, the leader has seen it unseen for `beat_grace_s` for
+    `absent_grace_s` (its lease renewals see it twice a second), connected or not (a
+    worker cut off by a partition, whose session the server keeps); or
   - its last heartbeat is older than `silent_after_s`, connected or not (a hung worker).
 """
 
@@ -98,7 +101,11 @@ class Absences:
             if suspect.last_seen_at < at - rules.silent_after_s:
                 found.append(suspect.id)
                 continue
-            if suspect.connected:
+            # A worker whose stages run renews their leases, and is seen, twice a
+            # second: silent for longer, it is cut off or hung even if its connection
+            # still shows (a partition drops packets; the server keeps the session).
+            busy_and_silent = suspect.busy and suspect.last_seen_at < at - rules.beat_grace_s
+            if suspect.connected and not busy_and_silent:
                 continue
             since = absent[suspect.id] = self._since.get(suspect.id, at)
             lost_at = max(since + rules.absent_grace_s, suspect.last_seen_at + rules.beat_grace_s)

@@ -38,6 +38,13 @@ from jobgate.worker.runtime import TaskRuntime
 log = structlog.get_logger("jobgate.worker")
 T = TypeVar("T")
 CLAIM_RETRY_MAX_S = 2.0
+# A stop is bounded whatever the store or broker does (a partition leaves their calls
+# hanging, with no error to end them): the claim loop gets STOP_CLAIM_S to end, stages
+# past the grace HAND_BACK_S to hand themselves back, and each clean-up step after
+# that STOP_STEP_S. What a stop leaves undone, the lease or the lost-worker sweep does.
+STOP_CLAIM_S = 2.0
+HAND_BACK_S = 5.0
+STOP_STEP_S = 1.0
 """The longest pause between claims that fail in a row (store out of reach)."""
 
 
@@ -228,8 +235,9 @@ class Worker:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         claim_loop = self._loops[0] if self._loops else None
         if claim_loop is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await claim_loop
+            # It ends at its next turn; one stuck in a claim the store never answers is
+            # cancelled (whatever that claim took goes back with the lease).
+            await _end(claim_loop, STOP_CLAIM_S)
         running = [task for _, task in self._running.values()]
         if running:
             log.info("worker_draining", running=len(running), grace_s=grace)
@@ -240,23 +248,28 @@ class Worker:
                     runtime.cancel()
                     self._interrupt(runtime)
             if pending:
-                await asyncio.wait(pending, timeout=5)
-        for loop_task in self._loops[1:]:
+                await asyncio.wait(pending, timeout=HAND_BACK_S)
+        loops = self._loops[1:]
+        for loop_task in loops:
             loop_task.cancel()
-        for loop_task in self._loops[1:]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop_task
+        if loops:
+            # A loop cancelled in a store call may take as long as the store to end.
+            await asyncio.wait(loops, timeout=STOP_STEP_S)
         self._loops = []
-        await self._close_transport()
-        with contextlib.suppress(Exception):
-            async with self.db.write() as conn:
-                await worker_repo.unregister(conn, self.id)
+        # Settling deliveries with the broker takes up to 5 s of its own.
+        await _bounded(self._close_transport(), "close_transport", 5 + STOP_STEP_S)
+        await _bounded(self._unregister(), "unregister")
         self._threads.shutdown(wait=False, cancel_futures=True)
         await self.processes.close()
         if self._wakeups is not None:
-            await self._wakeups.aclose()
+            await _bounded(self._wakeups.aclose(), "close_wakeups")
             self._wakeups = None
         log.info("worker_stopped", worker_id=self.id)
+
+    async def _unregister(self) -> None:
+        with contextlib.suppress(Exception):
+            async with self.db.write() as conn:
+                await worker_repo.unregister(conn, self.id)
 
     async def run(self) -> None:
         """Run until SIGTERM or SIGINT, then drain (a second signal cuts the grace short)."""
@@ -436,6 +449,7 @@ class Worker:
                         {runtime.task.task_id: token for token, runtime in held.items()},
                         lease_s=self.settings.lease_s,
                         at=now(),
+                        worker_id=self.id,
                     )
             except Exception:
                 log.exception("lease_renewal_failed")
@@ -532,6 +546,7 @@ class Worker:
         check = worker_repo.sweep_check(
             at=at,
             silent_before=at - timings.silent_after_s,
+            busy_silent_before=at - timings.beat_grace_s,
             busy_every_s=timings.busy_check_s,
             idle_every_s=timings.idle_check_s,
         )
@@ -920,3 +935,22 @@ async def _stop(task: asyncio.Task[None] | None) -> None:
 
 def _observe(pipeline: str, stage: str, outcome: str, seconds: float) -> None:
     metrics.STAGE_DURATION.labels(pipeline=pipeline, stage=stage, outcome=outcome).observe(seconds)
+
+
+async def _end(task: asyncio.Task[Any], within_s: float) -> None:
+    """Let `task` end by itself within `within_s`, else cancel it (and wait as long again)."""
+    done, _ = await asyncio.wait([task], timeout=within_s)
+    if not done:
+        task.cancel()
+        await asyncio.wait([task], timeout=within_s)
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        log.warning("worker_loop_failed", error=repr(task.exception()))
+
+
+async def _bounded(step: Awaitable[None], name: str, within_s: float = STOP_STEP_S) -> None:
+    """One clean-up step of a stop, given at most `within_s`."""
+    try:
+        async with asyncio.timeout(within_s):
+            await step
+    except TimeoutError:
+        log.warning("worker_stop_step_timed_out", step=name, after_s=within_s)

@@ -40,7 +40,7 @@ from jobgate.store import pg
 from jobgate.store.database import OUTBOX
 from jobgate.store.repositories import events
 from jobgate.store.tables import events as event_table
-from jobgate.store.tables import jobs, outbox, stages
+from jobgate.store.tables import jobs, outbox, stages, workers
 from jobgate.store.tables import tasks as task_table
 
 DEFAULT_AGING_S = 10.0
@@ -827,12 +827,21 @@ def held_tasks(leases: Mapping[int, str]) -> Select[tuple[int]]:
 
 
 async def renew(
-    conn: AsyncConnection, leases: Mapping[int, str], *, lease_s: float, at: float
+    conn: AsyncConnection,
+    leases: Mapping[int, str],
+    *,
+    lease_s: float,
+    at: float,
+    worker_id: str | None = None,
 ) -> tuple[set[str], set[str]]:
     """Extend the leases held: `leases` maps task ids to the lease tokens held on them.
 
     A task whose row another transaction holds (its outcome being written, a sweep) is
     not renewed this time; it counts as held if its committed row still has the token.
+
+    With `worker_id`, the worker is seen now (`workers.last_seen_at`): a worker whose
+    stages run renews every half second, so one silent for longer while holding leases
+    is cut off or hung, even if its connection still shows (docs/liveness.md).
 
     Returns:
         The tokens still held, and the ids of their jobs that should stop (cancel
@@ -840,6 +849,8 @@ async def renew(
     """
     if not leases:
         return set(), set()
+    if worker_id is not None:
+        await conn.execute(update(workers).where(workers.c.id == worker_id).values(last_seen_at=at))
     mine = held_tasks(leases)
     held = (
         await conn.execute(

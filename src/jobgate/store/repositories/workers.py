@@ -136,6 +136,8 @@ class Suspect:
     id: str
     last_seen_at: float
     connected: bool
+    busy: bool = False
+    """It holds a lease: a stage of it runs, and it renews (and is seen) twice a second."""
 
 
 @dataclass(frozen=True)
@@ -156,30 +158,49 @@ class SweepCheck:
         return cls(
             busy=bool(row["busy"]),
             expired=bool(row["expired"]),
-            suspects=[Suspect(str(i), float(seen), bool(c)) for i, seen, c in suspects or []],
+            suspects=[
+                Suspect(str(i), float(seen), bool(c), bool(b)) for i, seen, c, b in suspects or []
+            ],
             next_check_s=float(row["next_check_s"]),
         )
 
 
 def sweep_check(
-    *, at: float, silent_before: float, busy_every_s: float, idle_every_s: float
+    *,
+    at: float,
+    silent_before: float,
+    busy_silent_before: float,
+    busy_every_s: float,
+    idle_every_s: float,
 ) -> Select[Any]:
     """PostgreSQL only: one cheap statement that says whether a sweep has work to do.
 
     It returns exactly one row: `busy` (any task exists, queued or running), `expired`
-    (some lease ran out before `at`), `suspects` (JSON `[id, last_seen_at, connected]`
-    of each worker whose connection is gone or whose last heartbeat is older than
-    `silent_before`) and `next_check_s` (`busy_every_s` while tasks exist, else
+    (some lease ran out before `at`), `suspects` (JSON `[id, last_seen_at, connected,
+    holds a lease]` of each worker whose connection is gone, whose last heartbeat is
+    older than `silent_before`, or that holds a lease and was last seen before
+    `busy_silent_before`) and `next_check_s` (`busy_every_s` while tasks exist, else
     `idle_every_s`: without a single task there is nothing a lost worker could hold).
     """
     alive = connected()
+    holds = (
+        select(tasks.c.id)
+        .where(tasks.c.leased_by == workers.c.id, tasks.c.lease_expires_at.is_not(None))
+        .exists()
+    )
     suspects = (
-        select(workers.c.id, workers.c.last_seen_at, alive.label("connected"))
-        .where(~alive | (workers.c.last_seen_at < silent_before))
+        select(workers.c.id, workers.c.last_seen_at, alive.label("connected"), holds.label("busy"))
+        .where(
+            ~alive
+            | (workers.c.last_seen_at < silent_before)
+            | ((workers.c.last_seen_at < busy_silent_before) & holds)
+        )
         .subquery()
     )
     listed = func.json_agg(
-        func.json_build_array(suspects.c.id, suspects.c.last_seen_at, suspects.c.connected)
+        func.json_build_array(
+            suspects.c.id, suspects.c.last_seen_at, suspects.c.connected, suspects.c.busy
+        )
     )
     busy = select(tasks.c.id).exists()
     return select(
