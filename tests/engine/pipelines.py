@@ -91,6 +91,18 @@ def run(ctx: StageContext) -> Summary:
     return Summary(total=sum(f.size for f in ctx.files), names=[f.name for f in ctx.files])
 
 
+# A sync stage that overruns its timeout without looking at its cancel: its thread
+# cannot be stopped, and runs on for `sleep_s`.
+overrun = Pipeline("overrun")
+
+
+@overrun.stage(timeout=0.3)
+def crawl(ctx: StageContext) -> dict[str, float]:
+    started = time.time()
+    time.sleep(float(ctx.params.get("sleep_s", 0.05)))
+    return {"started": started}
+
+
 slow = Pipeline("slow")
 
 
@@ -311,6 +323,7 @@ ALL = (
     proc_slow,
     spenders,
     charger,
+    overrun,
     late_saver,
     mixed,
 )

@@ -135,6 +135,25 @@ async def test_thread_stage_timeout(engine: Engine) -> None:
     assert snapshot.job["error"]["type"] == "timeout"
 
 
+async def test_threads_abandoned_past_their_timeout_keep_their_slot_not_a_later_stage(
+    engine: Engine,
+) -> None:
+    """Two sync stages overrun their 0.3 s timeout by far on a worker of concurrency 1:
+    each fails `timeout`, and its thread, which cannot be stopped, keeps the slot until
+    it returns; the next stage then gets the whole of its own timeout (regression: it
+    waited in the thread pool behind the overrunning threads and timed out there)."""
+    await engine.start_worker(concurrency=1)
+    overruns = [await engine.submit("overrun", {"sleep_s": 1.0}) for _ in range(2)]
+    quick = await engine.submit("overrun", {"sleep_s": 0.05})
+    ended = [await engine.wait(job_id) for job_id in overruns]
+    assert [s.job["error"]["type"] for s in ended] == ["timeout", "timeout"]
+    snapshot = await engine.wait(quick)
+    assert snapshot.job["status"] == "succeeded", snapshot.job["error"]
+    # One slot: the quick stage ran after both overrunning threads had returned.
+    last_overrun_started = max(engine.stage(s, "crawl")["started_at"] for s in ended)
+    assert snapshot.job["result"]["started"] >= last_overrun_started + 1.0 - 0.05
+
+
 async def test_thread_stage_reads_files_saves_artifacts_returns_model(engine: Engine) -> None:
     """Files reach a sync stage; its artifact is recorded; a pydantic output is stored as JSON."""
     await engine.start_worker()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
+import itertools
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -20,6 +22,57 @@ if TYPE_CHECKING:
 
 
 STAGE_THREAD_PREFIX = "jobgate-stage"
+
+
+class StageThreads:
+    """Sync stages, each in a thread of its own, started at once.
+
+    A thread cannot be stopped: a stage abandoned by its timeout or its cancel runs on
+    until its function returns. In a shared pool such threads would hold the threads
+    later stages queue for, and those stages' timeouts would run out in the queue. So
+    each stage gets its own thread, and `abandoned` counts those still running, which
+    the worker keeps off its free slots (they still use what a slot stands for).
+    """
+
+    def __init__(self, on_freed: Callable[[], None]) -> None:
+        self.abandoned = 0
+        self._on_freed = on_freed
+        self._names = itertools.count(1)
+
+    async def run(self, call: Callable[[], Any]) -> Any:
+        """`call()` in a new thread; its result (or exception) once it returns."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def target() -> None:
+            try:
+                outcome: tuple[Any, BaseException | None] = (call(), None)
+            except BaseException as exc:  # handed to the awaiting task, as an executor does
+                outcome = (None, exc)
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                loop.call_soon_threadsafe(self._returned, future, outcome)
+
+        name = f"{STAGE_THREAD_PREFIX}-{next(self._names)}"
+        threading.Thread(target=target, name=name).start()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.cancelled():  # the stage was abandoned; its thread runs on
+                self.abandoned += 1
+            raise
+
+    def _returned(
+        self, future: asyncio.Future[Any], outcome: tuple[Any, BaseException | None]
+    ) -> None:
+        if future.cancelled():
+            self.abandoned -= 1
+            self._on_freed()
+            return
+        result, error = outcome
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 def stuck_stage_threads(wait_s: float) -> list[threading.Thread]:
@@ -53,7 +106,7 @@ def call_arguments(stage: Stage, ctx: StageContext) -> dict[str, Any]:
 async def execute(
     stage: Stage,
     ctx: StageContext,
-    threads: ThreadPoolExecutor,
+    threads: StageThreads,
     processes: ProcessPool | None = None,
 ) -> Any:
     """Run the stage under its timeout and return its output, as JSON-ready data.
@@ -75,9 +128,8 @@ async def execute(
             if stage.is_async:
                 output = await stage.fn(ctx, **kwargs)
             else:
-                loop = asyncio.get_running_loop()
                 call = functools.partial(contextvars.copy_context().run, stage.fn, ctx, **kwargs)
-                output = await loop.run_in_executor(threads, call)
+                output = await threads.run(call)
     except TimeoutError:
         raise StageTimeout(f"stage {stage.name!r} ran longer than {stage.timeout_s:g} s") from None
     return to_json(output)

@@ -10,7 +10,6 @@ import signal
 import socket
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import structlog
@@ -95,10 +94,8 @@ class Worker:
         self._running: dict[int, tuple[TaskRuntime, asyncio.Task[None]]] = {}
         self._slot_freed = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
-        # Threads abandoned by a timeout keep their slot until they end; leave headroom.
-        self._threads = ThreadPoolExecutor(
-            max_workers=self.concurrency * 2, thread_name_prefix=executors.STAGE_THREAD_PREFIX
-        )
+        # Sync stages, a thread each; one abandoned past its timeout keeps its slot.
+        self._threads = executors.StageThreads(on_freed=self._slot_freed.set)
         # Subprocesses for `isolation="process"` stages, started when first needed.
         self.processes = ProcessPool(
             size=self.concurrency,
@@ -190,7 +187,7 @@ class Worker:
             or self.db.is_sqlite
         ):
             return None
-        free = self.concurrency - len(self._running) - self._lent
+        free = self._free_slots()
         if free <= 0:
             return None
         self._lent += free
@@ -259,7 +256,6 @@ class Worker:
         # Settling deliveries with the broker takes up to 5 s of its own.
         await _bounded(self._close_transport(), "close_transport", 5 + STOP_STEP_S)
         await _bounded(self._unregister(), "unregister")
-        self._threads.shutdown(wait=False, cancel_futures=True)
         await self.processes.close()
         if self._wakeups is not None:
             await _bounded(self._wakeups.aclose(), "close_wakeups")
@@ -305,7 +301,7 @@ class Worker:
         pipelines = self.registry.names()
         failures = 0  # claims failed in a row
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._running) - self._lent
+            free = self._free_slots()
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -634,6 +630,11 @@ class Worker:
         runner = asyncio.create_task(self._run(runtime), name=f"stage-{task.job_id}-{task.stage}")
         self._running[task.task_id] = (runtime, runner)
         runner.add_done_callback(lambda _: self._finished(task.task_id))
+
+    def _free_slots(self) -> int:
+        """Slots for new stages: not running one, lent to a submit, or held by a thread
+        stage abandoned past its timeout or cancel (it still runs)."""
+        return self.concurrency - len(self._running) - self._lent - self._threads.abandoned
 
     def _finished(self, task_id: int) -> None:
         self._running.pop(task_id, None)
