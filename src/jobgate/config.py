@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     webhook_retry_max_s: float = Field(3600.0, gt=0)
     webhook_max_attempts: int = Field(8, ge=1)
     webhook_poll_s: float = Field(
-        30.0,
+        120.0,
         gt=0,
         description="how often senders look for deliveries no process woke them for",
     )

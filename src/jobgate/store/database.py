@@ -140,13 +140,14 @@ class Database:
             warm = self._warm.pop()
             if warm.driver.is_closed():
                 await warm.conn.invalidate()  # the server closed it: not back to the pool
-            elif warm.pool is self.engine.pool and (
-                time.monotonic() - warm.idle_since < IDLE_PING_S
-            ):
+            elif warm.pool is self.engine.pool:
+                # Not pinged however long it idled: the driver sees a connection the
+                # server closed (a restart) as closed, above, and a ping, with the reset
+                # and set-up of a trip through the pool, would cost an idle worker's
+                # once-a-minute claim three round trips (two transactions) more.
                 return warm
-            # Idle long enough to be pinged, or from a pool dropped after a lost
-            # connection: back to the pool, which pings or discards it.
-            await _hand_back(warm)
+            else:  # from a pool dropped after a lost connection: back to it, to go
+                await _hand_back(warm)
         pool = self.engine.pool
         conn = await self.engine.connect()
         changes: dict[str, int] = {}
@@ -165,7 +166,6 @@ class Database:
         if self._closed or warm.conn.invalidated or len(self._warm) >= self._warm_max:
             await _hand_back(warm)
             return
-        warm.idle_since = time.monotonic()
         self._warm.append(warm)
 
     @asynccontextmanager
@@ -249,7 +249,7 @@ class _Warm:
     it (about 0.1 ms). `changes` and `rows` are what its `CHANGES` and `EVENT_ROWS`
     options hold, emptied after each use."""
 
-    __slots__ = ("changes", "conn", "driver", "idle_since", "pool", "rows")
+    __slots__ = ("changes", "conn", "driver", "pool", "rows")
 
     def __init__(
         self,
@@ -264,7 +264,6 @@ class _Warm:
         self.rows = rows
         self.pool = pool
         self.driver = driver  # the asyncpg connection under `conn`
-        self.idle_since = 0.0
 
 
 # A pooled connection idle for longer than this is pinged before use. SQLAlchemy's
