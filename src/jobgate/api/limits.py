@@ -56,7 +56,7 @@ T = TypeVar("T")
 
 STORAGE_TIMEOUT_S = 0.5
 """A Redis call slower than this counts as a storage failure (and fails open)."""
-REDIS_POOL_SIZE = 64
+REDIS_POOL_SIZE = 16
 """Connections to the limits' Redis per API process; more checks at once wait for one."""
 VIEW_TTL_S = 1.0
 """How long a process trusts its last reading of a submit window with room, for the check."""
