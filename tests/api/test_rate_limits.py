@@ -434,6 +434,35 @@ async def test_a_retry_is_held_to_the_active_jobs_cap(
     assert (await user.get("/v1/me")).json()["usage"]["active_jobs"] == 2
 
 
+async def test_concurrent_submits_and_retries_cannot_pass_the_active_jobs_cap_together(
+    app_factory: AppFactory, connect: Connect
+) -> None:
+    """The cap is counted again in the write, under the owner's lock: 40 submits at once,
+    through two apps on one database (two API processes), make exactly the cap's number
+    of jobs (regression: each counted before any was written; 92 of 100 went through
+    under a cap of 5). Retries at once are held the same way, and another owner is not."""
+    cap = 5
+    apps = [await app_factory(max_active_jobs_per_user=cap) for _ in range(2)]
+    users = [await connect(app, "kim") for app in apps]
+    answers = await asyncio.gather(*(submit(users[i % 2]) for i in range(40)))
+    assert sorted(a.status_code for a in answers).count(202) == cap
+    assert {a.status_code for a in answers} == {202, 429}
+    me = (await users[0].get("/v1/me")).json()
+    assert me["usage"]["active_jobs"] == cap
+
+    accepted = [a.json()["id"] for a in answers if a.status_code == 202]
+    for job_id in accepted[:3]:
+        assert (await users[0].post(f"/v1/jobs/{job_id}/cancel")).status_code == 200
+    retries = await asyncio.gather(
+        *(users[i % 2].post(f"/v1/jobs/{job_id}/retry") for i, job_id in enumerate(accepted[:3])),
+        *(submit(users[i % 2]) for i in range(4)),
+    )
+    assert sorted(r.status_code for r in retries).count(202) == 3  # 2 active, room for 3
+    assert (await users[1].get("/v1/me")).json()["usage"]["active_jobs"] == cap
+    other = await connect(apps[1], "lee")
+    assert (await submit(other)).status_code == 202
+
+
 # -- the IP limit ------------------------------------------------------------------------
 
 

@@ -10,8 +10,9 @@ Key contracts (docs/limits.md has the why of each):
   Idempotency-Key lookup found no replay, just before its rows are written. So a refused
   request and a replay never count, and concurrent submits cannot together pass the
   limit: the take refuses the loser (429, nothing written, nothing counted).
-- The active-jobs cap (`JOBGATE_MAX_ACTIVE_JOBS_PER_USER`) is one count at the check;
-  submits of one owner that are in flight together may pass it together.
+- The active-jobs cap (`JOBGATE_MAX_ACTIVE_JOBS_PER_USER`) is counted at the check, and
+  again, exactly, in the transaction that writes the jobs (or queues a retried job),
+  under a lock of the owner's held to the commit: concurrent submits cannot pass it.
 - The IP limit (`JOBGATE_RATE_LIMIT_IP`) counts every `/v1` request it lets through, before
   authentication is attempted, by `client_ip` (X-Forwarded-For only from trusted proxies).
 - Storage failures fail open: the request goes through, a warning is logged, and the
@@ -48,6 +49,8 @@ from jobgate.store.repositories import idempotency
 from jobgate.store.repositories import jobs as job_repo
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
     from jobgate.api.state import AppState
     from jobgate.auth import Principal
     from jobgate.store import Database
@@ -460,16 +463,16 @@ class RateLimits:
                 active = await job_repo.count_active(conn, owner)
         return SubmitQuota(self, owner, window, active)
 
-    async def require_active_room(self, db: Database, owner: str) -> None:
-        """Refuse one more active job of `owner` past the active-jobs cap: a retry
-        queues its job again, as a submit does, so the cap holds it too.
+    async def hold_active_room(self, conn: AsyncConnection, owner: str) -> None:
+        """In a write transaction, refuse one more active job of `owner` past the
+        active-jobs cap (a retry queues its job again, as a submit does). The count is
+        exact: it holds the owner's lock to the commit (`count_active_locked`).
 
         Raises:
             RateLimited: 429, with Retry-After.
         """
         if self.max_active_jobs > 0:
-            async with db.read() as conn:
-                active = await job_repo.count_active(conn, owner)
+            active = await job_repo.count_active_locked(conn, owner)
             SubmitQuota(self, owner, None, active).require(1)
 
     def admitted_now(self, scope: Scope) -> bool:
@@ -607,6 +610,22 @@ class SubmitQuota:
                     f"{window.limit} left; a slot frees in {max(1, window.reset_in(time.time()))} s"
                 )
             raise window.refusal(detail)
+        self._require_active()
+
+    async def hold_active(self, conn: AsyncConnection) -> None:
+        """The active-jobs cap again, exactly, in the transaction that writes the jobs:
+        the count holds the owner's lock to the commit, so concurrent submits of one
+        owner, in any process, cannot together pass the cap. A no-op without a cap.
+
+        Raises:
+            RateLimited: 429, with Retry-After and the window's RateLimit headers.
+        """
+        if self.limits.max_active_jobs > 0:
+            self.active = await job_repo.count_active_locked(conn, self.owner)
+            self._require_active()
+
+    def _require_active(self) -> None:
+        cost = self.cost
         cap = self.limits.max_active_jobs
         if self.active is not None and self.active + cost > cap:
             raise RateLimited(
@@ -615,6 +634,11 @@ class SubmitQuota:
                 retry_after=ACTIVE_RETRY_AFTER_S,
                 headers=self.headers(),
             )
+
+    @property
+    def active_hold(self) -> Callable[[AsyncConnection], Awaitable[None]] | None:
+        """`hold_active`, when there is an active-jobs cap."""
+        return self.hold_active if self.limits.max_active_jobs > 0 else None
 
     @property
     def reservation(self) -> Callable[[], Awaitable[None]] | None:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from fastapi import HTTPException
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 
 from jobgate.api import limits
@@ -465,11 +466,13 @@ async def commit(
     key: str | None = None,
     request_hash: str = "",
     reserve: Callable[[], Awaitable[None]] | None = None,
+    hold: Callable[[AsyncConnection], Awaitable[None]] | None = None,
 ) -> tuple[list[JobSnapshot], bool]:
     """Write the jobs (and their key) in one transaction, or replay the key's jobs.
 
-    `reserve` (taking rate-limit slots) is awaited once, after the key's lookup found no
-    replay and before anything is written; what it raises leaves nothing written.
+    `hold` (the active-jobs cap, counted under the owner's lock) and then `reserve`
+    (taking rate-limit slots) are awaited once each, after the key's lookup found no
+    replay and before anything is written; what they raise leaves nothing written.
 
     Returns:
         The jobs, and whether they are a replay of an earlier request with this key.
@@ -486,8 +489,9 @@ async def commit(
         and not state.db.is_sqlite
         and not any(job.files for job in new_jobs)
         and not job_repo.needs_transaction(new_jobs)
+        and hold is None
     )
-    if reserve is not None and key is None:
+    if reserve is not None and key is None and hold is None:
         # No replay possible: take the slots before holding any lock (SQLite's writer).
         await reserve()
         reserve = None
@@ -513,8 +517,11 @@ async def commit(
                                 "this Idempotency-Key was used with a different request"
                             )
                         return await job_repo.load(conn, found.job_ids), True
+                if hold is not None:
+                    await hold(conn)
                 if reserve is not None:
-                    # After the lookup, so that a replay does not count.
+                    # After the lookup and the cap, so that a replay or a refusal does
+                    # not count.
                     await reserve()
                     reserve = None
                 await blob_repo.add(

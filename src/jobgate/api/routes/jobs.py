@@ -134,6 +134,7 @@ async def submit_job(request: Request) -> Response:
             key=key,
             request_hash=_request_hash(key, "job", lambda: submission.fingerprint),
             reserve=quota.reservation,
+            hold=quota.active_hold,
         )
     except BaseException:
         await submission.discard(state)
@@ -181,6 +182,7 @@ async def submit_batch(request: Request) -> Response:
         key=key,
         request_hash=_request_hash(key, "batch", lambda: batch.model_dump(mode="json")),
         reserve=quota.reservation,
+        hold=quota.active_hold,
     )
     return views.respond(
         {"jobs": [views.job(s) for s in snapshots]}, 200 if replayed else 202, quota.headers()
@@ -313,11 +315,6 @@ async def retry_job(job_id: str, state: StateDep, principal: CurrentPrincipal) -
     429 if the owner's active-jobs cap is full."""
     principal.require_write()
     owner = principal.owner_filter()
-    if state.limits.max_active_jobs > 0:
-        async with state.db.read() as conn:
-            job = (await job_repo.get(conn, job_id, owner=owner)).job
-        if job["status"] in ("failed", "cancelled"):  # else the retry's 409 answers
-            await state.limits.require_active_room(state.db, job["owner"])
     async with state.db.write() as conn:
         await job_repo.retry(
             conn,
@@ -326,6 +323,7 @@ async def retry_job(job_id: str, state: StateDep, principal: CurrentPrincipal) -
             registry=state.registry,
             at=now(),
             aging_s=state.settings.priority_aging_s,
+            room=state.limits.hold_active_room if state.limits.max_active_jobs > 0 else None,
         )
         snapshot = await job_repo.get(conn, job_id, owner=owner)
     state.wake()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -469,6 +469,22 @@ async def count_active(conn: AsyncConnection, owner: str) -> int:
     return int((await conn.execute(_COUNT_ACTIVE, {"owner": owner})).scalar_one())
 
 
+# pg_advisory_xact_lock(class, key): "jgac", and the owner's hash.
+_ACTIVE_LOCK_CLASS = 0x6A676163
+
+
+async def count_active_locked(conn: AsyncConnection, owner: str) -> int:
+    """`count_active`, in a write transaction that holds, until it ends, the right to add
+    to `owner`'s active jobs: a transaction of another process that asks it too waits,
+    then counts what this one wrote. (SQLite's single writer already serialises them.)"""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(:class, hashtext(:owner))"),
+            {"class": _ACTIVE_LOCK_CLASS, "owner": owner},
+        )
+    return await count_active(conn, owner)
+
+
 async def search(
     conn: AsyncConnection,
     *,
@@ -560,11 +576,14 @@ async def retry(
     registry: Registry,
     at: float,
     aging_s: float,
+    room: Callable[[AsyncConnection, str], Awaitable[None]] | None = None,
 ) -> None:
     """Queue a failed or cancelled job again, resuming at the stages that did not succeed.
 
     Args:
         aging_s: seconds of waiting one priority point is worth (the claim order).
+        room: awaited with the job's owner before the job is queued again, in this
+            transaction; what it raises (the active-jobs cap's 429) changes nothing.
 
     Raises:
         NotFound: no such job (or another owner's).
@@ -582,6 +601,14 @@ async def retry(
     ):
         raise Conflict(f"job {job_id} still has a stage stopping; retry in a moment")
     pipeline = registry.get(job["pipeline"])
+    done = {
+        row[0]
+        for row in await conn.execute(
+            select(stages.c.name).where(stages.c.job_id == job_id, stages.c.status == "succeeded")
+        )
+    }
+    if room is not None and not done.issuperset(pipeline.stages):
+        await room(conn, job["owner"])
     await conn.execute(
         update(jobs)
         .where(jobs.c.id == job_id)
@@ -592,12 +619,6 @@ async def retry(
         .where(stages.c.job_id == job_id, stages.c.status != "succeeded")
         .values(status="pending", error=None, finished_at=None, progress=0.0)
     )
-    done = {
-        row[0]
-        for row in await conn.execute(
-            select(stages.c.name).where(stages.c.job_id == job_id, stages.c.status == "succeeded")
-        )
-    }
     if done.issuperset(pipeline.stages):
         # Every stage had succeeded (the last one while a cancel waited for it to stop):
         # nothing is left to run, so the job ends now as it would have then.
