@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 from limits import parse
+from structlog.testing import capture_logs
 
+from jobgate.api import limits as limits_module
 from jobgate.api.limits import Backend, RateLimits, SubmitQuota, open_backend
 from jobgate.errors import RateLimited
 from tests.conftest import TCP_SERVICES, drop_redis_keys
@@ -153,3 +155,43 @@ async def test_concurrent_takes_are_each_exact(backend: Backend) -> None:
     assert [count for taken, _, count in hal if not taken] == [4, 4]
     stats = await backend.limiter.get_window_stats(item, "submit", "gus")
     assert stats.remaining == 0
+
+
+@pytest.mark.service("redis")
+async def test_a_burst_past_the_connection_pool_is_counted_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More checks at once than the process has Redis connections wait for one, however
+    long the loaded process keeps them all busy (here 1.2 s, in stalls of 0.15 s):
+    none fails open, so the burst is counted exactly (regression: a burst of 150
+    submits passed a limit of 100 uncounted, first when the pool refused the 101st
+    check, then under a loaded CI when waits for a connection passed 0.5 s)."""
+    monkeypatch.setattr(limits_module, "REDIS_POOL_SIZE", 2)
+    namespace = f"jgtest-limits-{uuid.uuid4().hex[:12]}"
+    backend = open_backend(REDIS_URL, namespace=namespace)
+    limits = RateLimits(submit=parse("20/hour"), backend=backend)
+
+    async def submit() -> bool:
+        await limits.submit_window("kim")
+        taken, _ = await limits.take_submits("kim", 1)
+        return taken
+
+    async def hold_the_loop() -> bool:
+        for _ in range(8):  # a busy event loop, each time for less than Redis's timeout
+            await asyncio.sleep(0)
+            time.sleep(0.15)
+        return False
+
+    try:
+        await asyncio.gather(limits.submit_window("ann"), limits.submit_window("bob"))
+        with capture_logs() as logs:
+            answers = await asyncio.gather(*(submit() for _ in range(60)), hold_the_loop())
+        failures = [e for e in logs if e["event"] == "rate_limit_storage_failed"]
+        assert failures == []
+        assert answers[:60].count(True) == 20
+        window = await limits.submit_window("kim")
+        assert window is not None
+        assert window.remaining == 0
+    finally:
+        await backend.aclose()
+        await drop_redis_keys(f"{namespace}:*")

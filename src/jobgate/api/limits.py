@@ -61,6 +61,9 @@ STORAGE_TIMEOUT_S = 0.5
 """A Redis call slower than this counts as a storage failure (and fails open)."""
 REDIS_POOL_SIZE = 16
 """Connections to the limits' Redis per API process; more checks at once wait for one."""
+REDIS_POOL_WAIT_S = 5.0
+"""How long a check waits for one of those connections. Longer than the storage timeout:
+the wait measures this process's own load, not Redis, and must not fail the check open."""
 VIEW_TTL_S = 1.0
 """How long a process trusts its last reading of a submit window with room, for the check."""
 _SEEN_MAX = 100_000  # readings kept; older ones are dropped when there are more
@@ -285,13 +288,14 @@ def open_backend(
         from redis.asyncio import BlockingConnectionPool, Redis
         from redis.exceptions import RedisError
 
-        # Blocking: a check past the pool's size waits (up to the storage timeout) for a
-        # connection. redis-py's plain pool refuses it at once, which `_guard` would take
-        # for an outage and fail open on: a burst of submits would pass uncounted.
+        # Blocking: a check past the pool's size waits for a connection. redis-py's plain
+        # pool refuses it at once, which `_guard` would take for an outage and fail open
+        # on: a burst of submits would pass uncounted. So would a wait as short as the
+        # storage timeout, on a loaded process (a burst whose event loop is busy).
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=REDIS_POOL_SIZE,
-            timeout=STORAGE_TIMEOUT_S,
+            timeout=REDIS_POOL_WAIT_S,
             socket_connect_timeout=STORAGE_TIMEOUT_S,
             socket_timeout=STORAGE_TIMEOUT_S,
         )
