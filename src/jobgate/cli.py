@@ -37,6 +37,7 @@ from jobgate.ids import now, rfc3339
 from jobgate.store import Database
 from jobgate.store.migrate import upgrade
 from jobgate.tuning import tune_gc
+from jobgate.waits import finish_within
 
 T = TypeVar("T")
 ADMIN_KEY_FILE = "admin-key"
@@ -114,10 +115,7 @@ async def _with_db(settings: Settings, use: Callable[[Database], Awaitable[T]]) 
         return await use(db)
     finally:
         # A store out of reach (a partition) never answers a close: exit all the same.
-        try:
-            async with asyncio.timeout(DB_CLOSE_S):
-                await db.aclose()
-        except TimeoutError:
+        if not await finish_within(db.aclose(), DB_CLOSE_S):
             err.print("warning: the database did not answer the close; exiting", markup=False)
 
 
@@ -286,9 +284,7 @@ def worker(
         finally:
             if sender is not None:  # after the drain, whose last job ends queue some
                 await sender.aclose()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(DB_CLOSE_S):  # a bus on the store, out of reach
-                    await bus.aclose()
+            await finish_within(bus.aclose(), DB_CLOSE_S)  # a bus on the store, out of reach
             await blobs.aclose()
 
     asyncio.run(_with_db(settings, run))

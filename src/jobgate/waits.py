@@ -1,8 +1,11 @@
-"""Waiting for an event, at most so long: the idiom of every loop that sleeps until woken."""
+"""Waiting at most so long: for an event (every loop that sleeps until woken), for a
+task to end, or for one step of a shutdown."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import Any
 
 
 async def wait_at_most(event: asyncio.Event, seconds: float) -> bool:
@@ -16,6 +19,29 @@ async def wait_at_most(event: asyncio.Event, seconds: float) -> bool:
     try:
         async with asyncio.timeout(seconds):
             await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def end_task(task: asyncio.Task[Any], within_s: float) -> BaseException | None:
+    """Let `task` end by itself within `within_s`, else cancel it and wait as long again
+    (a loop stuck on a store that never answers, as in a partition, must not hold up a
+    stop). Returns what the task raised, if it ended by raising (not by a cancel)."""
+    done, _ = await asyncio.wait([task], timeout=within_s)
+    if not done:
+        task.cancel()
+        await asyncio.wait([task], timeout=within_s)
+    if task.done() and not task.cancelled():
+        return task.exception()
+    return None
+
+
+async def finish_within(step: Awaitable[None], within_s: float) -> bool:
+    """Await `step` for at most `within_s`, cancelling it past that; whether it finished."""
+    try:
+        async with asyncio.timeout(within_s):
+            await step
     except TimeoutError:
         return False
     return True

@@ -33,7 +33,7 @@ from jobgate.config import Settings
 from jobgate.ids import now
 from jobgate.store import Database
 from jobgate.store.repositories import webhooks as webhook_repo
-from jobgate.waits import wait_at_most
+from jobgate.waits import end_task, wait_at_most
 from jobgate.webhooks import signing, ssrf
 
 log = structlog.get_logger("jobgate.webhooks")
@@ -123,10 +123,7 @@ class WebhookSender:
         if self._task is not None:
             # It ends at its next turn; one stuck in a claim the store never answers
             # (a partition) is cancelled: what it claimed goes back with the lease.
-            done, _ = await asyncio.wait([self._task], timeout=CLAIM_LOOP_STOP_S)
-            if not done:
-                self._task.cancel()
-                await asyncio.wait([self._task], timeout=CLAIM_LOOP_STOP_S)
+            await end_task(self._task, CLAIM_LOOP_STOP_S)
             self._task = None
         if self._sending:
             grace = self.timeout_s + 1.0 if grace_s is None else grace_s

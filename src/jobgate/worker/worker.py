@@ -28,7 +28,7 @@ from jobgate.store.repositories import workers as worker_repo
 from jobgate.transport.base import Delivery, Transport
 from jobgate.transport.outbox import OutboxRelay
 from jobgate.transport.wakeups import PostgresWakeups
-from jobgate.waits import wait_at_most
+from jobgate.waits import end_task, finish_within, wait_at_most
 from jobgate.worker import executors, liveness
 from jobgate.worker.group_commit import GroupCommit, Regroup
 from jobgate.worker.processes import ProcessDied, ProcessPool
@@ -939,19 +939,13 @@ def _observe(pipeline: str, stage: str, outcome: str, seconds: float) -> None:
 
 
 async def _end(task: asyncio.Task[Any], within_s: float) -> None:
-    """Let `task` end by itself within `within_s`, else cancel it (and wait as long again)."""
-    done, _ = await asyncio.wait([task], timeout=within_s)
-    if not done:
-        task.cancel()
-        await asyncio.wait([task], timeout=within_s)
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        log.warning("worker_loop_failed", error=repr(task.exception()))
+    """Let `task` end by itself within `within_s`, else cancel it (`end_task`)."""
+    failure = await end_task(task, within_s)
+    if failure is not None:
+        log.warning("worker_loop_failed", error=repr(failure))
 
 
 async def _bounded(step: Awaitable[None], name: str, within_s: float = STOP_STEP_S) -> None:
     """One clean-up step of a stop, given at most `within_s`."""
-    try:
-        async with asyncio.timeout(within_s):
-            await step
-    except TimeoutError:
+    if not await finish_within(step, within_s):
         log.warning("worker_stop_step_timed_out", step=name, after_s=within_s)
