@@ -17,6 +17,8 @@ import pytest
 from fastapi import FastAPI
 
 from jobgate.api.uploads import Form, UploadedFile
+from jobgate.ids import now
+from jobgate.store.repositories import blobs as blob_repo
 from tests.api.helpers import asgi_scope, blob_root, multipart, state_of
 
 MakeClient = Any
@@ -148,4 +150,49 @@ async def test_discard_removes_what_a_refused_request_created_and_nobody_recorde
     await form.discard(state.blobs, state.db)
     assert not await state.blobs.exists(published.sha256)
     assert not await state.blobs.exists(staged.sha256)
+    assert list((blob_root(app) / "tmp").glob("*.part")) == []
+
+
+async def test_a_refused_request_keeps_the_bytes_another_request_published_but_not_committed(
+    app: FastAPI, make_client: MakeClient
+) -> None:
+    """Bob's request publishes the bytes first (creating the blob); Alice's publishes the
+    same bytes (finding them stored) and has yet to commit her row when Bob's is refused.
+    The blob stays, and Alice's job can use it (regression: Bob's refusal removed it, as
+    no committed row referred to it yet; a probe lost Alice's file in 64 of 300 rounds)."""
+    state = state_of(app)
+    content = b"same bytes " + os.urandom(8).hex().encode() + b"\n"
+
+    async def chunks() -> Any:
+        yield content
+
+    bobs = Form(
+        files=[
+            UploadedFile("files", "b.txt", await state.blobs.stage_stream(chunks()), "text/plain")
+        ]
+    )
+    await bobs.publish()
+    alices = Form(
+        files=[
+            UploadedFile("files", "a.txt", await state.blobs.stage_stream(chunks()), "text/plain")
+        ]
+    )
+    await alices.publish()
+    assert [f.blob.stored.created for f in bobs.files + alices.files if f.blob.stored] == [
+        True,
+        False,
+    ]
+
+    await bobs.discard(state.blobs, state.db)
+    sha256 = hashlib.sha256(content).hexdigest()
+    stored = state.blobs.local_path(sha256)
+    assert stored is not None
+    assert stored.read_bytes() == content
+    async with state.db.write() as conn:  # what Alice's request does next
+        row = blob_repo.BlobRow(sha256=sha256, size=len(content), content_type="text/plain")
+        await blob_repo.add(conn, [row], at=now())
+        await blob_repo.grant(conn, [sha256], owner="alice", at=now())
+    alice = await make_client("alice")
+    job = await alice.post("/v1/jobs", json={"pipeline": "text-stats", "files": [sha256]})
+    assert job.status_code == 202, job.text
     assert list((blob_root(app) / "tmp").glob("*.part")) == []

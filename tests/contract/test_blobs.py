@@ -16,6 +16,7 @@ from jobgate.blobs import (
     InvalidDigest,
     discard,
     is_sha256,
+    local,
     open_blob_store,
 )
 from jobgate.blobs.local import CHUNK_BYTES, LocalBlobStore
@@ -386,3 +387,63 @@ async def test_discard_keeps_blobs_named_in_keep(store: BlobStore) -> None:
     await discard(store, kept, dropped, keep={kept.sha256})
     assert await store.exists(kept.sha256)
     assert not await store.exists(dropped.sha256)
+
+
+# -- withdrawing what a refused request created ---------------------------------------
+# The creator of a blob may be refused while another writer of the same bytes, which
+# found the blob stored, has yet to commit the row that refers to it.
+
+
+async def test_withdraw_removes_a_blob_nobody_else_wrote(store: BlobStore) -> None:
+    blob = await store.put_bytes(b"only mine")
+    assert await store.withdraw(blob)
+    assert not await store.exists(blob.sha256)
+    assert leftovers(store) == []
+
+
+async def test_withdraw_keeps_a_blob_another_writer_found_stored(store: BlobStore) -> None:
+    """The second writer found the bytes there (`created` False) and relies on them:
+    the creator's withdraw leaves them (regression: it removed them, and the second
+    writer's committed job had no input file)."""
+    mine = await store.put_bytes(b"shared bytes")
+    theirs = await store.put_bytes(b"shared bytes")
+    assert mine.created
+    assert not theirs.created
+    assert not await store.withdraw(mine)
+    assert await store.exists(mine.sha256)
+    assert leftovers(store) == []
+
+
+async def test_a_writer_after_a_withdraw_publishes_its_own_copy(store: BlobStore) -> None:
+    mine = await store.put_bytes(b"gone, then back")
+    assert await store.withdraw(mine)
+    theirs = await store.put_bytes(b"gone, then back")
+    assert theirs.created
+    assert await store.exists(theirs.sha256)
+
+
+async def test_a_writer_finding_the_blob_mid_withdraw_keeps_its_bytes(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other writer comes while the creator is withdrawing, between moving the file
+    aside and checking it: its publish starts again and stores its own copy, and the
+    creator's check finds the file unclaimed and removes only its moved copy."""
+    assert isinstance(store, LocalBlobStore)
+    mine = await store.put_bytes(b"raced bytes")
+    theirs: list[bool] = []
+    real_stat = local.os.stat
+
+    def stat_then_publish(path: object, *args: object, **kwargs: object) -> object:
+        if str(path).endswith(".part") and "withdrawn-" in str(path) and not theirs:
+            # Between the creator's move and its check: a synchronous publish of the
+            # other writer, in this thread (the withdraw runs in a worker thread).
+            theirs.append(asyncio.run(store.put_bytes(b"raced bytes")).created)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(local.os, "stat", stat_then_publish)
+    removed = await store.withdraw(mine)
+    monkeypatch.undo()
+    assert theirs == [True]
+    assert removed
+    assert store.local_path(mine.sha256).read_bytes() == b"raced bytes"
+    assert leftovers(store) == []

@@ -68,12 +68,15 @@ class StoredBlob:
         head: Its first `HEAD_BYTES` bytes (all of them if shorter), for type sniffing.
         created: Whether this write created the blob (False: the bytes were already
             stored, perhaps for someone else, so `discard` leaves them alone).
+        stamp: What the creator needs to `withdraw` the blob (the local store: its
+            modification time as published, which a later writer of the same bytes moves).
     """
 
     sha256: str
     size: int
     head: bytes
     created: bool = True
+    stamp: int = 0
 
 
 class StagedBlob(Protocol):
@@ -198,6 +201,16 @@ class BlobStore(Protocol):
         """
         ...
 
+    async def withdraw(self, blob: StoredBlob) -> bool:
+        """Remove a blob that this caller's write created, unless another writer has
+        published the same bytes since, or does so meanwhile: it then stays. Whether it
+        was removed. For undoing a refused request; `delete` removes unconditionally.
+
+        Raises:
+            InvalidDigest: `blob.sha256` is not a canonical digest.
+        """
+        ...
+
     async def delete(self, sha256: str) -> None:
         """Remove the blob; removing a missing blob is not an error.
 
@@ -225,17 +238,11 @@ class BlobStore(Protocol):
 async def discard(store: BlobStore, *blobs: StoredBlob, keep: Collection[str] = ()) -> None:
     """Remove the published blobs a refused request created, so it leaves no file behind.
 
-    Kept are the blobs that were already stored before the request (`created` is False)
-    and those named in `keep`: the hashes a committed row refers to, which the caller
-    reads from the store just before. The same bytes may belong to another caller, who
-    published them after this request did (and so did not create them).
-
-    One window remains: another request that publishes the same bytes after this
-    request did, and commits its row between the caller's read of `keep` and this
-    call, loses them. So publish only after the whole request is read and validated
-    (`BlobStore.stage_stream`), just before writing the rows, which keeps that window
-    short and in the server's hands, never the client's; the garbage collector is the
-    backstop for anything left over.
+    Kept are the blobs that were already stored before the request (`created` is False),
+    those named in `keep` (the hashes a committed row refers to, which the caller reads
+    from the store just before), and those another writer published too, before or
+    during the removal (`BlobStore.withdraw`): the same bytes may be another caller's,
+    whose row is not committed yet.
 
     Args:
         store: The store the blobs were written to.
@@ -244,4 +251,4 @@ async def discard(store: BlobStore, *blobs: StoredBlob, keep: Collection[str] = 
     """
     for blob in blobs:
         if blob.created and blob.sha256 not in keep:
-            await store.delete(blob.sha256)
+            await store.withdraw(blob)

@@ -24,6 +24,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -130,8 +131,8 @@ class LocalBlobStore:
             # wait for it, so that no temporary file outlives the request.
             stop.set()
             await asyncio.wait([task])
-            if not task.cancelled() and task.exception() is None and task.result().created:
-                await self.delete(task.result().sha256)
+            if not task.cancelled() and task.exception() is None:
+                await self.withdraw(task.result())
             raise
         except OSError as exc:
             raise BlobError(f"Cannot store a copy of {path}: {exc}") from exc
@@ -151,7 +152,9 @@ class LocalBlobStore:
             except BaseException:
                 writer.discard()
                 raise
-        return StoredBlob(sha256=sha256, size=writer.size, head=head, created=created)
+        return StoredBlob(
+            sha256=sha256, size=writer.size, head=head, created=created, stamp=writer.stamp
+        )
 
     # -- reading and removing ---------------------------------------------------------
 
@@ -162,6 +165,18 @@ class LocalBlobStore:
     async def exists(self, sha256: str) -> bool:
         """Whether the blob is stored; see `BlobStore.exists`."""
         return await asyncio.to_thread(self.local_path(sha256).is_file)
+
+    async def withdraw(self, blob: StoredBlob) -> bool:
+        """Remove a blob this caller created, unless it was claimed; see
+        `BlobStore.withdraw`."""
+        if not blob.created or not blob.stamp:
+            return False
+        final = self.local_path(blob.sha256)
+        try:
+            await asyncio.to_thread(self._tmp.mkdir, parents=True, exist_ok=True)
+            return await asyncio.to_thread(_withdraw, final, blob.stamp, self._tmp)
+        except OSError as exc:
+            raise BlobError(f"Cannot withdraw blob {blob.sha256}: {exc}") from exc
 
     async def delete(self, sha256: str) -> None:
         """Remove the blob if it is there; see `BlobStore.delete`."""
@@ -216,7 +231,13 @@ class LocalStagedBlob:
         """The published blob, or None; see `StagedBlob.stored`."""
         if self._writer.created is None:
             return None
-        return StoredBlob(self.sha256, self.size, self.head, created=self._writer.created)
+        return StoredBlob(
+            self.sha256,
+            self.size,
+            self.head,
+            created=self._writer.created,
+            stamp=self._writer.stamp,
+        )
 
     async def publish(self) -> StoredBlob:
         """Link the file under its hash; see `StagedBlob.publish`."""
@@ -249,6 +270,7 @@ class _TempFile:
         self.path = Path(name)
         self.size = 0
         self.created: bool | None = None  # once published: whether it was new there
+        self.stamp = 0  # once published as new: its mtime then (ns), for `withdraw`
         self._fsync = fsync
         self._hash = hashlib.sha256()
         self._file: BinaryIO = os.fdopen(fd, "wb")
@@ -272,19 +294,27 @@ class _TempFile:
         sha256 = self.finish()
         final = _blob_path(root, sha256)
         final.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # A hard link publishes atomically *and* fails if the blob exists, so two
-            # writers of the same bytes agree on which one created it.
-            os.link(self.path, final)
-        except FileExistsError:
-            created = False
-        except OSError:
-            # Filesystems without hard links: rename instead (still atomic; a racing
-            # writer of the same bytes may then also report `created`).
-            created = not final.exists()
-            os.replace(self.path, final)
+        stamp = os.stat(self.path).st_mtime_ns  # the link's too: one inode
+        for _ in range(_PUBLISH_TRIES):
+            try:
+                # A hard link publishes atomically *and* fails if the blob exists, so
+                # two writers of the same bytes agree on which one created it.
+                os.link(self.path, final)
+            except FileExistsError:
+                if not _claim(final):
+                    continue  # its creator withdrew it just now: publish ours
+                created = False
+            except OSError:
+                # Filesystems without hard links: rename instead (still atomic; a racing
+                # writer of the same bytes may then also report `created`).
+                created = not final.exists()
+                os.replace(self.path, final)
+                self.stamp = stamp if created else 0
+            else:
+                created, self.stamp = True, stamp
+            break
         else:
-            created = True
+            raise BlobError(f"Cannot publish blob {sha256}: it keeps being withdrawn")
         self.created = created
         self.path.unlink(missing_ok=True)
         return sha256, created
@@ -297,6 +327,42 @@ class _TempFile:
 
 def _blob_path(root: Path, sha256: str) -> Path:
     return root / sha256[:2] / sha256[2:4] / sha256
+
+
+# Same bytes, one file, two owners' requests: the one that created the file may be
+# refused and withdraw it while the other, which found it there, has yet to commit the
+# row that refers to it. The finder marks the file by moving its modification time on
+# (`_claim`). The creator moves the file aside first, then looks at the mark (`_withdraw`):
+# a finder that came before the move has marked it, and it goes back; one that comes
+# after finds no file and publishes its own copy. Either way the bytes stay.
+_PUBLISH_TRIES = 10
+
+
+def _claim(final: Path) -> bool:
+    """Mark an existing blob as wanted by one more writer; False if it is gone."""
+    try:
+        found = os.stat(final)
+        os.utime(final, ns=(found.st_atime_ns, found.st_mtime_ns + 1))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _withdraw(final: Path, stamp: int, aside_dir: Path) -> bool:
+    """Remove `final` unless its mark moved past `stamp`; whether it was removed."""
+    aside = aside_dir / f"withdrawn-{uuid.uuid4().hex}.part"
+    try:
+        os.rename(final, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if os.stat(aside).st_mtime_ns == stamp:
+            return True
+        with contextlib.suppress(FileExistsError):  # published again meanwhile: as good
+            os.link(aside, final)
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 def _join(chunks: list[bytes]) -> bytes:
