@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from typing import Any
 from unittest.mock import patch
 
@@ -192,6 +193,38 @@ async def test_uploaded_files_can_be_named_by_sha256(make_client: Any) -> None:
     assert [f["sha256"] for f in files] == [u["sha256"] for u in uploaded]
     assert files[1]["name"] == "b.txt"
     assert files[1]["size"] == 4
+
+
+async def test_the_type_of_shared_bytes_follows_each_owners_name_not_the_first_upload(
+    make_client: Any,
+) -> None:
+    """Alice uploads plain text as `page.html`; Bob uploads the same bytes as `notes.txt`
+    (201, text/plain) and submits them by hash under that name: text/plain, accepted
+    (regression: the first upload's `.html` type stuck to the bytes for every owner, and
+    Bob's job was 415). A name given in the submit narrows the type as an upload's does."""
+    content = b"plain words, " + os.urandom(4).hex().encode() + b"\n"
+    alice, bob = await make_client("alice"), await make_client("bob")
+    first = await alice.post("/v1/files", files=[("files", ("page.html", content))])
+    assert first.json()["files"][0]["content_type"] == "text/html"
+    upload = await bob.post("/v1/files", files=[("files", ("notes.txt", content))])
+    assert upload.json()["files"][0]["content_type"] == "text/plain"
+    sha256 = upload.json()["files"][0]["sha256"]
+    job = await bob.post(
+        "/v1/jobs",
+        json={"pipeline": "text-stats", "files": [{"sha256": sha256, "name": "notes.txt"}]},
+    )
+    assert job.status_code == 202, job.text
+    assert job.json()["files"][0]["content_type"] == "text/plain"
+    as_csv = await bob.post(
+        "/v1/jobs",
+        json={"pipeline": "text-stats", "files": [{"sha256": sha256, "name": "t.csv"}]},
+    )
+    assert as_csv.json()["files"][0]["content_type"] == "text/csv"
+    as_html = await alice.post(
+        "/v1/jobs",
+        json={"pipeline": "text-stats", "files": [{"sha256": sha256, "name": "page.html"}]},
+    )
+    assert as_html.status_code == 415
 
 
 async def test_same_bytes_are_stored_once(app: FastAPI, make_client: Any) -> None:

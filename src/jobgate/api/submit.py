@@ -48,7 +48,7 @@ from jobgate.errors import (
 from jobgate.ids import month_start, now, uuid7
 from jobgate.observability import metrics
 from jobgate.pipelines import Pipeline, Registry
-from jobgate.pipelines.files import sanitize_filename
+from jobgate.pipelines.files import by_name, sanitize_filename
 from jobgate.store.repositories import blobs as blob_repo
 from jobgate.store.repositories import idempotency
 from jobgate.store.repositories import jobs as job_repo
@@ -278,12 +278,14 @@ async def _files(
                 f"no file {sha}",
                 errors=[{"loc": ["files", index], "msg": "No such file"}],
             )
+        safe_name = sanitize_filename(name) if name else sha
         files.append(
             {
-                "name": sanitize_filename(name) if name else sha,
+                "name": safe_name,
                 "sha256": sha,
                 "size": row.size,
-                "content_type": row.content_type,
+                # The bytes' type, narrowed by this job's name for them, as for an upload.
+                "content_type": by_name(row.content_type, safe_name),
             }
         )
     return files
@@ -527,7 +529,7 @@ async def commit(
                 await blob_repo.add(
                     conn,
                     (
-                        blob_repo.BlobRow(sha256=f.sha256, size=f.size, content_type=f.content_type)
+                        blob_repo.BlobRow(sha256=f.sha256, size=f.size, content_type=f.bytes_type)
                         for f in uploads
                     ),
                     at=at,

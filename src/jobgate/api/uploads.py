@@ -179,6 +179,12 @@ class UploadedFile:
         return self.blob.sha256
 
     @property
+    def bytes_type(self) -> str:
+        """The type the bytes alone give, which the blob's row keeps: the same bytes
+        are one blob for every owner, each naming them as they like (`by_name`)."""
+        return sniff(self.blob.head)
+
+    @property
     def size(self) -> int:
         return self.blob.size
 

@@ -22,16 +22,20 @@ _SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"PK\x05\x06", "application/zip"),
     (0, b"\x1f\x8b", "application/gzip"),
     (0, b"\x7fELF", "application/x-executable"),
-    (0, b"MZ", "application/x-msdownload"),
-    (0, b"ID3", "audio/mpeg"),
-    (0, b"fLaC", "audio/flac"),
-    (0, b"OggS", "audio/ogg"),
     (0, b"\x1aE\xdf\xa3", "video/webm"),
     (0, b"\x00\x00\x01\x00", "image/x-icon"),
-    (0, b"BM", "image/bmp"),
     (0, b"\x93NUMPY", "application/x-npy"),
-    (0, b"PAR1", "application/vnd.apache.parquet"),
     (0, b"SQLite format 3\x00", "application/vnd.sqlite3"),
+)
+# Magic bytes that plain text may start with too ("BMW,Audi" in a CSV, "MZ Corp", "ID3
+# tags are..."): they name a binary format only when the bytes are not text.
+_WEAK_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"MZ", "application/x-msdownload"),
+    (b"ID3", "audio/mpeg"),
+    (b"fLaC", "audio/flac"),
+    (b"OggS", "audio/ogg"),
+    (b"BM", "image/bmp"),
+    (b"PAR1", "application/vnd.apache.parquet"),
 )
 _TEXT_BY_SUFFIX = {
     ".md": "text/markdown",
@@ -58,6 +62,11 @@ def sniff(head: bytes, filename: str = "") -> str:
     for offset, magic, mime in _SIGNATURES:
         if head[offset : offset + len(magic)] == magic:
             return mime
+    binary = b"\x00" in head or sum(b in _CONTROL for b in head) > len(head) // 100
+    if binary:
+        for magic, mime in _WEAK_SIGNATURES:
+            if head.startswith(magic):
+                return mime
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
         return "audio/wav"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
@@ -68,17 +77,29 @@ def sniff(head: bytes, filename: str = "") -> str:
         return "audio/mpeg"
     if not head:
         return "text/plain"
-    if b"\x00" in head or sum(b in _CONTROL for b in head) > len(head) // 100:
+    if binary:
         return "application/octet-stream"
     stripped = head.lstrip()[:256].lower()
     if stripped.startswith((b"<!doctype html", b"<html", b"<script")):
         return "text/html"
     if stripped.startswith(b"<svg") or (stripped.startswith(b"<?xml") and b"<svg" in head):
         return "image/svg+xml"
+    return by_name("text/plain", filename)
+
+
+def by_name(mime: str, filename: str) -> str:
+    """`mime`, or for plain text the narrower type the file's name gives (`.csv`:
+    `text/csv`), as `sniff` does: `sniff(head, name) == by_name(sniff(head), name)`."""
+    if mime != "text/plain":
+        return mime
     return _TEXT_BY_SUFFIX.get(Path(filename).suffix.lower(), "text/plain")
 
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 controls, line and paragraph separators, and every bidi control (marks,
+# embeddings, overrides, isolates).
+_UNSAFE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
 MAX_FILENAME = 255
 
 

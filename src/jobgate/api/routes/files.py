@@ -55,7 +55,7 @@ async def upload_files(
             await blob_repo.add(
                 conn,
                 (
-                    blob_repo.BlobRow(sha256=f.sha256, size=f.size, content_type=f.content_type)
+                    blob_repo.BlobRow(sha256=f.sha256, size=f.size, content_type=f.bytes_type)
                     for f in form.files
                 ),
                 at=at,
