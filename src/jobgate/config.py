@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     max_jobs_per_request: int = Field(100, ge=1)
     max_upload_bytes: int = Field(100_000_000, ge=1)
     max_upload_parts: int = Field(100, ge=1)
+    body_idle_timeout_s: float = Field(
+        60.0, gt=0, description="408 when no byte of a request body arrives for this long"
+    )
     list_max_limit: int = Field(50, ge=1)
     job_budget_usd: float = Field(2000.0, ge=0)
     user_monthly_budget_usd: float = Field(

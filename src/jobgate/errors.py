@@ -74,6 +74,12 @@ class UnknownPipeline(RequestError):
     status, slug, title = 422, "unknown-pipeline", "Unknown pipeline"
 
 
+class RequestTimeout(RequestError):
+    """The client stopped sending its request body."""
+
+    status, slug, title = 408, "request-timeout", "Request timeout"
+
+
 class FileTooLarge(RequestError):
     """The upload is larger than allowed."""
 

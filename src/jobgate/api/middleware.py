@@ -13,12 +13,16 @@ Key contracts:
 - Metrics are labelled by route template (`/v1/jobs/{job_id}`), never the raw path.
 - An answer given before the request's body was read to its end says
   `Connection: close`, so the server stops reading a refused upload at once.
+- A body that stops arriving for `body_idle_timeout_s` fails its read with
+  `RequestTimeout` (408): a stalled client holds no temporary file, socket or task for
+  longer than that.
 - The middleware wraps the whole stack, outside Starlette's `ServerErrorMiddleware`,
   so even a 500 gets the header, the log line and the metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
@@ -28,6 +32,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobgate.config import Settings
+from jobgate.errors import RequestTimeout
 from jobgate.ids import uuid7
 from jobgate.observability import metrics
 
@@ -70,8 +75,9 @@ def route_template(scope: Scope) -> str:
 class RequestContextMiddleware:
     """Request id, access log and request metrics for every HTTP request."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, body_idle_timeout_s: float = 60.0) -> None:
         self.app = app
+        self.body_idle_timeout_s = body_idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection; non-HTTP scopes pass straight through."""
@@ -86,7 +92,15 @@ class RequestContextMiddleware:
 
         async def receive_tracking() -> Message:
             nonlocal body_read
-            message = await receive()
+            if body_read:  # now a wait for the disconnect (SSE), which may be long
+                return await receive()
+            try:
+                async with asyncio.timeout(self.body_idle_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no byte of the request body arrived for {self.body_idle_timeout_s:g} s"
+                ) from None
             if message["type"] == "http.request" and not message.get("more_body", False):
                 body_read = True
             return message
@@ -155,12 +169,13 @@ def install(app: FastAPI, settings: Settings) -> None:
 
     Args:
         app: The FastAPI app.
-        settings: Unused for now; kept so middleware can become configurable.
+        settings: Where `body_idle_timeout_s` comes from.
     """
-    del settings
     build_stack = app.build_middleware_stack
 
     def build_wrapped_stack() -> ASGIApp:
-        return RequestContextMiddleware(build_stack())
+        return RequestContextMiddleware(
+            build_stack(), body_idle_timeout_s=settings.body_idle_timeout_s
+        )
 
     app.build_middleware_stack = build_wrapped_stack  # type: ignore[method-assign]
