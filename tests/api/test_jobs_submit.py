@@ -481,3 +481,30 @@ async def test_an_idle_server_starts_idempotent_submits_in_their_transaction(
         statuses = (await conn.execute(select(tables.jobs.c.id, tables.jobs.c.status))).all()
     assert {status for _, status in statuses} == {"succeeded"}
     assert len(statuses) == 2
+
+
+@pytest.mark.parametrize(
+    ("disposition", "expected"),
+    [
+        (b"filename*=UTF-8''caf%C3%A9.txt", "café.txt"),
+        (b"filename*=ISO-8859-1'fr'caf%E9.txt", "café.txt"),
+        (b"filename=\"fallback.txt\"; filename*=UTF-8''r%C3%A9el.txt", "réel.txt"),
+        (b'filename="plain.txt"', "plain.txt"),
+    ],
+)
+async def test_rfc_5987_file_names_are_decoded_in_their_charset(
+    make_client: Any, disposition: bytes, expected: str
+) -> None:
+    """`filename*` is decoded in the charset it names (regression: ISO-8859-1 was read
+    as UTF-8, giving U+FFFD), and wins over a plain `filename` (RFC 6266)."""
+    user = await make_client("names")
+    body = (
+        b'--B\r\nContent-Disposition: form-data; name="files"; '
+        + disposition
+        + b"\r\n\r\nsome text\r\n--B--\r\n"
+    )
+    upload = await user.post(
+        "/v1/files", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"}
+    )
+    assert upload.status_code == 201, upload.text
+    assert upload.json()["files"][0]["name"] == expected

@@ -352,14 +352,17 @@ def _disposition(headers: Mapping[bytes, bytes]) -> tuple[str, str | None]:
         raise MalformedRequest("a multipart part is not form-data with a name")
     name = options[b"name"].decode("utf-8", "replace")
     filename: str | None = None
-    if b"filename" in options:
+    # RFC 5987 `filename*=charset'lang'value`, which python_multipart does not decode,
+    # comes first where both are given (RFC 6266: `filename` is the fallback for old
+    # clients). Its charsets are UTF-8 and ISO-8859-1.
+    match = _FILENAME_STAR.search(raw.decode("latin-1"))
+    if match:
+        prefix, _, encoded = match.group(1).strip().strip('"').rpartition("'")
+        charset = prefix.split("'", 1)[0].strip().lower()
+        encoding = "iso-8859-1" if charset in ("iso-8859-1", "latin-1", "latin1") else "utf-8"
+        filename = unquote(encoded, encoding=encoding, errors="replace")
+    elif b"filename" in options:
         filename = options[b"filename"].decode("utf-8", "replace")
-    else:
-        # RFC 5987 `filename*=UTF-8''...`, which python_multipart does not decode.
-        match = _FILENAME_STAR.search(raw.decode("latin-1"))
-        if match:
-            _charset, _, encoded = match.group(1).strip().strip('"').rpartition("'")
-            filename = unquote(encoded, errors="replace")
     return name, filename
 
 
