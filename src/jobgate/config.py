@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     max_jobs_per_request: int = Field(100, ge=1)
     max_upload_bytes: int = Field(100_000_000, ge=1)
     max_upload_parts: int = Field(100, ge=1)
+    max_json_bytes: int = Field(
+        10_000_000, ge=1, description="a JSON body is parsed whole in memory: its largest size"
+    )
     body_idle_timeout_s: float = Field(
         60.0, gt=0, description="408 when no byte of a request body arrives for this long"
     )

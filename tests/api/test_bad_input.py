@@ -402,6 +402,25 @@ async def test_huge_upload_is_cut_off_without_reading_it(
     await guard.check()
 
 
+async def test_a_json_body_has_its_own_smaller_limit(
+    app_factory: AppFactory, expect_problem: Problem
+) -> None:
+    """A JSON body is parsed whole in memory, so it is held to `JOBGATE_MAX_JSON_BYTES`
+    (413), not to the upload limit; a multipart upload of more is still read."""
+    app = await app_factory(max_json_bytes=10_000, max_upload_bytes=1_000_000)
+    big = {"pipeline": "steps", "params": {"steps": 1}, "metadata": {"x": "y" * 20_000}}
+    async with await client_for(app) as user:
+        body = expect_problem(await user.post("/v1/jobs", json=big), 413, "file-too-large")
+        assert "10000 bytes" in body["detail"]
+        expect_problem(
+            await user.post("/v1/jobs/batch", json={"jobs": [big]}), 413, "file-too-large"
+        )
+        small = await user.post("/v1/jobs", json={"pipeline": "steps", "params": {"steps": 1}})
+        assert small.status_code == 202, small.text
+        upload = await user.post("/v1/files", files=[("files", ("big.txt", b"word " * 40_000))])
+        assert upload.status_code == 201, upload.text
+
+
 async def test_declared_length_over_the_limit_is_refused_before_reading(
     app_factory: AppFactory, expect_problem: Problem
 ) -> None:

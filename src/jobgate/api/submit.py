@@ -35,6 +35,7 @@ from jobgate.api.uploads import (
     read_json,
 )
 from jobgate.auth import Principal
+from jobgate.config import Settings
 from jobgate.errors import (
     BudgetExceeded,
     FileTooLarge,
@@ -186,7 +187,7 @@ async def read_submission(request: Request, state: AppState) -> Submission:
     """
     settings = state.settings
     if body_kind(request) == "json":
-        raw = await read_json(request, max_bytes=settings.max_upload_bytes)
+        raw = await read_json(request, max_bytes=json_limit(settings))
         body = parse_model(JobSubmit, raw)
         return Submission(body=body, fingerprint=body.model_dump(mode="json"))
     form = await parse_form(
@@ -580,8 +581,13 @@ def _count_submitted(new_jobs: Sequence[NewJob]) -> None:
         metrics.JOBS_SUBMITTED.labels(pipeline=pipeline).inc(count)
 
 
+def json_limit(settings: Settings) -> int:
+    """The most bytes a JSON body may have: its own limit, within the upload limit."""
+    return min(settings.max_json_bytes, settings.max_upload_bytes)
+
+
 async def read_json_body(request: Request, state: AppState) -> Any:
     """A JSON-only route's body (415 for another content type)."""
     if body_kind(request) != "json":
         raise HTTPException(415, "send application/json")
-    return await read_json(request, max_bytes=state.settings.max_upload_bytes)
+    return await read_json(request, max_bytes=json_limit(state.settings))
