@@ -77,6 +77,48 @@ async def test_idle_pooled_connections_killed_by_the_server_are_replaced(
         await db.aclose()
 
 
+async def test_a_session_stopped_inside_a_transaction_is_ended_and_frees_its_locks(
+    postgres_db_url: str,
+) -> None:
+    """A process that stops mid-transaction (frozen, or cut off by a partition) holding
+    a row lock: the server ends its session after the idle-in-transaction timeout, so
+    another writer gets the row in seconds, not when TCP gives up hours later."""
+    holder = Database(postgres_db_url, idle_in_transaction_s=0.5)
+    other = Database(postgres_db_url)
+    try:
+        async with other.write() as conn:
+            await conn.execute(insert(jobs).values(_job_row("idle-lock-job")))
+        waited: list[float] = []
+
+        async def lock_then_stop() -> None:
+            async with holder.write() as conn:
+                await conn.execute(
+                    select(jobs.c.id).where(jobs.c.id == "idle-lock-job").with_for_update()
+                )
+                started = asyncio.get_running_loop().time()
+                async with other.write() as waiting:
+                    await waiting.execute(text("SET LOCAL lock_timeout = '10s'"))
+                    await waiting.execute(update_job_status("idle-lock-job", "running"))
+                waited.append(asyncio.get_running_loop().time() - started)
+                await conn.execute(text("SELECT 1"))  # the session is gone
+
+        with pytest.raises(DBAPIError):
+            await lock_then_stop()
+        assert 0.3 < waited[0] < 5
+        async with other.read() as conn:
+            status = await conn.scalar(select(jobs.c.status).where(jobs.c.id == "idle-lock-job"))
+        assert status == "running"
+    finally:
+        async with other.write() as conn:
+            await conn.execute(jobs.delete().where(jobs.c.id == "idle-lock-job"))
+        await holder.aclose()
+        await other.aclose()
+
+
+def update_job_status(job_id: str, status: str) -> Any:
+    return jobs.update().where(jobs.c.id == job_id).values(status=status)
+
+
 def _job_row(job_id: str, **changes: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "id": job_id,

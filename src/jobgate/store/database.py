@@ -45,6 +45,12 @@ class NotedRows(list[dict[str, Any]]):
         return self._db.on_rows is not None and self._db.rows_wanted
 
 
+IDLE_IN_TRANSACTION_S = 60.0
+"""PostgreSQL ends a session idle this long inside a transaction, freeing its locks.
+jobgate's transactions never wait on anything but the store and, for a submit, the
+limits' Redis (seconds at most)."""
+
+
 class Database:
     """One engine and the two ways to use it: `read()` and `write()` transactions.
 
@@ -64,7 +70,13 @@ class Database:
     """Whether `on_rows` has a use now (a global stream is open in this process)."""
 
     def __init__(
-        self, url: str, *, echo: bool = False, pool_size: int = 20, outbox: bool = False
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        pool_size: int = 20,
+        outbox: bool = False,
+        idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S,
     ) -> None:
         self.url = url
         # With an external transport, every task made ready also leaves an outbox token.
@@ -79,6 +91,14 @@ class Database:
             options["connect_args"] = {"timeout": 30}
         else:
             options.update(pool_size=pool_size, max_overflow=pool_size)
+            if parsed.get_driver_name() == "asyncpg":
+                # A session that stops mid-transaction (a process cut off by a
+                # partition, frozen, or stuck) would hold its row locks until TCP
+                # gives up on it, hours later: the server ends it instead.
+                idle_ms = str(max(1, round(idle_in_transaction_s * 1000)))
+                options["connect_args"] = {
+                    "server_settings": {"idle_in_transaction_session_timeout": idle_ms}
+                }
         self.engine: AsyncEngine = create_async_engine(url, **options)
         if not self.is_sqlite:
             event.listen(self.engine.sync_engine.pool, "checkin", _note_checkin)
