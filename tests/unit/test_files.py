@@ -42,6 +42,8 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 20
         (b"BM\x36\x00\x0c\x00\x00\x00\x00\x00\x36\x00\x00\x00\x28\x00", "a.txt", "image/bmp"),
         (b"MZ\x90\x00\x03\x00\x00\x00\x04\x00", "a.txt", "application/x-msdownload"),
         (b"OggS\x00\x02\x00\x00", "a.txt", "audio/ogg"),
+        (b"\xef\xbb\xbf<!DOCTYPE html><p>x", "a.txt", "text/html"),  # after a UTF-8 BOM
+        (b"one\x0btwo\n", "a.txt", "text/plain"),  # a vertical tab is text
     ],
 )
 def test_sniff_trusts_bytes_over_names(head: bytes, name: str, expected: str) -> None:

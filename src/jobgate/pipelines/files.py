@@ -49,7 +49,8 @@ _TEXT_BY_SUFFIX = {
     ".svg": "image/svg+xml",
     ".xml": "application/xml",
 }
-_CONTROL = set(range(0, 32)) - {9, 10, 12, 13, 27, 8}
+_CONTROL = set(range(0, 32)) - {8, 9, 10, 11, 12, 13, 27}
+_BOM = b"\xef\xbb\xbf"
 
 
 def sniff(head: bytes, filename: str = "") -> str:
@@ -79,7 +80,7 @@ def sniff(head: bytes, filename: str = "") -> str:
         return "text/plain"
     if binary:
         return "application/octet-stream"
-    stripped = head.lstrip()[:256].lower()
+    stripped = head.removeprefix(_BOM).lstrip()[:256].lower()
     if stripped.startswith((b"<!doctype html", b"<html", b"<script")):
         return "text/html"
     if stripped.startswith(b"<svg") or (stripped.startswith(b"<?xml") and b"<svg" in head):
