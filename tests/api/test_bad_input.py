@@ -654,3 +654,45 @@ async def test_integer_query_values_the_store_cannot_bind_are_422(
             assert problem["errors"][0]["loc"] == ["query", name]
         response = await client.get(path, params={name: str(largest)})
         assert response.status_code == 200, response.text
+
+
+NUL_REQUESTS = [
+    ("GET", "/v1/jobs/%00", None),
+    ("GET", "/v1/jobs/%00/events", None),
+    ("GET", "/v1/jobs/%00/records?format=csv", None),
+    ("GET", "/v1/jobs/%00/artifacts", None),
+    ("POST", "/v1/jobs/%00/cancel", None),
+    ("POST", "/v1/jobs/%00/retry", None),
+    ("GET", "/v1/jobs?pipeline=%00", None),
+    ("POST", "/v1/jobs/status", {"ids": ["\u0000"]}),
+    (
+        "POST",
+        "/v1/jobs",
+        {"pipeline": "steps", "params": {"steps": 1}, "correlation_id": "a\u0000"},
+    ),
+    ("POST", "/v1/jobs", {"pipeline": "noop", "params": {"text": "a\u0000b"}}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), NUL_REQUESTS)
+async def test_a_nul_character_anywhere_is_never_a_server_error(
+    app: FastAPI, database_url: str, expect_problem: Problem, method: str, path: str, body: Any
+) -> None:
+    """A NUL (U+0000) in a path, a query or a body is the client's input: on PostgreSQL,
+    which cannot store one, 422 `validation-error` (regression: 500 and an error log with
+    the SQL); SQLite stores or looks it up as any character (404, 200 or 202)."""
+    async with await client_for(app, "nul-sender", ("user", "admin")) as user:
+        with capture_logs() as logs:
+            response = await user.request(method, path, json=body)
+    assert response.status_code < 500, response.text
+    assert not [e for e in logs if e["log_level"] == "error"]
+    if response.status_code >= 400:
+        assert response.headers["content-type"].startswith("application/problem+json")
+    if database_url.startswith("postgresql") and response.status_code == 422:
+        assert "NUL" in response.json()["detail"] or response.json()["errors"]
+
+
+async def test_an_api_key_owner_holding_a_nul_is_422(app: FastAPI, expect_problem: Problem) -> None:
+    async with await client_for(app, "root", ("admin",)) as admin:
+        response = await admin.post("/v1/api-keys", json={"owner": "a\u0000b"})
+    expect_problem(response, 422, "validation-error")

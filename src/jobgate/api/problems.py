@@ -12,7 +12,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from jobgate.errors import RequestError, Unavailable
-from jobgate.store.database import OUTAGE_TYPES, is_outage
+from jobgate.store.database import (
+    OUTAGE_TYPES,
+    UNSTORABLE_TEXT_TYPES,
+    is_outage,
+    is_unstorable_text,
+)
 
 PROBLEM_BASE = "https://jobgate.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
@@ -120,6 +125,10 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_store_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_unstorable_text(exc):
+        # In a path, a query or a body: the client's input, which no route can store.
+        detail = "a text value holds a NUL character (U+0000), which cannot be stored"
+        return problem(request, 422, "validation-error", "Validation error", detail)
     if not is_outage(exc):
         raise exc  # a real bug: on to the 500 handler
     # The store is down or overloaded, not broken: say so, and when to come back.
@@ -154,6 +163,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(ClientDisconnect, _on_client_disconnect)
-    for kind in OUTAGE_TYPES:
+    for kind in (*OUTAGE_TYPES, *UNSTORABLE_TEXT_TYPES):
         app.add_exception_handler(kind, _on_store_error)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -123,10 +123,11 @@ MAX_LABEL_LENGTH = 255
 
 def _check_owner(owner: str) -> None:
     """Every way in (the command line too) keeps the rule of `POST /v1/api-keys`: an
-    owner is 1 to 255 characters, and not all spaces."""
-    if not owner.strip() or len(owner) > MAX_LABEL_LENGTH:
+    owner is 1 to 255 characters, and not all spaces; as for a JWT's `sub`, no NUL
+    (PostgreSQL cannot store one)."""
+    if not owner.strip() or len(owner) > MAX_LABEL_LENGTH or "\x00" in owner:
         raise ValidationFailed(
-            f"owner must be 1 to {MAX_LABEL_LENGTH} characters, not all spaces",
+            f"owner must be 1 to {MAX_LABEL_LENGTH} characters, not all spaces, with no NUL",
             errors=[{"loc": ["owner"], "msg": f"1 to {MAX_LABEL_LENGTH} characters, not blank"}],
         )
 

@@ -339,6 +339,32 @@ OUTAGE_TYPES: tuple[type[Exception], ...] = (
 """Exceptions that may mean the store is out of reach; `is_outage` decides."""
 
 
+# SQLSTATEs of text PostgreSQL cannot store: NUL (U+0000) in a string or in JSON.
+_UNSTORABLE_TEXT = {"22021", "22P05"}
+UNSTORABLE_TEXT_TYPES: tuple[type[Exception], ...] = (
+    asyncpg_errors.CharacterNotInRepertoireError,
+    asyncpg_errors.UntranslatableCharacterError,
+)
+"""The driver's own errors for them (the fast path's statements are not SQLAlchemy's)."""
+
+
+def is_unstorable_text(exc: BaseException) -> bool:
+    """Whether `exc` is PostgreSQL refusing a text value it cannot hold (a NUL, U+0000,
+    in a string or a JSON document): the request's fault, not the server's."""
+    return any(getattr(link, "sqlstate", None) in _UNSTORABLE_TEXT for link in _chain(exc))
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it: SQLAlchemy's `orig`, then causes and contexts."""
+    seen: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and all(link is not s for s in seen):
+        seen.append(link)
+        orig = getattr(link, "orig", None)
+        link = orig if isinstance(orig, BaseException) else (link.__cause__ or link.__context__)
+    return seen
+
+
 def is_outage(exc: BaseException) -> bool:
     """Whether `exc` means the store cannot be reached now (a retry may succeed), not
     that a statement is wrong: refused or lost connections, a pool with no connection
@@ -347,10 +373,7 @@ def is_outage(exc: BaseException) -> bool:
     SQLAlchemy wraps driver errors (`DBAPIError.orig`, which the driver's own error
     caused), so the whole chain is looked at.
     """
-    seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
-        seen.add(id(link))
+    for link in _chain(exc):
         if isinstance(link, sa_exc.DBAPIError):
             if link.connection_invalidated or isinstance(
                 link, sa_exc.OperationalError | sa_exc.InterfaceError
@@ -358,6 +381,4 @@ def is_outage(exc: BaseException) -> bool:
                 return True
         elif isinstance(link, OUTAGE_TYPES):
             return True
-        orig = getattr(link, "orig", None)
-        link = orig if isinstance(orig, BaseException) else (link.__cause__ or link.__context__)
     return False
