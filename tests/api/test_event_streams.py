@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select
 
 from jobgate.api import streams
@@ -813,3 +814,81 @@ async def test_a_last_event_id_that_is_not_a_stored_id_is_422(
             header = {b"Last-Event-ID": value.encode("utf-8")}
             by_header = await user.get(path, headers={**SSE, **header})
             expect_problem(by_header, 422, "validation-error")
+
+
+async def test_a_stream_resumed_past_the_jobs_last_event_ends_with_the_job(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """A `Last-Event-ID` past the job's last event names none: the stream follows from
+    the job's real last event, sends what comes, and ends with the job (regression: it
+    skipped every event, never ended, and held one of the job's stream slots)."""
+    app = await app_factory(worker_concurrency=1)
+    _, key = await make_key("user-1", ["user"])
+    async with signed_in(app, key) as user:
+        job_id = await _submit(user, steps=3, step_ms=300)
+        got = await collect(
+            user, f"/v1/jobs/{job_id}/events", headers={**SSE, "Last-Event-ID": "1000"}, timeout=15
+        )
+        stored = await _stored(user, job_id)
+    sent = [(e.id, e.kind) for e in got if e.kind != "heartbeat"]
+    assert sent[-1][1] == "completed"
+    assert sent == [(e["seq"], e["type"]) for e in stored if e["seq"] > sent[0][0] - 1]
+
+
+async def test_a_global_stream_resumed_past_every_event_sends_what_comes_next(
+    app_factory: AppFactory, make_key: Any
+) -> None:
+    """A `Last-Event-ID` past every event, up to the largest the route takes (2**63 - 1),
+    is a stream from now (regression on PostgreSQL: 200, then the connection torn by a
+    BIGINT overflow in the page's bound; below the edge, a stream silent for ever)."""
+    app = await app_factory(worker_concurrency=1)
+    _, key = await make_key("user-1", ["user"])
+    async with signed_in(app, key) as user:
+        for last_id in (2**63 - 1, 2**62):
+            job_ids: list[str] = []
+
+            async def until_done(last_id: int = last_id, job_ids: list[str] = job_ids) -> list[Sse]:
+                got: list[Sse] = []
+                headers = {**SSE, "Last-Event-ID": str(last_id)}
+                async with user.stream("GET", "/v1/events", headers=headers) as response:
+                    assert response.status_code == 200
+                    async for event in read_events(response):
+                        got.append(event)
+                        if event.kind == "completed" and event.data["job_id"] in job_ids:
+                            return got
+                raise AssertionError("the stream ended")
+
+            reading = asyncio.create_task(asyncio.wait_for(until_done(), 15))
+            await asyncio.sleep(0.5)
+            job_ids.append(await _submit(user, "noop"))
+            got = await reading
+            stored = await _stored(user, job_ids[0])
+            mine = [(e.data["seq"], e.kind) for e in got if e.data.get("job_id") == job_ids[0]]
+            assert mine == [(e["seq"], e["type"]) for e in stored]
+
+
+async def test_a_fresh_job_stream_waits_out_a_store_outage_on_its_first_read(
+    app_factory: AppFactory, make_key: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `state` read of a fresh stream, after the headers went out, meets a store out
+    of reach (here: a pool with no connection free in time): the stream waits it out
+    and goes on (regression: 200, then the connection torn with an error log)."""
+    app = await app_factory()
+    _, key = await make_key("user-1", ["user"])
+    real_get = job_repo.get
+    failures = []
+
+    async def get_once_out(conn: Any, job_id: str, **kwargs: Any) -> Any:
+        if "owner" not in kwargs and not failures:  # the stream's own read, not the route's
+            failures.append(job_id)
+            raise sa_exc.TimeoutError("QueuePool limit reached (as if)")
+        return await real_get(conn, job_id, **kwargs)
+
+    monkeypatch.setattr(streams, "_OUTAGE_RETRY_S", 0.2)
+    async with signed_in(app, key) as user:
+        job_id = await _submit(user, "noop")
+        monkeypatch.setattr(streams.job_repo, "get", get_once_out)
+        got = await collect(user, f"/v1/jobs/{job_id}/events", headers=SSE, until=1, timeout=10)
+    assert failures == [job_id]
+    assert [e.kind for e in got] == ["state"]
+    assert got[0].data["id"] == job_id

@@ -440,30 +440,33 @@ async def job_stream(
 ) -> AsyncIterator[bytes]:
     """One job's stream: `state` (fresh) or the stored events after `resume_after`, then
     live events until the terminal one. `watch` was registered before the first read,
-    so nothing committed meanwhile goes unnoticed."""
+    so nothing committed meanwhile goes unnoticed. Every read, the first one too, is
+    under `_follow`: a store out of reach is waited out, never a torn stream."""
     db = hub.db
-    if resume_after is None:
-        async with db.read() as conn:
-            snapshot = await job_repo.get(conn, job_id)
-        last = int(snapshot.job["last_seq"])
-        watch.seen = last
-        yield frame(views.job(snapshot), kind="state", event_id=last)
-        if snapshot.job["status"] in TERMINAL_STATUSES:
-            return
-    else:
-        watch.seen = resume_after
+    fresh = resume_after is None
+    watch.seen = resume_after or 0
     finished = False
-    resumed = resume_after is not None
+    resumed = not fresh
 
     async def catch_up() -> AsyncGenerator[bytes, None]:
-        nonlocal finished, resumed
+        nonlocal finished, resumed, fresh
+        if fresh:
+            async with db.read() as conn:
+                snapshot = await job_repo.get(conn, job_id)
+            fresh = False
+            watch.seen = int(snapshot.job["last_seq"])
+            yield frame(views.job(snapshot), kind="state", event_id=watch.seen)
+            if snapshot.job["status"] in TERMINAL_STATUSES:
+                finished = True
+                return
         while True:
             rows = await hub.events_after(job_id, watch.seen)
             if not rows and resumed:
                 # Resumed with nothing new: after the end of a finished job (or the job
                 # is gone), the stream is done. Asked once: any later end comes as its
-                # terminal event.
-                status, rows = await _status_then_events(db, job_id, watch.seen)
+                # terminal event, the place being moved back to the job's last event
+                # if the client named one past it.
+                status, watch.seen, rows = await _status_then_events(db, job_id, watch.seen)
                 finished = not rows and (status is None or status in TERMINAL_STATUSES)
             resumed = False
             if not rows:
@@ -485,8 +488,10 @@ async def job_stream(
 
 async def _status_then_events(
     db: Database, job_id: str, after: int
-) -> tuple[str | None, list[dict[str, Any]]]:
-    """The job's status, then its stored events after `after`, read in that order.
+) -> tuple[str | None, int, list[dict[str, Any]]]:
+    """The job's status, where to read from, then its stored events after that, read in
+    that order. Where to read from is `after`, or the job's last event if `after` is
+    past it (a `Last-Event-ID` naming no event yet): the events to come follow that.
 
     The events come from the store, not the hub's cache: the bus may not have told this
     process yet of events another one committed. A job's status and its terminal event
@@ -494,9 +499,13 @@ async def _status_then_events(
     event the job will have; a stream must not end before sending them.
     """
     async with db.read() as conn:
-        status = (await conn.execute(select(jobs.c.status).where(jobs.c.id == job_id))).scalar()
+        found = (
+            await conn.execute(select(jobs.c.status, jobs.c.last_seq).where(jobs.c.id == job_id))
+        ).first()
+        if found is not None:
+            after = min(after, int(found.last_seq))
         rows = await event_repo.page(conn, job_id, after=after, limit=PAGE)
-    return status, rows
+    return (None if found is None else found.status), after, rows
 
 
 async def all_stream(
@@ -513,7 +522,14 @@ async def all_stream(
     place is taken here, before the response's headers go out, so a client that has
     them misses nothing that happens after.
     """
-    watch.seen = await _latest_id(hub) if resume_after is None else resume_after
+    if resume_after is None:
+        watch.seen = await _latest_id(hub)
+    else:
+        # An id past every committed event names none: what comes next follows the
+        # newest (the page's bound, `$1 + PAGE`, must also stay within BIGINT).
+        async with hub.db.read() as conn:
+            newest = (await conn.execute(select(func.max(events.c.id)))).scalar() or 0
+        watch.seen = min(resume_after, int(newest))
     return _all_chunks(hub, watch, owner=owner, heartbeat_s=heartbeat_s)
 
 
