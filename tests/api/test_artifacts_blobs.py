@@ -198,6 +198,35 @@ async def test_tampered_urls_are_403(
     expect_problem(response, 403, "forbidden")
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("exp", "abc"),
+        ("exp", "-1"),
+        ("exp", "9" * 40),
+        ("sig", "A" * 129),
+        ("name", "n" * 1025),
+        ("ct", "t" * 256),
+    ],
+)
+async def test_signed_parts_of_the_wrong_form_are_403_not_422(
+    client: httpx.AsyncClient,
+    anon: httpx.AsyncClient,
+    job_id: str,
+    expect_problem: Any,
+    field: str,
+    value: str,
+) -> None:
+    """A signed part that is not even of the right form is tampering too: 403, like any
+    other, never a 422 naming the part (regression: 422 `validation-error`)."""
+    info = (await client.get(f"/v1/jobs/{job_id}/download")).json()
+    parts = urlsplit(info["download_url"])
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    query[field] = value
+    response = await anon.get(f"{parts.path}?{urlencode(query)}")
+    expect_problem(response, 403, "forbidden")
+
+
 async def test_expired_url_is_403(
     app: FastAPI, anon: httpx.AsyncClient, job_id: str, expect_problem: Any
 ) -> None:

@@ -55,6 +55,10 @@ class BlobResponse(FileResponse):
             ) from None
 
 
+# The longest signed parts a URL of ours has: longer ones are refused before any HMAC.
+_MAX_NAME, _MAX_TYPE, _MAX_SIGNATURE = 1024, 255, 128
+
+
 @router.get(
     "/{sha256}",
     response_class=BlobResponse,
@@ -68,24 +72,34 @@ class BlobResponse(FileResponse):
 async def get_blob(
     sha256: str,
     state: StateDep,
-    exp: Annotated[int | None, Query()] = None,
-    name: Annotated[str | None, Query(max_length=1024)] = None,
-    ct: Annotated[str | None, Query(max_length=255)] = None,
-    sig: Annotated[str | None, Query(max_length=128)] = None,
+    exp: Annotated[str | None, Query()] = None,
+    name: Annotated[str | None, Query()] = None,
+    ct: Annotated[str | None, Query()] = None,
+    sig: Annotated[str | None, Query()] = None,
 ) -> FileResponse:
     """The blob's bytes, with `Range` support, if the signature is genuine and live.
 
-    A URL missing any signed part is refused like a tampered one (403), not as a
-    malformed query, so a probe learns nothing from which parts it left out.
+    A URL missing any signed part, or with a part of the wrong form, is refused like a
+    tampered one (403), not as a malformed query (422), so a probe learns nothing from
+    which part it changed.
     """
-    if exp is None or name is None or ct is None or sig is None:
+    if (
+        exp is None
+        or name is None
+        or ct is None
+        or sig is None
+        or not (exp.isascii() and exp.isdigit() and len(exp) <= 19)
+        or len(name) > _MAX_NAME
+        or len(ct) > _MAX_TYPE
+        or len(sig) > _MAX_SIGNATURE
+    ):
         raise Forbidden("this download URL is invalid or expired")
     valid = is_sha256(sha256) and verify_blob_signature(
         key=state.settings.signing_key,
         sha256=sha256,
         filename=name,
         content_type=ct,
-        expires_at=exp,
+        expires_at=int(exp),
         signature=sig,
         now=now(),
     )
