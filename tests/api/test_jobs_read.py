@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.ids import now, rfc3339
 from jobgate.store import tables
@@ -286,3 +287,33 @@ async def test_records_stream_as_csv_and_jsonl(app: FastAPI, client: httpx.Async
     assert as_jsonl.headers["content-type"].startswith("application/x-ndjson")
     records = [json.loads(line) for line in as_jsonl.text.splitlines()]
     assert [r["key"] for r in records] == [f"f{i}.txt" for i in range(5)]
+
+
+async def test_a_list_total_agrees_with_its_page_while_jobs_are_created(
+    make_client: Any, monkeypatch: Any
+) -> None:
+    """A job committed while a list is being read is in both the page and `total`, or in
+    neither (regression on PostgreSQL: `total` and the page were two statements, two
+    snapshots, and a client paging until `offset >= total` could stop short)."""
+    user, other = await make_client("pager"), await make_client("pager")
+    for _ in range(3):
+        await _submit(user)
+    real_execute = AsyncConnection.execute
+    armed: list[bool] = []
+
+    async def execute_then_submit(
+        self: AsyncConnection, statement: Any, *args: Any, **kw: Any
+    ) -> Any:
+        result = await real_execute(self, statement, *args, **kw)
+        if armed and "FROM jobs" in str(statement) and "count(" in str(statement):
+            armed.clear()  # once: right after the list's first statement
+            await _submit(other)
+        return result
+
+    monkeypatch.setattr(AsyncConnection, "execute", execute_then_submit)
+    armed.append(True)
+    page = (await user.get("/v1/jobs", params={"limit": 10})).json()
+    assert not armed  # the submit did happen mid-list
+    assert page["total"] == len(page["jobs"])
+    monkeypatch.undo()
+    assert (await user.get("/v1/jobs")).json()["total"] == 4

@@ -16,6 +16,7 @@ from jobgate.errors import Conflict, NotFound
 from jobgate.pipelines import Pipeline, Registry
 from jobgate.store import pg
 from jobgate.store.repositories import events, scheduling, tasks
+from jobgate.store.repositories.paging import paged_total
 from jobgate.store.tables import (
     ACTIVE_JOBS,
     ACTIVE_STATUSES,
@@ -508,17 +509,21 @@ async def search(
         conditions.append(jobs.c.created_at > created_after)
     if created_before is not None:
         conditions.append(jobs.c.created_at < created_before)
-    total = (
-        await conn.execute(select(func.count()).select_from(jobs).where(*conditions))
-    ).scalar_one()
-    ids = await conn.execute(
-        select(jobs.c.id)
-        .where(*conditions)
-        .order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
-        .limit(limit)
-        .offset(offset)
+    rows = (
+        (
+            await conn.execute(
+                select(jobs.c.id, func.count().over().label("total"))
+                .where(*conditions)
+                .order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
+                .limit(limit)
+                .offset(offset)
+            )
+        )
+        .mappings()
+        .all()
     )
-    return [row[0] for row in ids], int(total)
+    total = await paged_total(conn, rows, jobs, conditions, offset)
+    return [row["id"] for row in rows], total
 
 
 async def lock(conn: AsyncConnection, job_id: str) -> RowMapping | None:

@@ -10,6 +10,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.store.database import Database
+from jobgate.store.repositories.paging import paged_total, without_total
 from jobgate.store.tables import records
 
 _COLUMNS = (
@@ -24,22 +25,27 @@ _COLUMNS = (
 
 async def page(
     conn: AsyncConnection, job_id: str, *, status: str | None = None, limit: int, offset: int
-) -> tuple[list[RowMapping], int]:
-    """A page of a job's records (by stage, then item) and how many match in all."""
+) -> tuple[list[dict[str, Any]], int]:
+    """A page of a job's records (by stage, then item) and how many match in all, both
+    from one statement's snapshot (`paged_total`)."""
     conditions: list[Any] = [records.c.job_id == job_id]
     if status is not None:
         conditions.append(records.c.status == status)
-    total = (
-        await conn.execute(select(func.count()).select_from(records).where(*conditions))
-    ).scalar_one()
-    rows = await conn.execute(
-        select(*_COLUMNS)
-        .where(*conditions)
-        .order_by(records.c.stage, records.c.item_index)
-        .limit(limit)
-        .offset(offset)
+    rows = (
+        (
+            await conn.execute(
+                select(*_COLUMNS, func.count().over().label("total"))
+                .where(*conditions)
+                .order_by(records.c.stage, records.c.item_index)
+                .limit(limit)
+                .offset(offset)
+            )
+        )
+        .mappings()
+        .all()
     )
-    return list(rows.mappings()), int(total)
+    total = await paged_total(conn, rows, records, conditions, offset)
+    return [without_total(row) for row in rows], total
 
 
 async def stream(
