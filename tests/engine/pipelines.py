@@ -310,7 +310,32 @@ async def _charge(ctx: StageContext) -> dict[str, int]:
     return {"charges": 2}
 
 
+# Outputs no store keeps as they are: NaN and infinities (stored as null), and a NUL
+# character (refused); the map stage's records hold an infinity too.
+odd_values = Pipeline("odd-values")
+
+
+def _odd(kind: str) -> Any:
+    return {"nul": "a\x00b", "nan": float("nan")}[kind]
+
+
+@odd_values.stage
+async def metrics(ctx: StageContext) -> dict[str, Any]:
+    return {"loss": _odd(ctx.params["kind"]), "best": float("inf"), "steps": 3}
+
+
+@odd_values.stage
+async def points(ctx: StageContext) -> list[int]:
+    return [1, 2]
+
+
+@odd_values.map_stage(over=points)
+async def per_point(ctx: StageContext, item: int) -> dict[str, Any]:
+    return {"item": item, "score": float("-inf")}
+
+
 ALL = (
+    odd_values,
     napper,
     capped,
     fan,

@@ -102,6 +102,42 @@ async def test_retries_then_fails_with_the_stage_message(engine: Engine) -> None
     assert "Traceback" not in str(snapshot.job["error"])
 
 
+async def test_nan_and_infinities_in_outputs_are_stored_as_null(engine: Engine) -> None:
+    """JSON has no NaN or Infinity, and PostgreSQL cannot store them: outputs and records
+    keep null there, as the API shows them (regression on PostgreSQL: the outcome's
+    write failed and was retried until the lease ran out, the job left `running`)."""
+    await engine.start_worker()
+    started = time.monotonic()
+    job_id = await engine.submit("odd-values", {"kind": "nan"})
+    snapshot = await engine.wait(job_id)
+    assert time.monotonic() - started < 10
+    assert snapshot.job["status"] == "succeeded"
+    assert engine.stage(snapshot, "metrics")["output"] == {"loss": None, "best": None, "steps": 3}
+    async with engine.db.read() as conn:
+        rows = await conn.execute(
+            select(tables.records.c.data).where(tables.records.c.job_id == job_id)
+        )
+        records = [r[0] for r in rows]
+    assert sorted(records, key=lambda r: r["item"]) == [
+        {"item": 1, "score": None},
+        {"item": 2, "score": None},
+    ]
+
+
+async def test_an_output_holding_a_nul_fails_the_stage_with_a_clear_error(engine: Engine) -> None:
+    """A NUL character (U+0000), which PostgreSQL cannot store, fails the attempt with
+    an error that says so, on every store, at once (regression on PostgreSQL: the write
+    was retried until the lease ran out, then redelivered, and the job ended `lost`)."""
+    await engine.start_worker()
+    started = time.monotonic()
+    job_id = await engine.submit("odd-values", {"kind": "nul"})
+    snapshot = await engine.wait(job_id)
+    assert time.monotonic() - started < 10
+    assert snapshot.job["status"] == "failed"
+    assert snapshot.job["error"]["stage"] == "metrics"
+    assert "NUL" in snapshot.job["error"]["message"]
+
+
 async def test_fail_attempts_lets_a_later_attempt_succeed(engine: Engine) -> None:
     """`fail_attempts=2`: attempts 1 and 2 fail, attempt 3 succeeds within the retries."""
     await engine.start_worker()

@@ -8,6 +8,8 @@ import contextvars
 import functools
 import itertools
 import json
+import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -136,13 +138,42 @@ async def execute(
 
 
 def to_json(value: Any) -> Any:
-    """The value as plain JSON data (pydantic models dumped), or `OutputNotSerializable`."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+    """The value as plain JSON data that every store keeps, or `OutputNotSerializable`.
+
+    Pydantic models are dumped. NaN and ±Infinity, which JSON has no words for, become
+    null, as the API shows them (a metric gone NaN after hours of training is no reason
+    to fail the job; PostgreSQL cannot store them). A NUL character (U+0000) in a string
+    is refused: PostgreSQL cannot store it, and changing text is not ours to do.
+    """
     try:
-        return json.loads(json.dumps(value, default=_dump_model))
+        try:
+            text = json.dumps(value, default=_dump_model, allow_nan=False)
+        except ValueError:
+            text = json.dumps(_finite(value), default=_dump_model, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise OutputNotSerializable(f"the stage's output is not JSON-serialisable: {exc}") from None
+    if _NUL.search(text):
+        raise OutputNotSerializable(
+            "the stage's output holds a NUL character (U+0000), which cannot be stored"
+        )
+    return json.loads(text)
+
+
+# \u0000 in JSON text, not preceded by an escaping backslash (`\\u0000` is text).
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (in dicts, lists, tuples, models) None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, BaseModel):
+        return _finite(value.model_dump(mode="python"))
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _dump_model(value: Any) -> Any:
