@@ -140,6 +140,9 @@ class Settings(BaseSettings):
 
     sse_heartbeat_s: float = Field(30.0, gt=0)
     sse_max_per_job: int = Field(10, ge=1)
+    sse_max_per_user: int = Field(
+        20, ge=1, description="GET /v1/events streams one caller may hold open per process"
+    )
     sse_poll_s: float = Field(
         5.0, gt=0, description="how often open streams check the store, whatever the bus says"
     )

@@ -195,6 +195,32 @@ async def test_a_job_has_at_most_the_configured_streams(
     assert got[0].kind == "state"
 
 
+async def test_a_caller_has_at_most_the_configured_global_streams(
+    app_factory: AppFactory, make_key: Any, expect_problem: Any
+) -> None:
+    """Past `JOBGATE_SSE_MAX_PER_USER` open `/v1/events` streams, the caller's next is 429
+    too-many-streams with Retry-After (regression: no cap, 150 of one user's were held
+    open); another caller is not held to it, and a stream that closes frees its place."""
+    app = await app_factory(sse_max_per_user=2)
+    _, key = await make_key("user-1", ["user"])
+    _, other_key = await make_key("user-2", ["user"])
+    async with signed_in(app, key) as user, signed_in(app, other_key) as other:
+        async with user.stream("GET", "/v1/events", headers=SSE) as one:
+            assert one.status_code == 200
+            async with user.stream("GET", "/v1/events", headers=SSE) as two:
+                assert two.status_code == 200
+                third = await user.get("/v1/events", headers=SSE)
+                expect_problem(third, 429, "too-many-streams")
+                assert int(third.headers["retry-after"]) >= 1
+                async with other.stream("GET", "/v1/events", headers=SSE) as theirs:
+                    assert theirs.status_code == 200
+        await _until(lambda: state_of(app).streams.open_streams == 0)
+        async with user.stream("GET", "/v1/events", headers=SSE) as again:
+            assert again.status_code == 200
+        me = (await user.get("/v1/me")).json()
+    assert me["limits"]["sse_max_per_user"] == 2
+
+
 async def test_stream_tokens_open_one_jobs_stream_without_credentials(
     app_factory: AppFactory, make_key: Any, expect_problem: Any
 ) -> None:

@@ -60,7 +60,13 @@ def create_app(
             namespace=settings.transport_namespace,
         )
         db.on_changes = bus.publish
-        streams = Hub(db, bus, poll_s=settings.sse_poll_s, max_per_job=settings.sse_max_per_job)
+        streams = Hub(
+            db,
+            bus,
+            poll_s=settings.sse_poll_s,
+            max_per_job=settings.sse_max_per_job,
+            max_global_per_holder=settings.sse_max_per_user,
+        )
         db.on_rows = streams.reported
         await bus.start()
         await streams.start()

@@ -213,6 +213,7 @@ class Limits(BaseModel):
     job_budget_usd: float
     list_max_limit: int
     sse_max_per_job: int
+    sse_max_per_user: int
     max_active_jobs_per_user: int | None = Field(None, description="null: unlimited")
     rate_limit_submit: str | None = Field(
         None, description="jobs per sliding window, e.g. 60/minute; null: no limit"

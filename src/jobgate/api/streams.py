@@ -110,10 +110,11 @@ class Watch:
     stream) may have events past `seen`. A global stream woken only by events the hub
     was handed (`Hub.reported`) has `needs_read` false: it may send them as they are."""
 
-    __slots__ = ("closed", "job_id", "needs_read", "seen", "wake")
+    __slots__ = ("closed", "holder", "job_id", "needs_read", "seen", "wake")
 
-    def __init__(self, job_id: str | None, seen: int = 0) -> None:
+    def __init__(self, job_id: str | None, seen: int = 0, holder: str | None = None) -> None:
         self.job_id = job_id
+        self.holder = holder
         self.seen = seen
         self.wake = asyncio.Event()
         self.closed = False
@@ -180,13 +181,23 @@ class Hub:
         max_per_job: open streams one job may have in this process.
     """
 
-    def __init__(self, db: Database, bus: EventBus, *, poll_s: float, max_per_job: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        bus: EventBus,
+        *,
+        poll_s: float,
+        max_per_job: int,
+        max_global_per_holder: int = 20,
+    ) -> None:
         self.db = db
         self.bus = bus
         self.poll_s = poll_s
         self.max_per_job = max_per_job
+        self.max_global_per_holder = max_global_per_holder
         self._jobs: dict[str, JobLog] = {}
         self._all: set[Watch] = set()
+        self._global_held: dict[str, int] = {}  # holder -> its open global streams
         self._task: asyncio.Task[None] | None = None
         bus.subscribe(self._changed)
         # Global ids (PostgreSQL): (sequence value, snapshot xmax) pairs not yet safe.
@@ -229,14 +240,24 @@ class Hub:
         for watch in self._every():
             watch.close()
 
-    def open(self, job_id: str | None) -> Watch:
-        """Register a stream of one job (or, with None, of every job); `release` it.
+    def open(self, job_id: str | None, holder: str | None = None) -> Watch:
+        """Register a stream of one job (or, with None, of every job, for `holder`, the
+        caller); `release` it.
 
         Raises:
-            TooManyStreams: the job already has `max_per_job` streams in this process.
+            TooManyStreams: the job already has `max_per_job` streams in this process,
+                or `holder` `max_global_per_holder` global ones.
         """
-        watch = Watch(job_id)
+        watch = Watch(job_id, holder=holder)
         if job_id is None:
+            if holder is not None:
+                held = self._global_held.get(holder, 0)
+                if held >= self.max_global_per_holder:
+                    raise TooManyStreams(
+                        f"you already have {held} open streams of /v1/events",
+                        retry_after=STREAM_RETRY_AFTER_S,
+                    )
+                self._global_held[holder] = held + 1
             self._all.add(watch)
             self.db.rows_wanted = True  # writers hand over their events (`reported`)
             return watch
@@ -256,6 +277,10 @@ class Hub:
         """Forget a stream that ended."""
         watch.closed = True
         if watch.job_id is None:
+            if watch in self._all and watch.holder is not None:
+                left = self._global_held.pop(watch.holder, 1) - 1
+                if left:
+                    self._global_held[watch.holder] = left
             self._all.discard(watch)
             if not self._all:  # no stream left to send handed-over events
                 self.db.rows_wanted = False

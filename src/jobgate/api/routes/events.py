@@ -158,7 +158,7 @@ async def stream_token(job_id: str, state: StateDep, principal: CurrentPrincipal
     response_class=Response,
     responses={
         200: {"content": SSE_CONTENT, "description": "an endless SSE stream"},
-        **problem_responses(401, 422),
+        **problem_responses(401, 422, 429),
     },
 )
 async def all_events(
@@ -172,7 +172,7 @@ async def all_events(
     ids; each `data` also carries `job_id` and `seq`. Resumes after `Last-Event-ID`."""
     resume = _resume_after(last_event_id_header, last_event_id, MAX_INT64)
     hub = state.streams
-    watch = hub.open(None)
+    watch = hub.open(None, holder=principal.id)
     try:
         chunks = await all_stream(
             hub,

@@ -25,6 +25,7 @@ def limits_of(settings: Settings) -> Limits:
         job_budget_usd=settings.job_budget_usd,
         list_max_limit=settings.list_max_limit,
         sse_max_per_job=settings.sse_max_per_job,
+        sse_max_per_user=settings.sse_max_per_user,
         max_active_jobs_per_user=settings.max_active_jobs_per_user or None,
         rate_limit_submit=settings.rate_limit_submit or None,
         monthly_budget_usd=settings.user_monthly_budget_usd or None,
