@@ -508,3 +508,25 @@ async def test_rfc_5987_file_names_are_decoded_in_their_charset(
     )
     assert upload.status_code == 201, upload.text
     assert upload.json()["files"][0]["name"] == expected
+
+
+async def test_an_empty_file_input_is_no_file(make_client: Any) -> None:
+    """A part with an empty file name and no bytes is what a browser sends for a file
+    input left empty: it is no file (regression: a 0-byte file named `file`, which a
+    text pipeline accepted). An empty file that has a name is still a file."""
+    user = await make_client("forms")
+    empty_input = b'--B\r\nContent-Disposition: form-data; name="files"; filename=""\r\n\r\n\r\n'
+    real = b'--B\r\nContent-Disposition: form-data; name="files"; filename="a.txt"\r\n\r\nwords\r\n'
+    pipeline = b'--B\r\nContent-Disposition: form-data; name="pipeline"\r\n\r\ntext-stats\r\n'
+    headers = {"Content-Type": "multipart/form-data; boundary=B"}
+    both = await user.post("/v1/files", content=real + empty_input + b"--B--\r\n", headers=headers)
+    assert both.status_code == 201, both.text
+    assert [f["name"] for f in both.json()["files"]] == ["a.txt"]
+    only_empty = await user.post(
+        "/v1/jobs", content=pipeline + empty_input + b"--B--\r\n", headers=headers
+    )
+    assert only_empty.status_code == 422, only_empty.text
+    named = b'--B\r\nContent-Disposition: form-data; name="files"; filename="e.txt"\r\n\r\n\r\n'
+    kept = await user.post("/v1/files", content=named + b"--B--\r\n", headers=headers)
+    assert kept.status_code == 201, kept.text
+    assert kept.json()["files"][0]["size"] == 0

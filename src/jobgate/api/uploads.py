@@ -446,6 +446,10 @@ async def _read_parts(
                 )
             cap = file_cap(form.fields) if file_cap is not None else None
             blob = await store.stage_stream(reader, max_bytes=cap)
+            if not filename and not blob.size:
+                # What a browser sends for a file input left empty: no file at all.
+                await blob.discard()
+                continue
             safe_name = sanitize_filename(filename)
             form.files.append(
                 UploadedFile(
