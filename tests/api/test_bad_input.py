@@ -421,6 +421,22 @@ async def test_a_json_body_has_its_own_smaller_limit(
         assert upload.status_code == 201, upload.text
 
 
+async def test_a_route_whose_body_fastapi_reads_stops_at_the_upload_limit(
+    app_factory: AppFactory,
+) -> None:
+    """`POST /v1/api-keys` (a body FastAPI reads whole) is cut off at the upload limit
+    (regression: it read a 200 MB stream to its end, into memory)."""
+    app = await app_factory(max_upload_bytes=1_000_000)
+    body = CountingBody(200_000_000, chunk=64 * 1024)
+    async with await client_for(app, "root", ("admin",)) as admin:
+        response = await admin.post(
+            "/v1/api-keys", content=body, headers={"Content-Type": "application/json"}
+        )
+    assert response.status_code in (400, 413), response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert body.sent < 2_000_000
+
+
 async def test_declared_length_over_the_limit_is_refused_before_reading(
     app_factory: AppFactory, expect_problem: Problem
 ) -> None:

@@ -15,7 +15,9 @@ Key contracts:
   `Connection: close`, so the server stops reading a refused upload at once.
 - A body that stops arriving for `body_idle_timeout_s` fails its read with
   `RequestTimeout` (408): a stalled client holds no temporary file, socket or task for
-  longer than that.
+  longer than that. A body past `max_body_bytes` (the upload limit, the most any route
+  takes) fails its read with `FileTooLarge` (413): routes whose body FastAPI reads whole
+  get no more bytes than the upload routes, which stop sooner by their own limits.
 - The middleware wraps the whole stack, outside Starlette's `ServerErrorMiddleware`,
   so even a 500 gets the header, the log line and the metrics.
 """
@@ -32,7 +34,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobgate.config import Settings
-from jobgate.errors import RequestTimeout
+from jobgate.errors import FileTooLarge, RequestTimeout
 from jobgate.ids import uuid7
 from jobgate.observability import metrics
 
@@ -75,9 +77,16 @@ def route_template(scope: Scope) -> str:
 class RequestContextMiddleware:
     """Request id, access log and request metrics for every HTTP request."""
 
-    def __init__(self, app: ASGIApp, *, body_idle_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        body_idle_timeout_s: float = 60.0,
+        max_body_bytes: int = 100_000_000,
+    ) -> None:
         self.app = app
         self.body_idle_timeout_s = body_idle_timeout_s
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection; non-HTTP scopes pass straight through."""
@@ -90,8 +99,10 @@ class RequestContextMiddleware:
         header = (REQUEST_ID_HEADER.encode(), request_id.encode())
         body_read = not has_body(scope)
 
+        received = 0
+
         async def receive_tracking() -> Message:
-            nonlocal body_read
+            nonlocal body_read, received
             if body_read:  # now a wait for the disconnect (SSE), which may be long
                 return await receive()
             try:
@@ -101,6 +112,11 @@ class RequestContextMiddleware:
                 raise RequestTimeout(
                     f"no byte of the request body arrived for {self.body_idle_timeout_s:g} s"
                 ) from None
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise FileTooLarge(
+                    f"the request is larger than the limit of {self.max_body_bytes} bytes"
+                )
             if message["type"] == "http.request" and not message.get("more_body", False):
                 body_read = True
             return message
@@ -169,13 +185,15 @@ def install(app: FastAPI, settings: Settings) -> None:
 
     Args:
         app: The FastAPI app.
-        settings: Where `body_idle_timeout_s` comes from.
+        settings: Where `body_idle_timeout_s` and the upload limit come from.
     """
     build_stack = app.build_middleware_stack
 
     def build_wrapped_stack() -> ASGIApp:
         return RequestContextMiddleware(
-            build_stack(), body_idle_timeout_s=settings.body_idle_timeout_s
+            build_stack(),
+            body_idle_timeout_s=settings.body_idle_timeout_s,
+            max_body_bytes=settings.max_upload_bytes,
         )
 
     app.build_middleware_stack = build_wrapped_stack  # type: ignore[method-assign]
