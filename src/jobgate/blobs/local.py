@@ -345,6 +345,10 @@ def _claim(final: Path) -> bool:
         os.utime(final, ns=(found.st_atime_ns, found.st_mtime_ns + 1))
     except FileNotFoundError:
         return False
+    except PermissionError:
+        # Another OS user's file (processes of two users sharing the directory): it
+        # cannot be marked, so a refused creator may still withdraw it, as before marks.
+        pass
     return True
 
 
