@@ -132,13 +132,16 @@ def test_a_blackholed_worker_loses_its_stage_and_is_fenced_after_the_heal(
             job_id = client.post("/v1/jobs", json={"pipeline": "dozer", "params": {}}).json()["id"]
             wait_for_stage(client, job_id, "sleep", "running")
             proxy.blackhole()
-            cut_at = time.monotonic()
+            cut_at = time.time()
             workers["survivor"] = survivor = _worker(
                 api, logs["survivor"], "survivor", fresh_postgres_url
             )
             budget = TAKEOVER_S + (BEACON_PATIENCE_S if role == "leader" else 0)
             job = wait_for(client, job_id, {"succeeded", "failed"}, timeout=budget + 10)
-            recovered_in = time.monotonic() - cut_at
+            # From the cut, or from when the survivor was up if it took longer to start
+            # (a loaded machine's imports): in production it is running already.
+            survivor_up = _logged_at(logs["survivor"], "worker_started")
+            recovered_in = time.time() - max(cut_at, survivor_up)
             assert job["status"] == "succeeded", job
             assert job["result"] == {"attempt": 2}  # the survivor's run, not the cut-off one's
             if role == "leader":  # deposed LOST_AFTER after the beacon it missed
