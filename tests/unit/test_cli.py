@@ -8,10 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from jobgate.auth import Principal, api_keys
 from jobgate.cli import app, parse_param
+from jobgate.commands.options import connected
 from jobgate.config import Settings
 from jobgate.errors import Unauthenticated
 from jobgate.store import Database
@@ -143,3 +145,15 @@ def test_submit_without_a_server_fails_cleanly(runner: CliRunner) -> None:
     )
     assert result.exit_code == 1
     assert "cannot reach" in result.stderr
+
+
+def test_a_local_file_error_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """An output path that cannot be written (`-o hidden/` where `hidden` is a file, a
+    name too long, `/proc/`) ends the command with `error: ...` and exit 1 (regression:
+    a traceback)."""
+    with pytest.raises(typer.Exit) as ended, connected("http://127.0.0.1:9", "k"):
+        raise FileExistsError(17, "File exists", "hidden")
+    assert ended.value.exit_code == 1
+    captured = capsys.readouterr()
+    assert "error: File exists: hidden" in captured.err
+    assert "Traceback" not in captured.err

@@ -499,3 +499,54 @@ def test_a_corrupt_download_leaves_nothing_behind(mode: str, tmp_path: Path) -> 
         run(mode, artifact_server(b"evil", b"good"), "download", "j1", path=target)
     assert target.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize(
+    ("name", "raw_path"),
+    [
+        ("report%2Ejson", "/v1/jobs/j1/artifacts/report%252Ejson"),
+        ("notes#1.txt", "/v1/jobs/j1/artifacts/notes%231.txt"),
+        ("q?x=1", "/v1/jobs/j1/artifacts/q%3Fx%3D1"),
+        ("a/b", "/v1/jobs/j1/artifacts/a%2Fb"),
+    ],
+)
+def test_an_artifact_name_is_sent_as_it_is(mode: str, name: str, raw_path: str) -> None:
+    """Every character of an artifact's name is escaped in the URL path (regression: `?`
+    and `#` cut the name, and `%2E` was read as `.`, so another artifact came back)."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.raw_path.decode())
+        return httpx.Response(404, json={"status": 404, "title": "Not found", "detail": "x"})
+
+    with pytest.raises(NotFoundError):
+        run(mode, handler, "download", "j1", name, path="/nonexistent-dir-never-made/x")
+    assert seen == [raw_path]
+
+
+def test_a_broken_download_names_the_url_without_its_signature(mode: str, tmp_path: Path) -> None:
+    """The signed URL's query is a credential: an error names the URL without it, and
+    says the connection failed rather than that the server could not be reached."""
+    serve = artifact_server(b"{}", b"{}")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "blobs.example":
+            raise httpx.RemoteProtocolError("peer closed connection", request=request)
+        return serve(request)
+
+    with pytest.raises(TransportError) as caught:
+        run(mode, handler, "download", "j1", path=tmp_path / "out.json")
+    message = str(caught.value)
+    assert "sig=" not in message
+    assert "https://blobs.example/b" in message
+    assert "cannot reach" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_artifact_with_the_longest_name_downloads(mode: str, tmp_path: Path) -> None:
+    """A name of 250 characters is legal: the temporary file is not named after it
+    (regression: `File name too long`, every time)."""
+    name = "r" * 245 + ".json"
+    path = run(mode, artifact_server(b"{}", b"{}"), "download", "j1", path=tmp_path / name)
+    assert path == tmp_path / name
+    assert list(tmp_path.iterdir()) == [path]

@@ -218,7 +218,11 @@ def artifacts(job_id: str) -> Call[list[Artifact]]:
 
 def download_link(job_id: str, name: str | None = None) -> Call[Download]:
     """A signed URL for the artifact `name`, or for the primary artifact."""
-    path = job_path(job_id, "download") if name is None else job_path(job_id, "artifacts", name)
+    path = (
+        job_path(job_id, "download")
+        if name is None
+        else job_path(job_id, "artifacts", quote(name, safe=""))  # `?`, `#`, `%2E`: literal
+    )
     return Call("GET", path, _model(Download))
 
 

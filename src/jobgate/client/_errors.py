@@ -230,5 +230,11 @@ def raise_for_problem(response: httpx.Response) -> None:
 
 
 def transport_error(exc: httpx.TransportError, url: str) -> TransportError:
-    """httpx's connection failure, as the SDK's."""
-    return TransportError(f"cannot reach {url}: {type(exc).__name__}: {exc}".rstrip(": "))
+    """httpx's connection failure, as the SDK's. The URL is named without its query:
+    a signed download URL's query is a credential, live until it expires."""
+    shown = url.split("?", 1)[0].split("#", 1)[0]
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        what = f"cannot reach {shown}"
+    else:  # reached, then the connection failed
+        what = f"the connection to {shown} failed"
+    return TransportError(f"{what}: {type(exc).__name__}: {exc}".rstrip(": "))

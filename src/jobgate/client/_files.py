@@ -93,7 +93,8 @@ def _create_temp(target: Path) -> tuple[Path, int]:
     """A new temporary file next to `target`, made as any new file is: its mode is what
     the umask leaves of 0666 (`mkstemp` would make it 0600, and the rename keep that)."""
     while True:
-        temp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
+        # Not named after the target: a 255-byte name plus a suffix is too long.
+        temp = target.with_name(f".jobgate-download-{secrets.token_hex(6)}.part")
         try:
             return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:

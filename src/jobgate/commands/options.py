@@ -83,6 +83,8 @@ def connected(url: str, key: str | None) -> Iterator[Client]:
         fail(describe(exc))
     except TransportError as exc:
         fail(str(exc))
+    except OSError as exc:  # a local file: an output path that cannot be written, say
+        fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
 
 
 def emit_json(data: Any) -> None:
