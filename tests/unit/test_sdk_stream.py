@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import stat
@@ -550,3 +551,45 @@ def test_an_artifact_with_the_longest_name_downloads(mode: str, tmp_path: Path) 
     path = run(mode, artifact_server(b"{}", b"{}"), "download", "j1", path=tmp_path / name)
     assert path == tmp_path / name
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_all_events_cut_before_any_event_resumes_from_where_the_stream_began(
+    mode: str,
+) -> None:
+    """A fresh `/v1/events` stream starts with `id:` alone, its place. Cut before any
+    event, the client resumes from that place, not from "now", so the events between
+    are not lost (regression: the reconnection sent no Last-Event-ID). An id whose block
+    the cut left unfinished is not taken."""
+    seen_ids: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen_ids.append(request.headers.get("last-event-id"))
+        if len(seen_ids) == 1:
+            chunks = [b"id: 41\n\n", frame(None, "heartbeat", {}), b"id: 50\nevent: progress"]
+            stream = Body(chunks, cut=True)
+        else:
+            chunks = [
+                frame(42, "progress", {"job_id": "j1", "seq": 3}),
+                frame(43, "completed", {"job_id": "j1", "seq": 4}),
+            ]
+            stream = Body(chunks, cut=False)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=stream)
+
+    options: dict[str, Any] = {"transport": httpx.MockTransport(handler), "reconnect": FAST}
+    if mode == "sync":
+        with Client("http://test", "jg_key", **options) as client:
+            events = list(itertools.islice(client.all_events(), 2))
+    else:
+
+        async def take_two() -> list[Any]:
+            async with AsyncClient("http://test", "jg_key", **options) as client:
+                got = []
+                async for event in client.all_events():
+                    got.append(event)
+                    if len(got) == 2:
+                        return got
+            return got
+
+        events = asyncio.run(take_two())
+    assert seen_ids[:2] == [None, "41"]
+    assert [e.id for e in events] == ["42", "43"]

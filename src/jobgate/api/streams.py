@@ -609,6 +609,9 @@ async def _all_chunks(
             if len(rows) < PAGE:
                 return
 
+    # The place first, as an id alone (no event: EventSource and the SDK only note it):
+    # a client cut off before any event of its own resumes from here, not from "now".
+    yield f"id: {watch.seen}\n\n".encode()
     async for chunk in _follow(watch, heartbeat_s, catch_up, lambda: False):
         yield chunk
 

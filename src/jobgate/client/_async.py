@@ -279,6 +279,7 @@ class AsyncClient(BaseClient):
                                     yield event
                                 if resumer.finished:
                                     return
+                            resumer.note_place(decoder.dispatched_id)
             except httpx.TransportError as exc:
                 failure = exc
             await asyncio.sleep(resumer.backoff(failure))

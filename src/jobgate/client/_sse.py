@@ -43,6 +43,9 @@ class SSEDecoder:
         self._retry: int | None = None
         self.last_event_id = ""
         """The id a reconnection sends as `Last-Event-ID` (set by `id:`, kept across events)."""
+        self.dispatched_id = ""
+        """`last_event_id` as of the last block ended, an event or an `id:` alone (a
+        block not yet ended, whose event the caller has not had, does not count)."""
         self.retry: int | None = None
         """The latest reconnection time the server asked for, in milliseconds."""
 
@@ -103,6 +106,7 @@ class SSEDecoder:
     def _dispatch(self) -> ServerSentEvent | None:
         event_id, retry = self._id, self._retry
         self._id = self._retry = None
+        self.dispatched_id = self.last_event_id
         if not self._data:
             self._event = ""
             return None

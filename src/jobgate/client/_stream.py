@@ -109,6 +109,13 @@ class Resumer:
         )
         return NotAcceptableError(problem, response.headers)
 
+    def note_place(self, last_event_id: str) -> None:
+        """The stream's last event id as the decoder has it, also from an `id:` sent
+        alone (no event): a fresh `/v1/events` stream says where it starts that way, so
+        a reconnection before any event resumes from there, losing nothing."""
+        if last_event_id and not _at_or_before(last_event_id, self.last_event_id):
+            self.last_event_id = last_event_id
+
     def accept(self, sse: ServerSentEvent) -> Event | None:
         """The event to hand to the caller, or None (a duplicate, or a skipped heartbeat).
 

@@ -314,6 +314,7 @@ class Client(BaseClient):
                                     yield event
                                 if resumer.finished:
                                     return
+                            resumer.note_place(decoder.dispatched_id)
             except httpx.TransportError as exc:
                 failure = exc
             time.sleep(resumer.backoff(failure))
