@@ -7,8 +7,10 @@ Key contracts:
 
 - Each migration runs in its own transaction, on both dialects: a failed migration
   leaves the schema at the previous revision.
-- On PostgreSQL, `upgrade` holds a session advisory lock, so API and worker processes
-  starting together migrate once and the others wait, then find nothing to do.
+- On PostgreSQL, `upgrade` holds a session advisory lock, so processes upgrading together
+  migrate once and the others wait, then find nothing to do. On SQLite (which the
+  embedded server, its workers and the CLI upgrade at start-up) an exclusive `flock` on
+  `<database file>.migrate-lock` does the same.
 - On SQLite, migrations run with `foreign_keys=OFF`: batch mode rebuilds a table by
   copying and dropping it, and with foreign keys on, dropping `jobs` would cascade
   into every table that references it. `PRAGMA foreign_key_check` runs afterwards.
@@ -17,6 +19,8 @@ Key contracts:
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +125,40 @@ async def current_revision(url: str) -> str | None:
 
 
 async def _run(url: str, alembic_command: Any, revision: str) -> None:
+    lock = _sqlite_lock_path(url)
+    if lock is None:
+        await _run_locked(url, alembic_command, revision)
+        return
+    # SQLite has no lock that outlives a transaction, and Alembic plans its steps from
+    # the revision it reads first: a process that read it while another was midway
+    # would run again what the other had done ("table ... already exists"). So the
+    # whole run holds an exclusive lock on a file next to the database.
+    fd = await asyncio.to_thread(_lock_file, lock)
+    try:
+        await _run_locked(url, alembic_command, revision)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _sqlite_lock_path(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(f"{parsed.database}.migrate-lock")
+
+
+def _lock_file(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a process migrating now
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def _run_locked(url: str, alembic_command: Any, revision: str) -> None:
     engine = migration_engine(url)
     is_postgres = engine.dialect.name == "postgresql"
     try:
