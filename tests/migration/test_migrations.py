@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
@@ -145,3 +147,47 @@ def test_processes_upgrading_one_sqlite_file_together_migrate_once(tmp_path: Pat
             assert process.returncode == 0, err.decode()[-2000:]
         assert asyncio.run(migrate.current_revision(url)) == migrate.head_revision()
         assert asyncio.run(schema_differences(url)) == []
+
+
+@pytest.mark.service("postgres")
+async def test_a_postgres_schema_that_is_not_this_jobgates_is_named_at_start_up(
+    fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    """On PostgreSQL only `jobgate db upgrade` migrates. A process started on a database
+    left behind, empty, or migrated by a newer jobgate refuses to start and says what
+    to do (regression: it started, /readyz said ready, and requests failed with 500);
+    at head it starts."""
+    head = migrate.head_revision()
+    assert "jobgate db upgrade" in (await migrate.schema_problem(fresh_postgres_url) or "")
+
+    scripts = ScriptDirectory.from_config(migrate.alembic_config())
+    previous = scripts.get_revision(head).down_revision
+    assert isinstance(previous, str)
+    await migrate.upgrade(fresh_postgres_url, previous)
+    behind = await migrate.schema_problem(fresh_postgres_url) or ""
+    assert previous in behind
+    assert head in behind
+    assert "jobgate db upgrade" in behind
+    worker = subprocess.run(
+        [str(Path(sys.executable).parent / "jobgate"), "worker"],
+        env={
+            **os.environ,
+            "JOBGATE_DATABASE_URL": fresh_postgres_url,
+            "JOBGATE_DATA_DIR": str(tmp_path),
+        },
+        capture_output=True,
+        timeout=60,
+    )
+    assert worker.returncode == 1
+    assert "jobgate db upgrade" in worker.stderr.decode()
+    assert "Traceback" not in worker.stderr.decode()
+
+    await migrate.upgrade(fresh_postgres_url)
+    assert await migrate.schema_problem(fresh_postgres_url) is None
+    database = Database(fresh_postgres_url)
+    try:
+        async with database.write() as conn:
+            await conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+    finally:
+        await database.aclose()
+    assert "does not know" in (await migrate.schema_problem(fresh_postgres_url) or "")

@@ -19,7 +19,7 @@ from jobgate.bus import from_url as open_bus
 from jobgate.config import Settings
 from jobgate.pipelines import Registry
 from jobgate.store import Database
-from jobgate.store.migrate import upgrade
+from jobgate.store.migrate import MigrationError, schema_problem, upgrade
 from jobgate.transport import from_url
 from jobgate.transport.outbox import OutboxRelay
 from jobgate.webhooks import WebhookSender
@@ -47,6 +47,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.is_sqlite:
             await upgrade(settings.database_url)
+        elif (problem := await schema_problem(settings.database_url)) is not None:
+            raise MigrationError(problem)
         db = Database(
             settings.database_url,
             outbox=settings.external_transport,

@@ -1,7 +1,8 @@
 """Schema migrations (Alembic), runnable from code: no `alembic.ini` needed.
 
 The scripts live in `migrations/` next to this module and ship in the wheel.
-`upgrade(url)` is what `jobgate db upgrade` and the embedded server call at start-up.
+`upgrade(url)` is what `jobgate db upgrade` and, on SQLite, every process calls at
+start-up; on PostgreSQL processes check `schema_problem(url)` instead.
 
 Key contracts:
 
@@ -27,10 +28,12 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import event, text
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool
+
+from jobgate.store.database import is_outage
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -122,6 +125,50 @@ async def current_revision(url: str) -> str | None:
             )
     finally:
         await engine.dispose()
+
+
+async def schema_problem(url: str) -> str | None:
+    """Why a process should not start on the database at `url` as it is, or None.
+
+    A store out of reach is not a problem of the schema: None (the process starts and
+    answers 503 until the store is back, as for an outage later on).
+
+    The embedded SQLite is upgraded at start-up; PostgreSQL is upgraded by `jobgate db
+    upgrade` alone, so a process started on one left behind (or already migrated by a
+    newer jobgate) would fail request by request, or run without newer indexes. A schema
+    made from the models directly (`Database.create_all`, no revision) is taken as is.
+    """
+    try:
+        current = await current_revision(url)
+    except Exception as exc:
+        if is_outage(exc) or isinstance(exc, OSError):
+            return None
+        raise
+    head = head_revision()
+    if current == head:
+        return None
+    if current is None:
+        engine = migration_engine(url)
+        try:
+            async with engine.connect() as conn:
+                has_jobs = await conn.run_sync(lambda sync: inspect(sync).has_table("jobs"))
+        finally:
+            await engine.dispose()
+        if has_jobs:
+            return None
+        return "the database has no jobgate schema: run `jobgate db upgrade`"
+    known = {
+        script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    }
+    if current not in known:
+        return (
+            f"the database schema is at revision {current}, which this jobgate does not "
+            f"know (it needs {head}): a newer jobgate migrated it; run that version here"
+        )
+    return (
+        f"the database schema is at revision {current} and this jobgate needs {head}: "
+        "stop the older jobgate's processes, then run `jobgate db upgrade`"
+    )
 
 
 async def _run(url: str, alembic_command: Any, revision: str) -> None:
