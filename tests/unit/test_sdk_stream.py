@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import itertools
 import json
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from jobgate.client import (
     DownloadError,
     ForbiddenError,
     InvalidRequestError,
+    NotAcceptableError,
     NotFoundError,
     ProblemError,
     RateLimitedError,
@@ -593,3 +596,33 @@ def test_all_events_cut_before_any_event_resumes_from_where_the_stream_began(
         events = asyncio.run(take_two())
     assert seen_ids[:2] == [None, "41"]
     assert [e.id for e in events] == ["42", "43"]
+
+
+def test_a_success_that_is_not_the_apis_json_is_an_sdk_error(mode: str) -> None:
+    """A 200 page from a proxy or a captive portal raises the SDK's NotAcceptableError,
+    with an extract of what came (regression: a bare JSONDecodeError)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="<html>Please log in to the Wi-Fi</html>")
+
+    with pytest.raises(NotAcceptableError) as caught:
+        run(mode, handler, "me")
+    assert "Wi-Fi" in caught.value.detail
+    assert caught.value.status == 406
+
+
+def test_retry_after_as_an_http_date_is_read_as_seconds(mode: str) -> None:
+    """RFC 9110 allows `Retry-After` as a date; a proxy may send one (regression: None)."""
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            429,
+            headers={"Retry-After": when},
+            json={"type": "x/rate-limited", "title": "Too many", "status": 429, "detail": "slow"},
+        )
+
+    with pytest.raises(RateLimitedError) as caught:
+        run(mode, handler, "me")
+    assert caught.value.retry_after is not None
+    assert 25 <= caught.value.retry_after <= 31

@@ -20,6 +20,7 @@ from jobgate.client._errors import (
     NotFoundError,
     raise_for_problem,
     transport_error,
+    unexpected_answer,
 )
 from jobgate.client._files import (
     AtomicFile,
@@ -96,7 +97,10 @@ class AsyncClient(BaseClient):
             except httpx.TransportError as exc:
                 raise transport_error(exc, self.base_url) from exc
         raise_for_problem(response)
-        return call.parse(response)
+        try:
+            return call.parse(response)
+        except ValueError as exc:  # not JSON, or not the JSON the API sends
+            raise unexpected_answer(response) from exc
 
     # -- jobs ----------------------------------------------------------------------------
 

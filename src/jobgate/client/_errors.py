@@ -21,7 +21,10 @@ JobgateError
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -133,10 +136,22 @@ class InvalidRequestError(ProblemError):
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    try:
-        return max(0.0, float(headers["retry-after"]))
-    except (KeyError, ValueError):
+    """`Retry-After` in seconds: delay-seconds, or an HTTP date (RFC 9110), which a
+    proxy or load balancer may send in jobgate's place."""
+    value = headers.get("retry-after")
+    if value is None:
         return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - time.time())
 
 
 class RateLimitedError(ProblemError):
@@ -221,6 +236,21 @@ def error_for(response: httpx.Response) -> ProblemError:
     status = response.status_code
     kind = _BY_STATUS.get(status) or (ServerError if status >= 500 else ProblemError)
     return kind(problem, response.headers)
+
+
+def unexpected_answer(response: httpx.Response) -> NotAcceptableError:
+    """A success that is not what the API answers (a proxy's or a captive portal's
+    page, say), as an error the caller can catch with the others."""
+    media_type = str(response.headers.get("content-type", "")).split(";")[0].strip()
+    extract = response.text[:200].strip()
+    problem = Problem(
+        title="Not acceptable",
+        status=406,
+        detail=f"the server answered {response.status_code} {media_type or 'without a type'}, "
+        f"not the API's JSON: {extract!r}",
+        instance=response.request.url.path,
+    )
+    return NotAcceptableError(problem, response.headers)
 
 
 def raise_for_problem(response: httpx.Response) -> None:
