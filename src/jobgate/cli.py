@@ -35,7 +35,7 @@ from jobgate.config import Settings
 from jobgate.errors import JobgateError, Unauthenticated
 from jobgate.ids import now, rfc3339
 from jobgate.store import Database
-from jobgate.store.migrate import schema_problem, upgrade
+from jobgate.store.migrate import MigrationError, schema_problem, upgrade
 from jobgate.tuning import tune_gc
 from jobgate.waits import finish_within
 
@@ -106,7 +106,10 @@ async def _with_db(settings: Settings, use: Callable[[Database], Awaitable[T]]) 
     """Run `use(db)` on the configured database (an embedded SQLite is migrated first;
     on PostgreSQL a schema that is not this jobgate's ends the command with why)."""
     if settings.is_sqlite:
-        await upgrade(settings.database_url)
+        try:
+            await upgrade(settings.database_url)
+        except MigrationError as exc:
+            _fail(str(exc))
     elif (problem := await schema_problem(settings.database_url)) is not None:
         _fail(problem)
     db = Database(

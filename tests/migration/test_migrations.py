@@ -191,3 +191,31 @@ async def test_a_postgres_schema_that_is_not_this_jobgates_is_named_at_start_up(
     finally:
         await database.aclose()
     assert "does not know" in (await migrate.schema_problem(fresh_postgres_url) or "")
+
+
+def test_a_sqlite_database_newer_than_this_jobgate_is_named_not_migrated(tmp_path: Path) -> None:
+    """A SQLite file a newer jobgate migrated: the CLI says so in one line and exits 1
+    (regression: a long traceback ending in `Can't locate revision`)."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/data/jobgate.db"
+    asyncio.run(migrate.upgrade(url))
+
+    async def stamp_newer() -> None:
+        database = Database(url)
+        try:
+            async with database.write() as conn:
+                await conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+        finally:
+            await database.aclose()
+
+    asyncio.run(stamp_newer())
+    keys = subprocess.run(
+        [str(Path(sys.executable).parent / "jobgate"), "keys", "list"],
+        env={**os.environ, "JOBGATE_DATABASE_URL": url, "JOBGATE_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        timeout=60,
+    )
+    err = keys.stderr.decode()
+    assert keys.returncode == 1, err
+    assert "9999" in err
+    assert "newer jobgate" in err
+    assert "Traceback" not in err

@@ -98,9 +98,26 @@ async def upgrade(url: str, revision: str = "head") -> None:
         revision: The target revision; the newest by default.
 
     Raises:
-        MigrationError: On SQLite, the migrated data breaks a foreign key.
+        MigrationError: The database is at a revision this jobgate does not know (a
+            newer jobgate migrated it), or, on SQLite, the migrated data breaks a
+            foreign key.
     """
+    current = await current_revision(url)
+    if current is not None and current not in _known_revisions():
+        raise MigrationError(_newer(current))
     await _run(url, command.upgrade, revision)
+
+
+def _known_revisions() -> set[str]:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    return {script.revision for script in scripts.walk_revisions()}
+
+
+def _newer(current: str) -> str:
+    return (
+        f"the database schema is at revision {current}, which this jobgate does not "
+        f"know (it needs {head_revision()}): a newer jobgate migrated it; run that version"
+    )
 
 
 async def downgrade(url: str, revision: str) -> None:
@@ -157,14 +174,8 @@ async def schema_problem(url: str) -> str | None:
         if has_jobs:
             return None
         return "the database has no jobgate schema: run `jobgate db upgrade`"
-    known = {
-        script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()
-    }
-    if current not in known:
-        return (
-            f"the database schema is at revision {current}, which this jobgate does not "
-            f"know (it needs {head}): a newer jobgate migrated it; run that version here"
-        )
+    if current not in _known_revisions():
+        return _newer(current)
     return (
         f"the database schema is at revision {current} and this jobgate needs {head}: "
         "stop the older jobgate's processes, then run `jobgate db upgrade`"
