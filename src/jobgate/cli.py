@@ -35,7 +35,14 @@ from jobgate.config import Settings
 from jobgate.errors import JobgateError, Unauthenticated
 from jobgate.ids import now, rfc3339
 from jobgate.store import Database
-from jobgate.store.migrate import MigrationError, schema_problem, upgrade
+from jobgate.store.migrate import (
+    MigrationError,
+    current_revision,
+    downgrade,
+    head_revision,
+    schema_problem,
+    upgrade,
+)
 from jobgate.tuning import tune_gc
 from jobgate.waits import finish_within
 
@@ -336,6 +343,33 @@ def db_upgrade() -> None:
     except Exception as exc:  # report it; the URL may hold a password, so not the URL
         _fail(f"migration failed: {type(exc).__name__}: {exc}")
     err.print("database schema is up to date", markup=False)
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[
+        str, typer.Argument(help="the revision to go back to (`jobgate db current` shows it)")
+    ],
+) -> None:
+    """Migrate the database back to REVISION, to run an older jobgate: what only the newer
+    schema holds (its columns, tables, indexes) is dropped. Stop every process first."""
+    settings = _settings()
+    try:
+        asyncio.run(downgrade(settings.database_url, revision))
+    except Exception as exc:  # the URL may hold a password, so not the URL
+        _fail(f"migration failed: {type(exc).__name__}: {exc}")
+    err.print(f"database schema is at {revision}", markup=False)
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's schema revision, and this jobgate's."""
+    settings = _settings()
+    try:
+        current = asyncio.run(current_revision(settings.database_url))
+    except Exception as exc:
+        _fail(f"cannot read the revision: {type(exc).__name__}: {exc}")
+    typer.echo(f"database: {current or 'none'}\nthis jobgate: {head_revision()}")
 
 
 # -- keys ------------------------------------------------------------------------------

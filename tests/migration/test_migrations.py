@@ -219,3 +219,35 @@ def test_a_sqlite_database_newer_than_this_jobgate_is_named_not_migrated(tmp_pat
     assert "9999" in err
     assert "newer jobgate" in err
     assert "Traceback" not in err
+
+
+def test_the_cli_shows_the_revision_and_goes_back_one(tmp_path: Path) -> None:
+    """`jobgate db current` names both revisions; `jobgate db downgrade REV` goes back,
+    and `db upgrade` forward again, to a schema equal to the models."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/data/jobgate.db"
+    env = {**os.environ, "JOBGATE_DATABASE_URL": url, "JOBGATE_DATA_DIR": str(tmp_path)}
+    jobgate = str(Path(sys.executable).parent / "jobgate")
+    head = migrate.head_revision()
+    previous = (
+        ScriptDirectory.from_config(migrate.alembic_config()).get_revision(head).down_revision
+    )
+    assert isinstance(previous, str)
+
+    def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        done = subprocess.run([jobgate, *args], env=env, capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr.decode()
+        return done
+
+    run("db", "upgrade")
+    assert run("db", "current").stdout.decode().split() == [
+        "database:",
+        head,
+        "this",
+        "jobgate:",
+        head,
+    ]
+    run("db", "downgrade", previous)
+    assert asyncio.run(migrate.current_revision(url)) == previous
+    run("db", "upgrade")
+    assert asyncio.run(migrate.current_revision(url)) == head
+    assert asyncio.run(schema_differences(url)) == []
