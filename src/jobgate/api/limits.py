@@ -475,9 +475,7 @@ class RateLimits:
         Raises:
             RateLimited: 429, with Retry-After.
         """
-        if self.max_active_jobs > 0:
-            active = await job_repo.count_active_locked(conn, owner)
-            SubmitQuota(self, owner, None, active).require(1)
+        await SubmitQuota(self, owner).hold_active(conn)
 
     def admitted_now(self, scope: Scope) -> bool:
         """Count one request from the scope's client, if that needs no storage call (no

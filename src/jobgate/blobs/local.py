@@ -172,8 +172,7 @@ class LocalBlobStore:
         if not blob.created or not blob.stamp:
             return False
         final = self.local_path(blob.sha256)
-        try:
-            await asyncio.to_thread(self._tmp.mkdir, parents=True, exist_ok=True)
+        try:  # `_tmp` exists: the blob was written there first
             return await asyncio.to_thread(_withdraw, final, blob.stamp, self._tmp)
         except OSError as exc:
             raise BlobError(f"Cannot withdraw blob {blob.sha256}: {exc}") from exc

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import asyncpg.exceptions as asyncpg_errors
 from pydantic_core import to_json
-from sqlalchemy import JSON, Executable, Null, Table
+from sqlalchemy import JSON, Executable, Null, Table, text
 from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -104,6 +104,17 @@ async def _retire(conn: AsyncConnection) -> None:
     """Drop a lost connection, and the pool with it (the server likely dropped all)."""
     await conn.invalidate()
     await conn.engine.dispose(close=False)
+
+
+async def lock_key(conn: AsyncConnection, lock_class: int, key: str) -> None:
+    """Hold `pg_advisory_xact_lock(lock_class, hashtext(key))` until the transaction
+    ends: writers of one key (an owner) queue up across processes. Nothing on SQLite,
+    whose single writer already serialises them."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(:class, hashtext(:key))"),
+            {"class": lock_class, "key": key},
+        )
 
 
 async def records(conn: AsyncConnection, sql: str, *args: Any) -> list[Any]:

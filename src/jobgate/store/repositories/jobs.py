@@ -478,11 +478,7 @@ async def count_active_locked(conn: AsyncConnection, owner: str) -> int:
     """`count_active`, in a write transaction that holds, until it ends, the right to add
     to `owner`'s active jobs: a transaction of another process that asks it too waits,
     then counts what this one wrote. (SQLite's single writer already serialises them.)"""
-    if conn.dialect.name == "postgresql":
-        await conn.execute(
-            text("SELECT pg_advisory_xact_lock(:class, hashtext(:owner))"),
-            {"class": _ACTIVE_LOCK_CLASS, "owner": owner},
-        )
+    await pg.lock_key(conn, _ACTIVE_LOCK_CLASS, owner)
     return await count_active(conn, owner)
 
 

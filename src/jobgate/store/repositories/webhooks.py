@@ -15,13 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, String, bindparam, delete, insert, select, text, update
+from sqlalchemy import Integer, String, bindparam, delete, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.errors import NotFound
 from jobgate.ids import rfc3339, uuid7
-from jobgate.store import views
+from jobgate.store import pg, views
 from jobgate.store.repositories import jobs as job_repo
 from jobgate.store.tables import webhook_deliveries as deliveries
 from jobgate.store.tables import webhook_secrets as secrets
@@ -264,7 +264,7 @@ async def current_secret(conn: AsyncConnection, owner: str) -> str | None:
 
 async def ensure_secret(conn: AsyncConnection, owner: str, *, new_key: str, at: float) -> str:
     """The owner's current secret, made from `new_key` if it has none (write transaction)."""
-    await _lock_owner(conn, owner)
+    await pg.lock_key(conn, _SECRET_LOCK_CLASS, owner)
     key = await current_secret(conn, owner)
     if key is None:
         await conn.execute(insert(secrets).values(owner=owner, key=new_key, created_at=at))
@@ -280,7 +280,7 @@ async def rotate_secret(
     A secret replaced by an earlier rotation is dropped now, whatever its time left, so
     at most two secrets sign a delivery. Returns `new_key`.
     """
-    await _lock_owner(conn, owner)
+    await pg.lock_key(conn, _SECRET_LOCK_CLASS, owner)
     await conn.execute(
         delete(secrets).where(secrets.c.owner == owner, secrets.c.expires_at.is_not(None))
     )
@@ -309,12 +309,3 @@ async def signing_secrets(
     for owner, key in rows:
         found.setdefault(owner, []).append(key)
     return found
-
-
-async def _lock_owner(conn: AsyncConnection, owner: str) -> None:
-    """Serialise writers of one owner's secrets (SQLite's single writer already does)."""
-    if conn.dialect.name == "postgresql":
-        await conn.execute(
-            text("SELECT pg_advisory_xact_lock(:class, hashtext(:owner))"),
-            {"class": _SECRET_LOCK_CLASS, "owner": owner},
-        )
