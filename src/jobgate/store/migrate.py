@@ -27,6 +27,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, make_url
@@ -102,9 +103,6 @@ async def upgrade(url: str, revision: str = "head") -> None:
             newer jobgate migrated it), or, on SQLite, the migrated data breaks a
             foreign key.
     """
-    current = await current_revision(url)
-    if current is not None and current not in _known_revisions():
-        raise MigrationError(_newer(current))
     await _run(url, command.upgrade, revision)
 
 
@@ -132,16 +130,23 @@ def upgrade_sync(url: str, revision: str = "head") -> None:
 
 async def current_revision(url: str) -> str | None:
     """The revision the database at `url` is at, or None for an empty database."""
-    from alembic.runtime.migration import MigrationContext
+    return (await _revision_and_jobs(url))[0]
 
+
+async def _revision_and_jobs(url: str) -> tuple[str | None, bool]:
+    """The database's revision, and whether it has a `jobs` table: one connection."""
     engine = migration_engine(url)
     try:
         async with engine.connect() as conn:
             return await conn.run_sync(
-                lambda sync: MigrationContext.configure(sync).get_current_revision()
+                lambda sync: (_revision_of(sync), inspect(sync).has_table("jobs"))
             )
     finally:
         await engine.dispose()
+
+
+def _revision_of(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
 
 
 async def schema_problem(url: str) -> str | None:
@@ -156,7 +161,7 @@ async def schema_problem(url: str) -> str | None:
     made from the models directly (`Database.create_all`, no revision) is taken as is.
     """
     try:
-        current = await current_revision(url)
+        current, has_jobs = await _revision_and_jobs(url)
     except Exception as exc:
         if is_outage(exc) or isinstance(exc, OSError):
             return None
@@ -165,12 +170,6 @@ async def schema_problem(url: str) -> str | None:
     if current == head:
         return None
     if current is None:
-        engine = migration_engine(url)
-        try:
-            async with engine.connect() as conn:
-                has_jobs = await conn.run_sync(lambda sync: inspect(sync).has_table("jobs"))
-        finally:
-            await engine.dispose()
         if has_jobs:
             return None
         return "the database has no jobgate schema: run `jobgate db upgrade`"
@@ -240,6 +239,10 @@ async def _run_locked(url: str, alembic_command: Any, revision: str) -> None:
 
 
 def _run_command(connection: Connection, alembic_command: Any, revision: str) -> None:
+    # Under the run's lock, before Alembic's own "Can't locate revision" traceback.
+    current = _revision_of(connection)
+    if current is not None and current not in _known_revisions():
+        raise MigrationError(_newer(current))
     config = alembic_config()
     config.attributes["connection"] = connection
     alembic_command(config, revision)
