@@ -60,6 +60,21 @@ async def table_names(url: str) -> set[str]:
         await database.aclose()
 
 
+def _jobgate(url: str, data_dir: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """`jobgate ARGS` on the database at `url`, in a process of its own."""
+    env = {**os.environ, "JOBGATE_DATABASE_URL": url, "JOBGATE_DATA_DIR": str(data_dir)}
+    jobgate = str(Path(sys.executable).parent / "jobgate")
+    return subprocess.run([jobgate, *args], env=env, capture_output=True, timeout=60)
+
+
+def _before_head() -> str:
+    """The revision just before the newest."""
+    scripts = ScriptDirectory.from_config(migrate.alembic_config())
+    previous = scripts.get_revision(migrate.head_revision()).down_revision
+    assert isinstance(previous, str)
+    return previous
+
+
 async def test_comparison_sees_a_missing_schema(empty_url: str) -> None:
     """The comparison is not vacuous: an empty database differs from the metadata."""
     differences = await schema_differences(empty_url)
@@ -160,24 +175,13 @@ async def test_a_postgres_schema_that_is_not_this_jobgates_is_named_at_start_up(
     head = migrate.head_revision()
     assert "jobgate db upgrade" in (await migrate.schema_problem(fresh_postgres_url) or "")
 
-    scripts = ScriptDirectory.from_config(migrate.alembic_config())
-    previous = scripts.get_revision(head).down_revision
-    assert isinstance(previous, str)
+    previous = _before_head()
     await migrate.upgrade(fresh_postgres_url, previous)
     behind = await migrate.schema_problem(fresh_postgres_url) or ""
     assert previous in behind
     assert head in behind
     assert "jobgate db upgrade" in behind
-    worker = subprocess.run(
-        [str(Path(sys.executable).parent / "jobgate"), "worker"],
-        env={
-            **os.environ,
-            "JOBGATE_DATABASE_URL": fresh_postgres_url,
-            "JOBGATE_DATA_DIR": str(tmp_path),
-        },
-        capture_output=True,
-        timeout=60,
-    )
+    worker = _jobgate(fresh_postgres_url, tmp_path, "worker")
     assert worker.returncode == 1
     assert "jobgate db upgrade" in worker.stderr.decode()
     assert "Traceback" not in worker.stderr.decode()
@@ -208,12 +212,7 @@ def test_a_sqlite_database_newer_than_this_jobgate_is_named_not_migrated(tmp_pat
             await database.aclose()
 
     asyncio.run(stamp_newer())
-    keys = subprocess.run(
-        [str(Path(sys.executable).parent / "jobgate"), "keys", "list"],
-        env={**os.environ, "JOBGATE_DATABASE_URL": url, "JOBGATE_DATA_DIR": str(tmp_path)},
-        capture_output=True,
-        timeout=60,
-    )
+    keys = _jobgate(url, tmp_path, "keys", "list")
     err = keys.stderr.decode()
     assert keys.returncode == 1, err
     assert "9999" in err
@@ -225,16 +224,11 @@ def test_the_cli_shows_the_revision_and_goes_back_one(tmp_path: Path) -> None:
     """`jobgate db current` names both revisions; `jobgate db downgrade REV` goes back,
     and `db upgrade` forward again, to a schema equal to the models."""
     url = f"sqlite+aiosqlite:///{tmp_path}/data/jobgate.db"
-    env = {**os.environ, "JOBGATE_DATABASE_URL": url, "JOBGATE_DATA_DIR": str(tmp_path)}
-    jobgate = str(Path(sys.executable).parent / "jobgate")
     head = migrate.head_revision()
-    previous = (
-        ScriptDirectory.from_config(migrate.alembic_config()).get_revision(head).down_revision
-    )
-    assert isinstance(previous, str)
+    previous = _before_head()
 
     def run(*args: str) -> subprocess.CompletedProcess[bytes]:
-        done = subprocess.run([jobgate, *args], env=env, capture_output=True, timeout=60)
+        done = _jobgate(url, tmp_path, *args)
         assert done.returncode == 0, done.stderr.decode()
         return done
 

@@ -238,16 +238,21 @@ def error_for(response: httpx.Response) -> ProblemError:
     return kind(problem, response.headers)
 
 
-def unexpected_answer(response: httpx.Response) -> NotAcceptableError:
+def media_type(response: httpx.Response) -> str:
+    """The answer's media type, lowercased, without parameters ("" if none)."""
+    return str(response.headers.get("content-type", "")).split(";")[0].strip().lower()
+
+
+def unexpected_answer(response: httpx.Response, wanted: str = "the API's JSON") -> ProblemError:
     """A success that is not what the API answers (a proxy's or a captive portal's
-    page, say), as an error the caller can catch with the others."""
-    media_type = str(response.headers.get("content-type", "")).split(";")[0].strip()
+    page, or the JSON page where a stream was asked for), as an error the caller can
+    catch with the others: `NotAcceptableError`, with an extract of what came."""
     extract = response.text[:200].strip()
     problem = Problem(
         title="Not acceptable",
         status=406,
-        detail=f"the server answered {response.status_code} {media_type or 'without a type'}, "
-        f"not the API's JSON: {extract!r}",
+        detail=f"the server answered {response.status_code} {media_type(response) or 'nothing'}, "
+        f"not {wanted}: {extract!r}",
         instance=response.request.url.path,
     )
     return NotAcceptableError(problem, response.headers)

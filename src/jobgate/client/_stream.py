@@ -18,15 +18,16 @@ import httpx
 
 from jobgate.client._calls import EVENT_STREAM
 from jobgate.client._errors import (
-    NotAcceptableError,
     ProblemError,
     RateLimitedError,
     ServerError,
     TransportError,
     WaitTimeout,
     error_for,
+    media_type,
+    unexpected_answer,
 )
-from jobgate.client._models import Event, Job, Problem
+from jobgate.client._models import Event, Job
 from jobgate.client._sse import ServerSentEvent
 
 Clock = Callable[[], float]
@@ -101,13 +102,7 @@ class Resumer:
         if response.is_error:
             return error_for(response)
         # A server without streams may just answer the JSON page.
-        problem = Problem(
-            title="Not acceptable",
-            status=406,
-            detail=f"the server answered {_media_type(response) or 'nothing'}, not {EVENT_STREAM}",
-            instance=response.request.url.path,
-        )
-        return NotAcceptableError(problem, response.headers)
+        return unexpected_answer(response, EVENT_STREAM)
 
     def note_place(self, last_event_id: str) -> None:
         """The stream's last event id as the decoder has it, also from an `id:` sent
@@ -177,13 +172,9 @@ class Resumer:
         return max(0.0, min(delay, limit - now))
 
 
-def _media_type(response: httpx.Response) -> str:
-    return str(response.headers.get("content-type", "")).split(";")[0].strip().lower()
-
-
 def is_event_stream(response: httpx.Response) -> bool:
     """True for a successful `text/event-stream` answer."""
-    return response.is_success and _media_type(response) == EVENT_STREAM
+    return response.is_success and media_type(response) == EVENT_STREAM
 
 
 def _retryable(error: ProblemError) -> bool:
