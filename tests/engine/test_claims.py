@@ -15,7 +15,7 @@ from jobgate.pipelines import Registry
 from jobgate.store import pg
 from jobgate.store.database import Database
 from jobgate.store.repositories import jobs as job_repo
-from jobgate.store.repositories import outcomes, tasks
+from jobgate.store.repositories import outcomes, tasks, workers
 
 REGISTRY = Registry.from_paths([])
 
@@ -131,14 +131,26 @@ async def test_claims_and_renewals_read_indexes_not_the_backlog(database: Databa
             )
         ]
         leases = {task_id: token, 10**9: "gone"}
-        renewal = tasks.held_tasks(leases).compile(
-            dialect=conn.dialect, compile_kwargs={"literal_binds": True}
-        )
-        plan = "\n".join(str(row[0]) for row in await conn.execute(text(f"EXPLAIN {renewal}")))
         held, _ = await tasks.renew(conn, leases, lease_s=30, at=now())
     assert held == {token}
-    assert "pk_tasks" in plan, plan
-    assert "Seq Scan on tasks" not in plan, plan
+    driver = await database.engine.raw_connection()
+    try:
+        connection = driver.driver_connection
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            await connection.execute(f"SET plan_cache_mode = {mode}")
+            async with connection.transaction():
+                await connection.execute("PREPARE renew_plan AS " + tasks._RENEW_PG)
+                rows = await connection.fetch(
+                    f"EXPLAIN EXECUTE renew_plan(ARRAY[{task_id}], ARRAY['{token}'], 1, 2, 'w')"
+                )
+                await connection.execute("DEALLOCATE renew_plan")
+            plan = "\n".join(row[0] for row in rows)
+            assert "pk_tasks" in plan, plan
+            # (the workers table holds no worker here: scanning it is the right plan)
+            assert "Seq Scan on tasks" not in plan, plan
+            assert "Seq Scan on jobs" not in plan, plan
+    finally:
+        driver.close()
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
@@ -252,3 +264,56 @@ async def test_a_sweep_locks_jobs_in_order_without_deadlock(database: Database) 
 async def _sweep(db: Database) -> int:
     async with db.write() as conn:
         return await outcomes.sweep(conn, registry=REGISTRY, at=now())
+
+
+async def test_a_renewal_names_the_jobs_to_stop_and_sees_the_worker(database: Database) -> None:
+    """A renewal extends every lease held, answers which of their jobs should stop
+    (cancel requested, or no longer running), and marks its worker seen; on
+    PostgreSQL it does so in one statement on an autocommit connection."""
+    running, cancelled, finished = await _submit(database, 3)
+    async with database.write() as conn:
+        await workers.register(
+            conn,
+            {
+                "id": "w-1",
+                "host": "h",
+                "pid": 1,
+                "queues": ["default"],
+                "pipelines": [],
+                "concurrency": 3,
+                "running": 3,
+                "version": "test",
+                "started_at": 1.0,
+                "last_seen_at": 1.0,
+            },
+        )
+        rows = await conn.execute(
+            text(
+                "UPDATE tasks SET lease_token = 't-' || id, lease_expires_at = 1"
+                " RETURNING id, lease_token, job_id"
+            )
+        )
+        leases: dict[int, str] = {row.id: row.lease_token for row in rows}
+        await conn.execute(text("UPDATE jobs SET status = 'running'"))
+        await conn.execute(
+            text("UPDATE jobs SET cancel_requested = true WHERE id = :id"), {"id": cancelled}
+        )
+        await conn.execute(
+            text("UPDATE jobs SET status = 'completed' WHERE id = :id"), {"id": finished}
+        )
+    at = now()
+    renewing = database.write() if database.is_sqlite else database.autocommit()
+    async with renewing as conn:
+        held, stopping = await tasks.renew(
+            conn, {**leases, 10**9: "gone"}, lease_s=30, at=at, worker_id="w-1"
+        )
+    assert held == set(leases.values())
+    assert stopping == {cancelled, finished}
+    async with database.read() as conn:
+        expiries = [
+            row[0] for row in await conn.execute(text("SELECT lease_expires_at FROM tasks"))
+        ]
+        seen = (await conn.execute(text("SELECT last_seen_at FROM workers"))).scalar_one()
+    assert expiries == [pytest.approx(at + 30)] * 3
+    assert seen == pytest.approx(at)
+    assert running not in stopping

@@ -241,7 +241,7 @@ class Database:
 # does (the generic plan guesses a thousand rows per `generate_series`), and planning
 # cost more than running: 1.1 ms a statement from the client, 0.55-0.66 ms on the
 # generic plan. Warm connections run only prebuilt statements whose generic plans are
-# tested (claims, outcomes, stream reads: tests/engine/test_claims.py,
+# tested (claims, renewals, outcomes, stream reads: tests/engine/test_claims.py,
 # test_complete_many.py, test_stream_plans.py; inserts read no table), so they always
 # use them; the pool's other statements are left to PostgreSQL's choice.
 _GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"

@@ -439,7 +439,9 @@ class Worker:
             if not held:
                 continue
             try:
-                async with self.db.write() as conn:
+                # One statement on PostgreSQL: no BEGIN and COMMIT round trips.
+                renewing = self.db.write() if self.db.is_sqlite else self.db.autocommit()
+                async with renewing as conn:
                     still, stopping = await tasks.renew(
                         conn,
                         {runtime.task.task_id: token for token, runtime in held.items()},

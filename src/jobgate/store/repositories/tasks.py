@@ -826,6 +826,33 @@ def held_tasks(leases: Mapping[int, str]) -> Select[tuple[int]]:
     )
 
 
+# `renew` on PostgreSQL: one statement, atomic by itself, so it runs on an autocommit
+# connection in one round trip. `held_tasks`' pick; a task another transaction locked
+# is reported held (unrenewed) if its row had the token when the statement began.
+_RENEW_PG = """
+WITH seen AS (
+    UPDATE workers SET last_seen_at = $3 WHERE id = $5
+), mine AS (
+    SELECT id FROM tasks
+    WHERE id = ANY($1::bigint[]) AND lease_token = ANY($2::varchar[])
+    ORDER BY job_id, id
+    FOR UPDATE SKIP LOCKED
+), renewed AS (
+    UPDATE tasks SET lease_expires_at = $4
+    WHERE id IN (SELECT id FROM mine)
+    RETURNING id, lease_token, job_id
+)
+SELECT renewed.lease_token,
+       coalesce(jobs.cancel_requested OR jobs.status <> 'running', false) AS stopping,
+       renewed.job_id
+FROM renewed LEFT JOIN jobs ON jobs.id = renewed.job_id
+UNION ALL
+SELECT lease_token, false, NULL FROM tasks
+WHERE id = ANY($1::bigint[]) AND lease_token = ANY($2::varchar[])
+  AND id NOT IN (SELECT id FROM renewed)
+"""
+
+
 async def renew(
     conn: AsyncConnection,
     leases: Mapping[int, str],
@@ -843,36 +870,34 @@ async def renew(
     stages run renews every half second, so one silent for longer while holding leases
     is cut off or hung, even if its connection still shows (docs/liveness.md).
 
+    Args:
+        conn: a write transaction; on PostgreSQL an autocommit connection will do (the
+            renewal is one statement there).
+
     Returns:
         The tokens still held, and the ids of their jobs that should stop (cancel
         requested, or the job already finished).
     """
     if not leases:
         return set(), set()
+    if conn.dialect.name == "postgresql":
+        rows = await pg.records(
+            conn, _RENEW_PG, list(leases), list(leases.values()), at, at + lease_s, worker_id
+        )
+        return (
+            {row["lease_token"] for row in rows},
+            {row["job_id"] for row in rows if row["stopping"]},
+        )
     if worker_id is not None:
         await conn.execute(update(workers).where(workers.c.id == worker_id).values(last_seen_at=at))
-    mine = held_tasks(leases)
     held = (
         await conn.execute(
             update(task_table)
-            .where(task_table.c.id.in_(mine.scalar_subquery()))
+            .where(task_table.c.id.in_(held_tasks(leases).scalar_subquery()))
             .values(lease_expires_at=at + lease_s)
             .returning(task_table.c.lease_token, task_table.c.job_id)
         )
     ).all()
-    tokens = {token for token, _ in held}
-    skipped = {task_id: token for task_id, token in leases.items() if token not in tokens}
-    if skipped and conn.dialect.name == "postgresql":
-        tokens |= set(
-            (
-                await conn.scalars(
-                    select(task_table.c.lease_token).where(
-                        task_table.c.id.in_(list(skipped)),
-                        task_table.c.lease_token.in_(list(skipped.values())),
-                    )
-                )
-            ).all()
-        )
     job_ids = {job_id for _, job_id in held}
     stopping = set()
     if job_ids:
@@ -885,7 +910,7 @@ async def renew(
                 )
             )
         }
-    return tokens, stopping
+    return {token for token, _ in held}, stopping
 
 
 async def release(conn: AsyncConnection, task: Claimed, report: Report, *, at: float) -> None:
