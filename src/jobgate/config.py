@@ -86,6 +86,15 @@ class Settings(BaseSettings):
         0.0, ge=0, description="what one owner's jobs of a calendar month (UTC) may cost; 0: no cap"
     )
     idempotency_ttl_s: int = Field(86_400, ge=1)
+    job_retention_days: float = Field(
+        0.0, ge=0, description="finished jobs older than this are purged; 0: kept for ever"
+    )
+    blob_gc_grace_s: float = Field(
+        3600.0, ge=0, description="blobs unreferenced this long are deleted; 0: never"
+    )
+    retention_interval_s: float = Field(
+        300.0, gt=0, description="how often a worker purges old jobs and collects blobs"
+    )
     rate_limit_submit: str = Field("", description="jobs per user, e.g. 60/minute; empty: none")
     max_active_jobs_per_user: int = Field(0, ge=0, description="queued+running; 0: unlimited")
     rate_limit_ip: str = Field("", description="/v1 requests per client IP; empty: none")
@@ -216,6 +225,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "JOBGATE_AUTH_JWT_SECRET must be at least 32 characters and not an example "
                 "from documentation when JOBGATE_ENV=prod"
+            )
+        retention_s = self.job_retention_days * 86_400
+        if retention_s and retention_s < self.idempotency_ttl_s:
+            raise ValueError(
+                "JOBGATE_JOB_RETENTION_DAYS must keep jobs at least as long as "
+                "JOBGATE_IDEMPOTENCY_TTL_S remembers the keys that name them"
             )
         return self
 

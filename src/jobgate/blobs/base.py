@@ -211,6 +211,15 @@ class BlobStore(Protocol):
         """
         ...
 
+    async def stamp(self, sha256: str) -> int | None:
+        """The blob's stamp now (None: it is not stored), for a later `withdraw` that
+        removes it only if no writer has published the same bytes since.
+
+        Raises:
+            InvalidDigest: `sha256` is not a canonical digest.
+        """
+        ...
+
     async def delete(self, sha256: str) -> None:
         """Remove the blob; removing a missing blob is not an error.
 

@@ -177,6 +177,16 @@ class LocalBlobStore:
         except OSError as exc:
             raise BlobError(f"Cannot withdraw blob {blob.sha256}: {exc}") from exc
 
+    async def stamp(self, sha256: str) -> int | None:
+        """The file's modification time; see `BlobStore.stamp`."""
+        path = self.local_path(sha256)
+        try:
+            return (await asyncio.to_thread(os.stat, path)).st_mtime_ns
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise BlobError(f"Cannot read blob {sha256}: {exc}") from exc
+
     async def delete(self, sha256: str) -> None:
         """Remove the blob if it is there; see `BlobStore.delete`."""
         path = self.local_path(sha256)

@@ -83,7 +83,9 @@ jobs = Table(
 # `stages`, `tasks` and `events` name their job without a foreign key: they are the rows
 # every submit and outcome writes, a foreign key's check was a third of a batch submit's
 # time in PostgreSQL, and the code writes them only in their job's transaction or for a
-# job it holds (jobs are never deleted). docs/performance.md, "Rows without foreign keys".
+# job it holds (a job is deleted only by retention, with these rows, in one transaction
+# holding the job: `store/repositories/retention.py`). docs/performance.md, "Rows
+# without foreign keys".
 stages = Table(
     "stages",
     metadata,
@@ -175,6 +177,10 @@ blobs = Table(
     Column("size", BigInteger, nullable=False),
     Column("content_type", String(255), nullable=False),
     Column("created_at", Float, nullable=False),
+    # Garbage collection (store/repositories/retention.py): when the blob was first seen
+    # unreferenced, and its file's stamp then; cleared whenever the blob is recorded again.
+    Column("gc_marked_at", Float),
+    Column("gc_stamp", BigInteger),
 )
 
 # Who may use a blob by its hash: its uploaders. Jobs grant access through their files.
@@ -184,6 +190,7 @@ blob_grants = Table(
     Column("sha256", String(64), ForeignKey("blobs.sha256", ondelete="CASCADE"), primary_key=True),
     Column("owner", String(255), primary_key=True),
     Column("created_at", Float, nullable=False),
+    Index(None, "created_at"),  # retention purges the oldest
 )
 
 artifacts = Table(
@@ -197,6 +204,18 @@ artifacts = Table(
     Column("is_primary", Boolean, nullable=False, default=False),
     Column("stage", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
+    Index(None, "sha256"),  # garbage collection asks whether any artifact is a blob's
+)
+
+# What the jobs purged by retention had cost, per owner and calendar month (UTC), so that
+# usage and the monthly spend cap still count them.
+purged_usage = Table(
+    "purged_usage",
+    metadata,
+    Column("owner", String(255), primary_key=True),
+    Column("month", Float, primary_key=True),
+    Column("jobs", BigInteger, nullable=False),
+    Column("spent_usd", Float, nullable=False),
 )
 
 api_keys = Table(

@@ -32,6 +32,7 @@ from jobgate.waits import end_task, finish_within, wait_at_most
 from jobgate.worker import executors, liveness
 from jobgate.worker.group_commit import GroupCommit, Regroup
 from jobgate.worker.processes import ProcessDied, ProcessPool
+from jobgate.worker.retention import Retention
 from jobgate.worker.runtime import TaskRuntime
 
 log = structlog.get_logger("jobgate.worker")
@@ -87,6 +88,7 @@ class Worker:
         self.blobs = blobs
         self.registry = registry
         self.concurrency = max(1, concurrency)
+        self._retention = Retention(db, blobs, settings)
         self.queues = queues or settings.queue_names
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid7()[-6:]}"
         self._wakeup = asyncio.Event()
@@ -469,7 +471,8 @@ class Worker:
 
     async def _maintenance_loop(self) -> None:
         """Heartbeat; sweep (expired leases and lost workers' stages go back to the queue);
-        forget Idempotency-Keys older than their time to live.
+        forget Idempotency-Keys older than their time to live; purge finished jobs past
+        retention and collect unreferenced blobs (`worker/retention.py`).
 
         On PostgreSQL only the elected leader sweeps and purges, and a worker heartbeats
         every `worker_heartbeat_s` while its LISTEN connection shows it alive
@@ -479,6 +482,7 @@ class Worker:
         absences = liveness.Absences(timings)
         loop = asyncio.get_running_loop()
         last_beat = last_purge = now()
+        next_retention = last_beat + min(60.0, self.settings.retention_interval_s)
         beat_running = len(self._running)
         next_sweep = 0.0  # at the first tick
         swept_at = loop.time()
@@ -525,6 +529,9 @@ class Worker:
                     last_purge = at
                     async with self.db.write() as conn:
                         await idempotency.purge(conn, before=at - self.settings.idempotency_ttl_s)
+                if self._retention.enabled and at >= next_retention:
+                    next_retention = at + self.settings.retention_interval_s
+                    await self._retention.run(at)
             except Exception:
                 log.exception("maintenance_failed")
 

@@ -11,7 +11,7 @@ from jobgate.api.schemas import Limits, Me, Usage, problem_responses
 from jobgate.config import Settings
 from jobgate.ids import month_start, now
 from jobgate.store.repositories.jobs import ACTIVE
-from jobgate.store.tables import jobs
+from jobgate.store.tables import jobs, purged_usage
 
 router = APIRouter(prefix="/v1/me", tags=["identity"])
 
@@ -33,9 +33,10 @@ def limits_of(settings: Settings) -> Limits:
 
 
 async def usage_of(conn: AsyncConnection, owner: str) -> Usage:
-    """The owner's active jobs, all its jobs, and what they cost (in all, this month)."""
+    """The owner's active jobs, all its jobs, and what they cost (in all, this month),
+    the jobs purged by retention included."""
     active = func.sum(case((jobs.c.status.in_(sorted(ACTIVE)), 1), else_=0))
-    this_month = jobs.c.created_at >= month_start(now())
+    this_month = jobs.c.created_at >= month_start(now())  # (purged jobs: `purged_usage`)
     month_spent = func.sum(case((this_month, jobs.c.actual_usd), else_=0.0))
     row = (
         await conn.execute(
@@ -47,11 +48,22 @@ async def usage_of(conn: AsyncConnection, owner: str) -> Usage:
             ).where(jobs.c.owner == owner)
         )
     ).one()
+    month = month_start(now())
+    purged_month = func.sum(case((purged_usage.c.month >= month, purged_usage.c.spent_usd)))
+    purged = (
+        await conn.execute(
+            select(
+                func.coalesce(func.sum(purged_usage.c.jobs), 0).label("total"),
+                func.coalesce(func.sum(purged_usage.c.spent_usd), 0.0).label("spent"),
+                func.coalesce(purged_month, 0.0).label("month_spent"),
+            ).where(purged_usage.c.owner == owner)
+        )
+    ).one()
     return Usage(
         active_jobs=int(row.active),
-        jobs_total=int(row.total),
-        spent_usd=float(row.spent),
-        month_spent_usd=float(row.month_spent),
+        jobs_total=int(row.total) + int(purged.total),
+        spent_usd=float(row.spent) + float(purged.spent),
+        month_spent_usd=float(row.month_spent) + float(purged.month_spent),
     )
 
 

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Insert, select, text
+from sqlalchemy import Insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -34,8 +34,28 @@ def _insert_ignore(conn: AsyncConnection, table: object) -> Insert:
     return sqlite.insert(table).on_conflict_do_nothing()  # type: ignore[arg-type]
 
 
+def _insert_unmarking(conn: AsyncConnection) -> Insert:
+    """Insert blob rows; a row already there keeps its values but loses any garbage
+    collector's mark.
+
+    The conflicting row is locked either way (PostgreSQL locks it even when the
+    update's condition is false), so a collection deleting it waits for this
+    transaction and then sees the mark gone (`retention.sweep_blobs`).
+    """
+    if conn.dialect.name == "postgresql":
+        statement: postgresql.Insert | sqlite.Insert = postgresql.insert(blobs)
+    else:
+        statement = sqlite.insert(blobs)
+    return statement.on_conflict_do_update(
+        index_elements=[blobs.c.sha256],
+        set_={"gc_marked_at": None, "gc_stamp": None},
+        where=blobs.c.gc_marked_at.is_not(None),
+    )
+
+
 async def add(conn: AsyncConnection, items: Iterable[BlobRow], *, at: float) -> None:
-    """Record stored blobs; blobs already recorded are left as they are."""
+    """Record stored blobs; blobs already recorded are left as they are, except that
+    they are no longer candidates for garbage collection."""
     rows = {
         item.sha256: {
             "sha256": item.sha256,
@@ -46,13 +66,20 @@ async def add(conn: AsyncConnection, items: Iterable[BlobRow], *, at: float) -> 
         for item in items
     }
     if rows:
-        await conn.execute(_insert_ignore(conn, blobs), list(rows.values()))
+        await conn.execute(_insert_unmarking(conn), list(rows.values()))
 
 
 async def grant(conn: AsyncConnection, sha256s: Iterable[str], *, owner: str, at: float) -> None:
     """Let `owner` use these (recorded) blobs."""
     rows = [{"sha256": s, "owner": owner, "created_at": at} for s in dict.fromkeys(sha256s)]
     if rows:
+        # A blob granted is referenced again: no garbage collection may take it now.
+        await conn.execute(
+            update(blobs)
+            .where(blobs.c.sha256.in_([row["sha256"] for row in rows]))
+            .where(blobs.c.gc_marked_at.is_not(None))
+            .values(gc_marked_at=None, gc_stamp=None)
+        )
         await conn.execute(_insert_ignore(conn, blob_grants), rows)
 
 

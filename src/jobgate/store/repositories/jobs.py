@@ -24,6 +24,7 @@ from jobgate.store.tables import (
     jobs,
     outbox,
     owner_clocks,
+    purged_usage,
     stages,
 )
 from jobgate.store.tables import events as event_table
@@ -456,13 +457,19 @@ _COUNT_ACTIVE = (
 
 
 async def spent_since(conn: AsyncConnection, owner: str, since: float) -> float:
-    """What `owner`'s jobs created at or after `since` have cost so far, in USD."""
+    """What `owner`'s jobs created at or after `since` (a month's start) have cost so
+    far, in USD, purged jobs included."""
     total = await conn.scalar(
         select(func.coalesce(func.sum(jobs.c.actual_usd), 0.0)).where(
             jobs.c.owner == owner, jobs.c.created_at >= since
         )
     )
-    return float(total or 0.0)
+    purged = await conn.scalar(
+        select(func.coalesce(func.sum(purged_usage.c.spent_usd), 0.0)).where(
+            purged_usage.c.owner == owner, purged_usage.c.month >= since
+        )
+    )
+    return float(total or 0.0) + float(purged or 0.0)
 
 
 async def count_active(conn: AsyncConnection, owner: str) -> int:

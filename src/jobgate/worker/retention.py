@@ -1,0 +1,105 @@
+"""The retention round a sweeping worker runs every `JOBGATE_RETENTION_INTERVAL_S`:
+purge finished jobs past `JOBGATE_JOB_RETENTION_DAYS`, then collect the blobs nothing
+refers to any more (`store/repositories/retention.py`, `docs/retention.md`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from jobgate.blobs.base import BlobError, BlobStore, StoredBlob
+from jobgate.config import Settings
+from jobgate.store import Database
+from jobgate.store.repositories import retention
+
+log = structlog.get_logger("jobgate.retention")
+
+BATCH = 500
+"""Jobs (or grants, or blobs) one transaction takes: each round is many short ones."""
+ROUND_BUDGET_S = 5.0
+"""A round stops starting transactions after this long; the next round goes on."""
+
+
+@dataclass
+class RoundResult:
+    """What one round did."""
+
+    jobs: int = 0
+    grants: int = 0
+    marked: int = 0
+    collected: int = 0
+
+
+class Retention:
+    """Runs retention rounds for one worker (the sweeping one: the leader on PostgreSQL)."""
+
+    def __init__(self, db: Database, blobs: BlobStore, settings: Settings) -> None:
+        self.db = db
+        self.blobs = blobs
+        self.settings = settings
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.job_retention_days > 0 or self.settings.blob_gc_grace_s > 0
+
+    async def run(self, at: float) -> RoundResult:
+        """One round: purge what is past retention, mark unreferenced blobs, and collect
+        those marked longer than the grace period."""
+        result = RoundResult()
+        deadline = time.monotonic() + ROUND_BUDGET_S
+        retention_s = self.settings.job_retention_days * 86_400
+        if retention_s > 0:
+            before = at - retention_s
+            while time.monotonic() < deadline:
+                async with self.db.write() as conn:
+                    purged = await retention.purge_jobs(conn, finished_before=before, limit=BATCH)
+                result.jobs += purged
+                if purged < BATCH:
+                    break
+            while time.monotonic() < deadline:
+                async with self.db.write() as conn:
+                    gone = await retention.purge_grants(conn, before=before, limit=BATCH)
+                result.grants += gone
+                if gone < BATCH:
+                    break
+        grace_s = self.settings.blob_gc_grace_s
+        if grace_s > 0 and time.monotonic() < deadline:
+            result.collected = await self._collect(at - grace_s)
+            result.marked = await self._mark(at)
+        if result.jobs or result.grants or result.collected:
+            log.info(
+                "retention_round",
+                jobs_purged=result.jobs,
+                grants_purged=result.grants,
+                blobs_marked=result.marked,
+                blobs_collected=result.collected,
+            )
+        return result
+
+    async def _mark(self, at: float) -> int:
+        async with self.db.write() as conn:
+            marked = await retention.mark_blobs(conn, at=at, limit=BATCH)
+        if not marked:
+            return 0
+        # Read after the mark committed: a writer that publishes the same bytes later
+        # moves the stamp, and the file stays.
+        stamps = {sha256: await self.blobs.stamp(sha256) for sha256 in marked}
+        async with self.db.write() as conn:
+            await retention.stamp_blobs(conn, stamps, at=at)
+        return len(marked)
+
+    async def _collect(self, marked_before: float) -> int:
+        async with self.db.write() as conn:
+            collected = await retention.sweep_blobs(conn, marked_before=marked_before, limit=BATCH)
+        removed = 0
+        for blob in collected:
+            if not blob.stamp:
+                continue  # no file when it was marked; one written since is someone's
+            stored = StoredBlob(blob.sha256, 0, b"", created=True, stamp=blob.stamp)
+            try:
+                removed += await self.blobs.withdraw(stored)
+            except BlobError as exc:
+                log.warning("blob_collect_failed", sha256=blob.sha256, error=str(exc))
+        return removed
