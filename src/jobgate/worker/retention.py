@@ -5,9 +5,11 @@ refers to any more (`store/repositories/retention.py`, `docs/retention.md`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from jobgate.blobs.base import BlobError, BlobStore, StoredBlob
 from jobgate.config import Settings
@@ -52,18 +54,13 @@ class Retention:
         retention_s = self.settings.job_retention_days * 86_400
         if retention_s > 0:
             before = at - retention_s
-            while time.monotonic() < deadline:
-                async with self.db.write() as conn:
-                    purged = await retention.purge_jobs(conn, finished_before=before, limit=BATCH)
-                result.jobs += purged
-                if purged < BATCH:
-                    break
-            while time.monotonic() < deadline:
-                async with self.db.write() as conn:
-                    gone = await retention.purge_grants(conn, before=before, limit=BATCH)
-                result.grants += gone
-                if gone < BATCH:
-                    break
+            result.jobs = await self._in_batches(
+                lambda conn: retention.purge_jobs(conn, finished_before=before, limit=BATCH),
+                deadline,
+            )
+            result.grants = await self._in_batches(
+                lambda conn: retention.purge_grants(conn, before=before, limit=BATCH), deadline
+            )
         grace_s = self.settings.blob_gc_grace_s
         if grace_s > 0 and time.monotonic() < deadline:
             result.collected = await self._collect(at - grace_s)
@@ -77,6 +74,19 @@ class Retention:
                 blobs_collected=result.collected,
             )
         return result
+
+    async def _in_batches(
+        self, purge: Callable[[AsyncConnection], Awaitable[int]], deadline: float
+    ) -> int:
+        """Run `purge` a transaction at a time until a batch comes short or time is up."""
+        total = 0
+        while time.monotonic() < deadline:
+            async with self.db.write() as conn:
+                done = await purge(conn)
+            total += done
+            if done < BATCH:
+                break
+        return total
 
     async def _mark(self, at: float) -> int:
         async with self.db.write() as conn:
