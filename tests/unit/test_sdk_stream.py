@@ -32,6 +32,7 @@ from jobgate.client import (
     ProblemError,
     RateLimitedError,
     Reconnect,
+    Retries,
     ServerError,
     TransportError,
     UnauthorizedError,
@@ -122,10 +123,21 @@ def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def run(mode: str, handler: Handler, method: str, *args: Any, **kwargs: Any) -> Any:
-    """`client.<method>(...)` on the sync or the async client; iterators are drained."""
+ONCE = Retries(attempts=1)
+
+
+def run(
+    mode: str,
+    handler: Handler,
+    method: str,
+    *args: Any,
+    retries: Retries = ONCE,
+    **kwargs: Any,
+) -> Any:
+    """`client.<method>(...)` on the sync or the async client; iterators are drained.
+    Calls are not retried unless `retries` says so."""
     transport = httpx.MockTransport(handler)
-    options: dict[str, Any] = {"transport": transport, "reconnect": FAST}
+    options: dict[str, Any] = {"transport": transport, "reconnect": FAST, "retries": retries}
     if mode == "sync":
         with Client("http://test", "jg_key", **options) as client:
             result = getattr(client, method)(*args, **kwargs)
@@ -626,3 +638,110 @@ def test_retry_after_as_an_http_date_is_read_as_seconds(mode: str) -> None:
         run(mode, handler, "me")
     assert caught.value.retry_after is not None
     assert 25 <= caught.value.retry_after <= 31
+
+
+# -- retries ------------------------------------------------------------------------------------
+
+QUICK = Retries(attempts=3, backoff_s=0.001, max_backoff_s=0.01)
+JOB = {"id": "j1", "pipeline": "noop", "status": "queued"}
+
+
+def unavailable(retry_after: str = "0") -> httpx.Response:
+    return httpx.Response(
+        503,
+        headers={"retry-after": retry_after},
+        json={"type": "x/unavailable", "title": "Down", "status": 503, "detail": "store down"},
+    )
+
+
+def test_a_read_is_retried_through_an_outage_and_a_refused_connection(mode: str) -> None:
+    """503 (with Retry-After), then no connection, then the answer: the caller sees only
+    the answer."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if len(seen) == 1:
+            return unavailable()
+        if len(seen) == 2:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json=JOB)
+
+    job = run(mode, handler, "get", "j1", retries=QUICK)
+    assert job.id == "j1"
+    assert seen == ["/v1/jobs/j1"] * 3
+
+
+def test_a_submit_is_retried_with_one_idempotency_key(mode: str) -> None:
+    """A submit whose connection broke after sending may have created its job: it is sent
+    again with the same Idempotency-Key (made by the SDK when none is given), which the
+    server answers with the job created the first time."""
+    keys: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers.get("idempotency-key"))
+        if len(keys) % 2 == 1:
+            raise httpx.ReadError("connection reset", request=request)
+        return httpx.Response(202, json=JOB)
+
+    assert run(mode, handler, "submit", "noop", retries=QUICK).id == "j1"
+    assert run(mode, handler, "submit", "noop", idempotency_key="mine", retries=QUICK).id == "j1"
+    first, again, mine, mine_again = keys
+    assert first is not None
+    assert first.startswith("sdk-")
+    assert again == first
+    assert (mine, mine_again) == ("mine", "mine")
+    assert run(mode, handler, "submit", "noop", retries=QUICK).id == "j1"
+    assert keys[4] == keys[5] != first  # a new submit, a new key
+
+
+def test_a_cancel_is_sent_again_only_if_it_never_left(mode: str) -> None:
+    """A cancel is not safe to repeat (the second answers 409 once the first cancelled a
+    queued job): after a broken connection it fails at once; a refused one is retried."""
+    tries: list[int] = []
+
+    def reset(request: httpx.Request) -> httpx.Response:
+        tries.append(1)
+        raise httpx.ReadError("connection reset", request=request)
+
+    with pytest.raises(TransportError, match="connection to http://test failed"):
+        run(mode, reset, "cancel", "j1", retries=QUICK)
+    assert len(tries) == 1
+
+    def refused_once(request: httpx.Request) -> httpx.Response:
+        tries.append(1)
+        if len(tries) == 2:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={**JOB, "status": "cancelled"})
+
+    assert run(mode, refused_once, "cancel", "j1", retries=QUICK).status == "cancelled"
+    assert len(tries) == 3
+
+
+def test_retries_give_up_after_their_attempts_or_a_long_retry_after(mode: str) -> None:
+    """Still unavailable after every try: the last answer's error. A Retry-After longer
+    than the policy waits is not waited for: the error says it, at once."""
+    tries: list[int] = []
+
+    def down(request: httpx.Request) -> httpx.Response:
+        tries.append(1)
+        return unavailable()
+
+    with pytest.raises(UnavailableError):
+        run(mode, down, "me", retries=QUICK)
+    assert len(tries) == 3
+
+    def limited(request: httpx.Request) -> httpx.Response:
+        tries.append(1)
+        return httpx.Response(
+            429,
+            headers={"retry-after": "3600"},
+            json={"type": "x/rate-limited", "title": "Too many", "status": 429, "detail": "slow"},
+        )
+
+    started = time.monotonic()
+    with pytest.raises(RateLimitedError) as caught:
+        run(mode, limited, "me", retries=QUICK)
+    assert len(tries) == 4
+    assert caught.value.retry_after == 3600
+    assert time.monotonic() - started < 1

@@ -12,7 +12,7 @@ See `docs/sdk.md`.
 """
 
 from jobgate.client._async import AsyncClient
-from jobgate.client._base import DEFAULT_URL
+from jobgate.client._base import DEFAULT_URL, Retries
 from jobgate.client._errors import (
     BadRequestError,
     ConflictError,
@@ -94,6 +94,7 @@ __all__ = [
     "Record",
     "RecordCounts",
     "RecordPage",
+    "Retries",
     "SSEDecoder",
     "ServerError",
     "ServerSentEvent",

@@ -91,11 +91,22 @@ class AsyncClient(BaseClient):
         await self.aclose()
 
     async def _send(self, call: calls.Call[T]) -> T:
-        with ExitStack() as stack:
-            try:
-                response = await self._http.send(call.build(self._http, stack))
-            except httpx.TransportError as exc:
-                raise transport_error(exc, self.base_url) from exc
+        tries = 0
+        while True:
+            tries += 1
+            with ExitStack() as stack:  # files are opened anew for each try
+                try:
+                    response = await self._http.send(call.build(self._http, stack))
+                except httpx.TransportError as exc:
+                    wait = self._retry_wait(call, tries, error=exc)
+                    if wait is None:
+                        raise transport_error(exc, self.base_url) from exc
+                    await asyncio.sleep(wait)
+                    continue
+            wait = self._retry_wait(call, tries, response=response)
+            if wait is None:
+                break
+            await asyncio.sleep(wait)
         raise_for_problem(response)
         try:
             return call.parse(response)

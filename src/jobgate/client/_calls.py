@@ -7,6 +7,7 @@ operation is written once, here.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -48,6 +49,14 @@ class Call(Generic[T]):
     data: Mapping[str, str] | None = None
     files: Sequence[FileInput] = ()
     headers: Mapping[str, str] = field(default_factory=dict)
+    repeatable: bool = False
+    """Safe to send again if it may have reached the server (`Retries`): true of reads,
+    and of writes whose repeat changes nothing (an upload, a keyed submit)."""
+
+    @property
+    def safe_to_repeat(self) -> bool:
+        """Whether sending it twice does what sending it once does."""
+        return self.repeatable or self.method == "GET" or "Idempotency-Key" in self.headers
 
     def build(self, http: httpx.Client | httpx.AsyncClient, stack: ExitStack) -> httpx.Request:
         """The request; files named by path are opened in `stack`, to stream as it is sent."""
@@ -61,6 +70,11 @@ class Call(Generic[T]):
             files=parts,
             headers=self.headers,
         )
+
+
+def new_idempotency_key() -> str:
+    """A fresh Idempotency-Key: a submit sent with one may be retried safely."""
+    return f"sdk-{uuid.uuid4().hex}"
 
 
 def job_path(job_id: str, *rest: str) -> str:
@@ -114,7 +128,7 @@ def submit(
     Raises:
         ValueError: `files` mixes both (`upload()` the local ones first).
     """
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
+    headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
     body = _without_none(
         {
             "pipeline": pipeline,
@@ -145,7 +159,7 @@ def submit_batch(
         j.model_dump(mode="json", exclude_none=True) if isinstance(j, JobSpec) else dict(j)
         for j in jobs
     ]
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
+    headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
     return Call(
         "POST", "/v1/jobs/batch", _models(Job, "jobs"), json={"jobs": items}, headers=headers
     )
@@ -155,7 +169,8 @@ def upload(files: Sequence[FileInput]) -> Call[list[FileInfo]]:
     """`POST /v1/files`: store files once, to name them by `sha256` in later submits."""
     if not files:
         raise ValueError("upload() needs at least one file")
-    return Call("POST", "/v1/files", _models(FileInfo, "files"), files=files)
+    # Content-addressed: the same bytes uploaded twice are one blob.
+    return Call("POST", "/v1/files", _models(FileInfo, "files"), files=files, repeatable=True)
 
 
 def get(job_id: str) -> Call[Job]:
@@ -189,7 +204,9 @@ def list_page(
 
 def status(ids: Iterable[str]) -> Call[JobStatuses]:
     """`POST /v1/jobs/status`: many jobs at once."""
-    return Call("POST", "/v1/jobs/status", _model(JobStatuses), json={"ids": list(ids)})
+    return Call(
+        "POST", "/v1/jobs/status", _model(JobStatuses), json={"ids": list(ids)}, repeatable=True
+    )
 
 
 def cancel(job_id: str) -> Call[Job]:

@@ -135,7 +135,7 @@ class InvalidRequestError(ProblemError):
     """The request is well-formed but its content is refused (see `errors`)."""
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
+def retry_after(headers: Mapping[str, str]) -> float | None:
     """`Retry-After` in seconds: delay-seconds, or an HTTP date (RFC 9110), which a
     proxy or load balancer may send in jobgate's place."""
     value = headers.get("retry-after")
@@ -160,7 +160,7 @@ class RateLimitedError(ProblemError):
     @property
     def retry_after(self) -> float | None:
         """Seconds until a retry may succeed (the `Retry-After` header), if the server said."""
-        return _retry_after(self.headers)
+        return retry_after(self.headers)
 
 
 class ServerError(ProblemError):
@@ -173,7 +173,7 @@ class UnavailableError(ServerError):
     @property
     def retry_after(self) -> float | None:
         """Seconds until a retry may succeed (the `Retry-After` header), if the server said."""
-        return _retry_after(self.headers)
+        return retry_after(self.headers)
 
 
 class TransportError(JobgateError, ConnectionError):

@@ -91,11 +91,22 @@ class Client(BaseClient):
         self.close()
 
     def _send(self, call: calls.Call[T]) -> T:
-        with ExitStack() as stack:
-            try:
-                response = self._http.send(call.build(self._http, stack))
-            except httpx.TransportError as exc:
-                raise transport_error(exc, self.base_url) from exc
+        tries = 0
+        while True:
+            tries += 1
+            with ExitStack() as stack:  # files are opened anew for each try
+                try:
+                    response = self._http.send(call.build(self._http, stack))
+                except httpx.TransportError as exc:
+                    wait = self._retry_wait(call, tries, error=exc)
+                    if wait is None:
+                        raise transport_error(exc, self.base_url) from exc
+                    time.sleep(wait)
+                    continue
+            wait = self._retry_wait(call, tries, response=response)
+            if wait is None:
+                break
+            time.sleep(wait)
         raise_for_problem(response)
         try:
             return call.parse(response)
