@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ from jobgate.api.routes import health
 from jobgate.blobs import BlobError
 from jobgate.ids import now
 from jobgate.store.tables import workers
+from tests.conftest import TCP_SERVICES
 
 AppFactory = Any
 MakeClient = Any
@@ -59,6 +61,43 @@ async def test_readyz_reports_every_backend(anon: httpx.AsyncClient) -> None:
         assert check["ok"] is True
         assert check["latency_ms"] >= 0
         assert "error" not in check
+
+
+@pytest.mark.parametrize(
+    ("service", "url"),
+    [
+        pytest.param(
+            "rabbitmq",
+            "amqp://guest:guest@{addr}/",
+            id="rabbitmq",
+            marks=pytest.mark.service("rabbitmq"),
+        ),
+        pytest.param("redis", "redis://{addr}/0", id="redis", marks=pytest.mark.service("redis")),
+    ],
+)
+async def test_readyz_pings_a_broker_transport(
+    app_factory: AppFactory, service: str, url: str
+) -> None:
+    """With RabbitMQ or Redis carrying the tasks, readiness asks that broker: ok while it
+    answers, failing (503) while it cannot be reached. (Regression: it said "not
+    available", 503, whatever the broker did.)"""
+    namespace = f"jgtest{uuid.uuid4().hex[:12]}"
+    up = await app_factory(
+        transport_url=url.format(addr=TCP_SERVICES[service]), transport_namespace=namespace
+    )
+    down = await app_factory(
+        transport_url=url.format(addr="127.0.0.1:1"), transport_namespace=namespace
+    )
+    for app, status in ((up, 200), (down, 503)):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
+            response = await client.get("/readyz")
+        assert response.status_code == status, response.text
+        check = response.json()["checks"]["transport"]
+        assert check["ok"] is (status == 200), check
+        if status == 503:
+            assert check["error"] in ("TransportError", "timeout after 2 s"), check
 
 
 async def test_readyz_is_503_when_a_backend_fails(

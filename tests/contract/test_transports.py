@@ -288,8 +288,19 @@ async def test_publishing_to_an_unreachable_broker_raises(url: str) -> None:
                 await transport.publish(["a"])
             with pytest.raises(TransportError):
                 await transport.connect()
+            with pytest.raises(TransportError):
+                await transport.ping()
     finally:
         await transport.aclose()
+
+
+async def test_a_reachable_broker_answers_a_ping(broker: Broker) -> None:
+    """What readiness (`/readyz`, `/v1/health`) asks a broker transport: it answers, timed,
+    before anything was published and after."""
+    transport = broker.transport()
+    assert await transport.ping() >= 0
+    await transport.publish(["a"])
+    assert await transport.ping() >= 0
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,7 @@ def create_app(
         )
         app.state.jobgate = state
         transport = from_url(settings.transport_url, namespace=settings.transport_namespace)
+        state.transport = transport
         worker = None
         relay = None
         if concurrency > 0:

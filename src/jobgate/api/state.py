@@ -13,6 +13,7 @@ from jobgate.blobs.base import BlobStore
 from jobgate.config import Settings
 from jobgate.pipelines import Registry
 from jobgate.store import Database
+from jobgate.transport.base import Transport
 from jobgate.webhooks import WebhookSender
 
 
@@ -38,6 +39,7 @@ class AppState:
     jwt: JwtVerifier | None = None
     limits: RateLimits = field(default_factory=RateLimits)
     webhooks: WebhookSender | None = None  # None: JOBGATE_WEBHOOK_CONCURRENCY=0
+    transport: Transport | None = None  # None: the database transport (the store)
     submits: SubmitGroup = field(init=False)
 
     def __post_init__(self) -> None:

@@ -73,6 +73,17 @@ class Transport(Protocol):
         """
         ...
 
+    async def ping(self) -> float:
+        """Check that the broker answers (connecting first if need be), for readiness.
+
+        Returns:
+            The check's time in milliseconds.
+
+        Raises:
+            TransportError: the broker is unreachable, or the connection is down.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Close connections; open `consume` iterators end. Unsettled tokens go back."""
         ...

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Sequence
 from functools import partial
@@ -121,6 +122,16 @@ class RabbitTransport:
                 f"RabbitMQ confirmed {len(queues) - len(failures)} of {len(queues)} tokens: "
                 f"{_describe(failures[0])}"
             ) from failures[0]
+
+    async def ping(self) -> float:
+        """Open (or find open) the connection and its publishing channel; see
+        `Transport.ping`. A robust connection that is reconnecting counts as down."""
+        started = time.perf_counter()
+        channel = await self._publisher()
+        connection = self._connection
+        if connection is None or not connection.connected.is_set() or channel.is_closed:
+            raise TransportError("the connection to RabbitMQ is down (reconnecting)")
+        return (time.perf_counter() - started) * 1000
 
     def consume(self, queues: Sequence[str], *, prefetch: int) -> RabbitConsumer:
         """Tokens of `queues`, at most `prefetch` unsettled; see `RabbitConsumer`."""

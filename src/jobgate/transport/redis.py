@@ -30,6 +30,7 @@ import asyncio
 import os
 import secrets
 import socket
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -139,6 +140,12 @@ class RedisStreamsTransport:
                 await self.client.ping()
         except DRIVER_ERRORS as exc:
             raise TransportError(f"cannot reach Redis: {_describe(exc)}") from exc
+
+    async def ping(self) -> float:
+        """`PING` Redis; see `Transport.ping`."""
+        started = time.perf_counter()
+        await self.connect()
+        return (time.perf_counter() - started) * 1000
 
     async def publish(self, queues: Sequence[str]) -> None:
         """Append one entry per token (a script call per queue, all in one pipeline) and
