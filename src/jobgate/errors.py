@@ -180,3 +180,9 @@ class JobCancelled(StageError):
 
 class BudgetExhausted(StageError):
     """The job's actual cost passed its budget."""
+
+
+class StoreUnreachable(StageError):
+    """The store did not answer while a stage's context wrote to it, for as long as the
+    stage's lease lasts: the stage stops, and its task goes back to the queue when the
+    lease ends, as after a crash (it is not the stage's own failure)."""

@@ -334,7 +334,22 @@ async def per_point(ctx: StageContext, item: int) -> dict[str, Any]:
     return {"item": item, "score": float("-inf")}
 
 
+# Saves an artifact once the test opens `SAVE_GATE` (while the store is down, say).
+gated_saver = Pipeline("gated-saver")
+SAVE_GATE = threading.Event()
+SAVE_WAITING = threading.Event()
+
+
+@gated_saver.stage(timeout=60)
+def save_when_told(ctx: StageContext) -> dict[str, Any]:
+    SAVE_WAITING.set()
+    SAVE_GATE.wait(30)
+    saved = ctx.save_artifact("out.txt", b"saved through a store outage", primary=True)
+    return {"sha256": saved["sha256"]}
+
+
 ALL = (
+    gated_saver,
     odd_values,
     napper,
     capped,

@@ -335,6 +335,10 @@ OUTAGE_TYPES: tuple[type[Exception], ...] = (
     asyncpg_errors.AdminShutdownError,
     asyncpg_errors.CrashShutdownError,
     asyncpg_errors.CannotConnectNowError,
+    # Refusals of a new connection: the server's connection slots are all taken, or the
+    # database was closed to connections (maintenance). Both pass; no statement ran.
+    asyncpg_errors.TooManyConnectionsError,
+    asyncpg_errors.ObjectNotInPrerequisiteStateError,
 )
 """Exceptions that may mean the store is out of reach; `is_outage` decides."""
 

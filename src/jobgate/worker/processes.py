@@ -39,9 +39,10 @@ from typing import Any
 import structlog
 from pydantic import BaseModel
 
-from jobgate.errors import BudgetExhausted, JobCancelled
+from jobgate.errors import BudgetExhausted, JobCancelled, StoreUnreachable
 from jobgate.pipelines import InputFile, Stage, StageContext
 from jobgate.pipelines.context import StageRuntime
+from jobgate.store.repositories import tasks
 from jobgate.worker import protocol
 from jobgate.worker.executors import StageTimeout, to_json
 
@@ -286,6 +287,8 @@ async def _answer(child: _Child, message: dict[str, Any], runtime: StageRuntime)
                 str(message["name"]), path, message.get("content_type"), bool(message["primary"])
             )
             reply = {"ok": True, "value": value}
+        except (tasks.LeaseLost, StoreUnreachable):
+            raise  # not the stage's failure: the stage is stopped (its child killed)
         except Exception as exc:
             reply = {"ok": False, "error": str(exc) or type(exc).__name__}
         finally:

@@ -13,14 +13,20 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobgate.errors import BudgetExhausted, JobCancelled
+import structlog
+
+from jobgate.blobs.base import BlobError, StoredBlob
+from jobgate.errors import BudgetExhausted, JobCancelled, StageError, StoreUnreachable
 from jobgate.ids import now
 from jobgate.pipelines.context import ArtifactSource
 from jobgate.pipelines.files import sanitize_filename, sniff
+from jobgate.store.database import is_outage
 from jobgate.store.repositories import artifacts, tasks
 
 if TYPE_CHECKING:
     from jobgate.worker.worker import Worker
+
+log = structlog.get_logger("jobgate.worker")
 
 
 class TaskRuntime:
@@ -107,11 +113,40 @@ class TaskRuntime:
     ) -> dict[str, Any]:
         safe_name = sanitize_filename(name)
         blobs = self._worker.blobs
-        if isinstance(source, bytes):
-            stored = await blobs.put_bytes(source)
-        else:
-            stored = await blobs.put_file(Path(source))
+        try:
+            if isinstance(source, bytes):
+                stored = await blobs.put_bytes(source)
+            else:
+                stored = await blobs.put_file(Path(source))
+        except BlobError as exc:
+            # The store's own words may name server paths: the server's log has them.
+            log.warning("artifact_not_stored", artifact=safe_name, error=str(exc))
+            raise StageError(f"the artifact {safe_name!r} could not be stored") from exc
         kind = content_type or mimetypes.guess_type(safe_name)[0] or sniff(stored.head, safe_name)
+        delay = 0.05
+        while True:
+            try:
+                return await self._record_artifact(safe_name, stored, kind, primary)
+            except (JobCancelled, tasks.LeaseLost):
+                raise
+            except Exception as exc:
+                if not is_outage(exc):
+                    log.exception("artifact_not_recorded", artifact=safe_name)
+                    message = f"the artifact {safe_name!r} could not be recorded"
+                    raise StageError(message) from exc
+                if now() + delay > self.task.lease_expires_at:
+                    raise StoreUnreachable(
+                        f"the store did not answer while the artifact {safe_name!r} was saved"
+                    ) from exc
+                # A store outage: wait it out while the lease lasts (its renewals fail
+                # meanwhile; once it ends, the sweep hands the task to a worker anyway).
+                log.warning("artifact_write_retry", artifact=safe_name, error=type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _record_artifact(
+        self, name: str, stored: StoredBlob, kind: str, primary: bool
+    ) -> dict[str, Any]:
         # Events buffered so far go first, so the log keeps the stage's own order.
         await self.flush()
         async with self._worker.db.write() as conn:
@@ -124,7 +159,7 @@ class TaskRuntime:
                 conn,
                 job_id=self.task.job_id,
                 stage=self.task.stage,
-                name=safe_name,
+                name=name,
                 sha256=stored.sha256,
                 size=stored.size,
                 content_type=kind,

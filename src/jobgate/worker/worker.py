@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from jobgate import __version__
 from jobgate.blobs.base import BlobStore
 from jobgate.config import Settings
-from jobgate.errors import BudgetExhausted, JobCancelled
+from jobgate.errors import BudgetExhausted, JobCancelled, StoreUnreachable
 from jobgate.ids import now, uuid7
 from jobgate.observability import metrics
 from jobgate.pipelines import InputFile, Registry, StageContext
@@ -440,6 +440,7 @@ class Worker:
             held = {runtime.task.lease_token: runtime for runtime, _ in self._running.values()}
             if not held:
                 continue
+            at = now()
             try:
                 # One statement on PostgreSQL: no BEGIN and COMMIT round trips.
                 renewing = self.db.write() if self.db.is_sqlite else self.db.autocommit()
@@ -448,12 +449,17 @@ class Worker:
                         conn,
                         {runtime.task.task_id: token for token, runtime in held.items()},
                         lease_s=self.settings.lease_s,
-                        at=now(),
+                        at=at,
                         worker_id=self.id,
                     )
             except Exception:
                 log.exception("lease_renewal_failed")
                 continue
+            for token in still:
+                # How long writes for the stage may be retried through a store outage.
+                held[token].task.lease_expires_at = max(
+                    held[token].task.lease_expires_at, at + self.settings.lease_s
+                )
             for token, runtime in held.items():
                 if runtime.finishing:
                     continue
@@ -735,6 +741,12 @@ class Worker:
                 outcome = "failed"
                 runtime.cancel()
                 await self._fail(runtime, "timeout", str(exc), retryable=True)
+            except (tasks.LeaseLost, StoreUnreachable) as exc:
+                # Not the stage's failure: another worker has its task, or the store
+                # could not record what it saved while its lease lasted. Nothing is
+                # written; an expired lease puts the task back in the queue (the sweep).
+                outcome = "lost"
+                log.warning("stage_abandoned", reason=str(exc) or type(exc).__name__)
             except ProcessDied as exc:
                 # A crash of the stage's own process is a lost delivery, bounded by
                 # JOBGATE_MAX_DELIVERIES whatever the stage's retries.
