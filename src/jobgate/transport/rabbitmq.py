@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import time
 from collections import deque
@@ -50,6 +51,8 @@ PUBLISH_TIMEOUT_S = 10.0
 SETTLE_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 5.0
 RECONNECT_INTERVAL_S = 1.0
+"""aio-pika's robust connection retries at a fixed interval: each process draws its own
+between this and twice it, so a fleet's reconnects after an outage do not come in step."""
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 10.0
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, TimeoutError)
@@ -169,7 +172,7 @@ class RabbitTransport:
             aio_pika.connect_robust(
                 self._url,
                 timeout=CONNECT_TIMEOUT_S,
-                reconnect_interval=RECONNECT_INTERVAL_S,
+                reconnect_interval=RECONNECT_INTERVAL_S * (1 + random.random()),  # noqa: S311
                 client_properties={
                     "connection_name": f"jobgate {socket.gethostname()}:{os.getpid()}"
                 },
