@@ -89,6 +89,7 @@ class Worker:
         self.registry = registry
         self.concurrency = max(1, concurrency)
         self._retention = Retention(db, blobs, settings)
+        self._sweeps = False  # whether the maintenance loop sweeps (and so purges) now
         self.queues = queues or settings.queue_names
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid7()[-6:]}"
         self._wakeup = asyncio.Event()
@@ -159,6 +160,10 @@ class Worker:
         if self.transport is not None and self.relay is not None:
             await self.relay.start()
             self._loops.append(asyncio.create_task(self._consume_loop(), name="jobgate-tokens"))
+        if self._retention.enabled:
+            self._loops.append(
+                asyncio.create_task(self._retention_loop(), name="jobgate-retention")
+            )
         log.info(
             "worker_started", worker_id=self.id, queues=self.queues, concurrency=self.concurrency
         )
@@ -477,8 +482,8 @@ class Worker:
 
     async def _maintenance_loop(self) -> None:
         """Heartbeat; sweep (expired leases and lost workers' stages go back to the queue);
-        forget Idempotency-Keys older than their time to live; purge finished jobs past
-        retention and collect unreferenced blobs (`worker/retention.py`).
+        forget Idempotency-Keys older than their time to live. (Retention runs in a loop
+        of its own, while this one sweeps: `_retention_loop`.)
 
         On PostgreSQL only the elected leader sweeps and purges, and a worker heartbeats
         every `worker_heartbeat_s` while its LISTEN connection shows it alive
@@ -488,7 +493,6 @@ class Worker:
         absences = liveness.Absences(timings)
         loop = asyncio.get_running_loop()
         last_beat = last_purge = now()
-        next_retention = last_beat + min(60.0, self.settings.retention_interval_s)
         beat_running = len(self._running)
         next_sweep = 0.0  # at the first tick
         swept_at = loop.time()
@@ -525,6 +529,7 @@ class Worker:
                 # Without a leader to hear from, a worker cut off from LISTEN sweeps itself.
                 alone = unheard_since is not None and at - unheard_since >= timings.lost_after_s
                 sweeping = wakeups is None or leader or alone
+                self._sweeps = sweeping
                 if not sweeping:
                     continue
                 if at >= next_sweep:
@@ -535,11 +540,21 @@ class Worker:
                     last_purge = at
                     async with self.db.write() as conn:
                         await idempotency.purge(conn, before=at - self.settings.idempotency_ttl_s)
-                if self._retention.enabled and at >= next_retention:
-                    next_retention = at + self.settings.retention_interval_s
-                    await self._retention.run(at)
             except Exception:
                 log.exception("maintenance_failed")
+
+    async def _retention_loop(self) -> None:
+        """Every `retention_interval_s`, while this worker sweeps (the leader on
+        PostgreSQL), purge old jobs and collect unreferenced blobs: in a loop of its own,
+        so that a long round never delays a heartbeat or a sweep."""
+        await asyncio.sleep(min(60.0, self.settings.retention_interval_s))
+        while True:
+            if self._sweeps:
+                try:
+                    await self._retention.run(now())
+                except Exception:
+                    log.exception("retention_failed")
+            await asyncio.sleep(self.settings.retention_interval_s)
 
     async def _sweep(self, at: float, absences: liveness.Absences, *, leader: bool) -> float:
         """Return expired leases, and lost workers' stages, to the queue.
