@@ -439,3 +439,42 @@ def test_from_url_refuses_unknown_transports(url: str) -> None:
     """Anything else is a configuration error that names the accepted schemes."""
     with pytest.raises(ValueError, match="amqp://"):
         from_url(url)
+
+
+@pytest.mark.service("redis")
+async def test_redis_forgets_the_consumers_of_killed_workers() -> None:
+    """A worker killed (SIGKILL) never deletes its consumer from the group: the live
+    consumers delete those quiet for twice `claim_idle_s`, once nothing is pending for
+    them (their entries are first taken over). Regression: one more consumer in the
+    group for good after every killed worker."""
+    broker = Broker("redis")
+    try:
+        transport = broker.transport()
+        key = f"{broker.namespace}:a"
+        live = transport.consume(["a"], prefetch=4)
+        await transport.publish(["a"])
+        first = await asyncio.wait_for(anext(live), ARRIVAL_S)
+        await first.ack()
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            await client.xgroup_createconsumer(key, broker.namespace, "killed-idle")
+            await transport.publish(["a"])
+            # A killed worker's consumer that had read a token it never acknowledged.
+            await client.xreadgroup(broker.namespace, "killed-busy", {key: ">"}, count=1)
+            names: set[str] = set()
+            deadline = asyncio.get_running_loop().time() + 15
+            while asyncio.get_running_loop().time() < deadline:
+                consumers = await client.xinfo_consumers(key, broker.namespace)
+                names = {c["name"].decode() for c in consumers}
+                if not names & {"killed-idle", "killed-busy"}:
+                    break
+                await asyncio.sleep(0.2)
+            assert names == {live.name}, names
+            # The busy one's token was taken over before it went, not dropped.
+            taken = await asyncio.wait_for(anext(live), ARRIVAL_S)
+            await taken.ack()
+        finally:
+            await client.aclose()
+        await live.aclose()
+    finally:
+        await broker.aclose()

@@ -305,6 +305,7 @@ class RedisStreamsConsumer:
             await asyncio.sleep(interval)
             await self._retrying("refresh", self._refresh)
             await self._retrying("claim", self._claim)
+            await self._retrying("forget", self._forget_dead)
 
     async def _refresh(self) -> None:
         """Reset the idle time of held entries, so no other consumer takes them over."""
@@ -329,6 +330,20 @@ class RedisStreamsConsumer:
                 await self._take((key, entry_id) for entry_id, _ in claimed)
                 if cursor in (b"0-0", "0-0"):
                     break
+
+    async def _forget_dead(self) -> None:
+        """Delete the group's consumers quiet for twice `claim_idle_s` with nothing
+        pending: a killed worker's (only a clean close deletes one's own), which would
+        otherwise stay in the group for good. A live consumer deleted this way is made
+        again by its next read, and nothing pending is ever dropped (`_DELETE_IF_IDLE`)."""
+        client = self._transport.client
+        quiet_ms = int(self._transport.claim_idle_s * 2000)
+        for key in self._queues:
+            for consumer in await client.xinfo_consumers(key, self._group):
+                name = consumer["name"]
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                if name != self.name and not consumer["pending"] and consumer["idle"] > quiet_ms:
+                    await client.eval(_DELETE_IF_IDLE, 1, key, self._group, name)
 
     async def _take(self, entries: Any) -> None:
         async with self._ready:
