@@ -16,6 +16,7 @@ from jobgate.api.routes import health
 from jobgate.blobs import BlobError
 from jobgate.ids import now
 from jobgate.store.tables import workers
+from tests.api.sse import signed_in
 from tests.conftest import TCP_SERVICES
 
 AppFactory = Any
@@ -182,6 +183,27 @@ async def test_metrics_are_prometheus_text(
     assert 'jobgate_queue_depth{queue="default"} 1.0' in text
     assert 'jobgate_jobs_submitted_total{pipeline="noop"}' in text
     assert "/v1/pipelines/steps" not in text
+
+
+async def test_metrics_count_open_event_streams(app: FastAPI, make_key: Any) -> None:
+    """`jobgate_sse_streams_open` is the streams open in the process now: one while a
+    `/v1/events` stream is held, none once it is closed."""
+    _, key = await make_key("user-1", ("user",))
+
+    async def open_streams(client: httpx.AsyncClient) -> float:
+        text = (await client.get("/metrics")).text
+        line = next(x for x in text.splitlines() if x.startswith("jobgate_sse_streams_open "))
+        return float(line.split()[1])
+
+    async with signed_in(app, key) as user:
+        assert await open_streams(user) == 0
+        async with user.stream("GET", "/v1/events") as stream:
+            assert stream.status_code == 200
+            assert await open_streams(user) == 1
+        deadline = asyncio.get_running_loop().time() + 10
+        while await open_streams(user) != 0:
+            assert asyncio.get_running_loop().time() < deadline, "the stream stayed counted"
+            await asyncio.sleep(0.05)
 
 
 async def test_unknown_paths_share_one_metric_label(

@@ -71,6 +71,11 @@ QUEUE_DEPTH = Gauge(
     ["queue"],
     registry=REGISTRY,
 )
+SSE_STREAMS = Gauge(
+    "jobgate_sse_streams_open",
+    "Event streams (per job and GET /v1/events) open in this API process.",
+    registry=REGISTRY,
+)
 JOBS = Gauge(
     "jobgate_jobs",
     "Jobs in the store, by pipeline and status (read from the store at scrape time).",

@@ -162,4 +162,5 @@ async def prometheus_metrics(request: Request, state: StateDep) -> Response:
             await metrics.refresh(conn)
     except Exception as exc:  # serve the process's own metrics even if the store is down
         log.warning("metrics_refresh_failed", error=type(exc).__name__)
+    metrics.SSE_STREAMS.set(state.streams.open_streams)
     return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
