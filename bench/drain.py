@@ -47,7 +47,6 @@ from jobgate.config import Settings
 from jobgate.ids import now
 from jobgate.pipelines import Registry
 from jobgate.store import Database
-from jobgate.store.migrate import upgrade
 from jobgate.store.repositories import jobs
 from jobgate.transport import from_url
 from jobgate.transport.outbox import OutboxRelay
@@ -226,7 +225,6 @@ async def drain_processes_once(
     namespace = transport_namespace()
     with temp_dir("drainp") as tmp:
         url = sqlite_url(tmp) if database == "sqlite" else await fresh_postgres()
-        await upgrade(url)  # what `jobgate worker` expects (it migrates SQLite itself)
         db = Database(url, outbox=bool(broker))
         env = {
             **os.environ,
@@ -239,6 +237,11 @@ async def drain_processes_once(
             env["JOBGATE_TRANSPORT_URL"] = BROKERS[broker]
             env["JOBGATE_TRANSPORT_NAMESPACE"] = namespace
         jobgate = str(Path(sys.executable).with_name("jobgate"))
+        # What `jobgate worker` expects, by the measured code's own migrations (under
+        # `bench.compare` the other side's: a worker refuses a schema newer than it).
+        await asyncio.to_thread(
+            subprocess.run, [jobgate, "db", "upgrade"], env=env, check=True, capture_output=True
+        )
         workers = [
             subprocess.Popen(
                 [jobgate, "worker", "--concurrency", str(concurrency)],
