@@ -26,6 +26,7 @@ from jobgate.store.tables import (
     purged_usage,
     stages,
 )
+from jobgate.worker import retention as retention_module
 from jobgate.worker.retention import Retention
 from tests.engine.conftest import Engine
 
@@ -240,6 +241,30 @@ async def test_a_blob_named_by_a_job_is_not_collected(engine: Engine) -> None:
     assert (await retention.run(at + GRACE + 1)).collected == 0
     assert await _blob_row(engine, file["sha256"]) is not None
     assert (await engine.job(job_id)).job["status"] == "queued"
+
+
+async def test_blobs_only_jobs_name_do_not_hide_the_ones_after_them(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Marking pages through the unreferenced blobs: however many of the oldest only
+    a job's files name (never marked), a newer orphan gets its turn. (Regression: each
+    round looked at the same oldest batch, so such blobs could hide every orphan.)"""
+    monkeypatch.setattr(retention_module, "BATCH", 2)
+    files = [await _upload(engine, f"in{i}.txt", f"input {i}".encode()) for i in range(3)]
+    await engine.submit("threads", files=files)
+    async with engine.db.write() as conn:
+        await conn.execute(text("DELETE FROM blob_grants"))
+    orphan = await engine.upload("orphan.txt", b"nobody's")
+    retention = _retention(engine, job_retention_days=0.0)
+    marked = [(await retention.run(now())).marked for _ in range(3)]
+    assert sum(marked) == 1
+    row = await _blob_row(engine, orphan["sha256"])
+    assert row is not None
+    assert row.gc_marked_at is not None
+    for file in files:
+        named = await _blob_row(engine, file["sha256"])
+        assert named is not None
+        assert named.gc_marked_at is None
 
 
 async def test_nothing_is_purged_without_retention(engine: Engine) -> None:

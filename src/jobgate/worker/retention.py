@@ -41,6 +41,7 @@ class Retention:
         self.db = db
         self.blobs = blobs
         self.settings = settings
+        self._cursor: retention.Cursor | None = None  # where the marking pass got to
 
     @property
     def enabled(self) -> bool:
@@ -90,7 +91,9 @@ class Retention:
 
     async def _mark(self, at: float) -> int:
         async with self.db.write() as conn:
-            marked = await retention.mark_blobs(conn, at=at, limit=BATCH)
+            marked, self._cursor = await retention.mark_blobs(
+                conn, at=at, limit=BATCH, after=self._cursor
+            )
         if not marked:
             return 0
         # Read after the mark committed: a writer that publishes the same bytes later

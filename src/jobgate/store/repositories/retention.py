@@ -141,24 +141,36 @@ async def _in_job_files(conn: AsyncConnection, sha256s: Collection[str]) -> set[
     return {row[0] for row in await conn.execute(query)}
 
 
-async def mark_blobs(conn: AsyncConnection, *, at: float, limit: int) -> list[str]:
-    """Mark up to `limit` blobs nothing refers to (and unmark marked ones that are
-    referenced again); the hashes newly marked, whose stamps the caller then records
-    with `stamp_blobs`."""
+Cursor = tuple[float, str]
+"""Where a pass over the blobs (by `created_at`, then hash) got to."""
+
+
+async def mark_blobs(
+    conn: AsyncConnection, *, at: float, limit: int, after: Cursor | None = None
+) -> tuple[list[str], Cursor | None]:
+    """Mark the blobs nothing refers to among the next `limit` unmarked ones after
+    `after` (and unmark marked ones that are referenced again).
+
+    Returns:
+        The hashes newly marked, whose stamps the caller then records with
+        `stamp_blobs`; and where to go on from next time (None: the pass is over, start
+        again from the first). Blobs only a job's files name are looked at and passed
+        over, so however many there are, the blobs after them get their turn.
+    """
     await conn.execute(
         update(blobs)
         .where(blobs.c.gc_marked_at.is_not(None), ~and_(*_unreferenced()))
         .values(gc_marked_at=None, gc_stamp=None)
     )
-    candidates = [
-        row[0]
-        for row in await conn.execute(
-            select(blobs.c.sha256)
-            .where(blobs.c.gc_marked_at.is_(None), *_unreferenced())
-            .order_by(blobs.c.created_at)
-            .limit(limit)
-        )
-    ]
+    page = select(blobs.c.sha256, blobs.c.created_at).where(
+        blobs.c.gc_marked_at.is_(None), *_unreferenced()
+    )
+    if after is not None:
+        page = page.where(tuple_(blobs.c.created_at, blobs.c.sha256) > tuple_(*after))
+    rows = (
+        await conn.execute(page.order_by(blobs.c.created_at, blobs.c.sha256).limit(limit))
+    ).all()
+    candidates = [row.sha256 for row in rows]
     unused = sorted(set(candidates) - await _in_job_files(conn, candidates))
     if unused:
         await conn.execute(
@@ -166,7 +178,8 @@ async def mark_blobs(conn: AsyncConnection, *, at: float, limit: int) -> list[st
             .where(blobs.c.sha256.in_(unused), blobs.c.gc_marked_at.is_(None))
             .values(gc_marked_at=at)
         )
-    return unused
+    cursor = (float(rows[-1].created_at), str(rows[-1].sha256)) if len(rows) == limit else None
+    return unused, cursor
 
 
 async def stamp_blobs(conn: AsyncConnection, stamps: dict[str, int | None], *, at: float) -> None:
@@ -193,7 +206,12 @@ async def sweep_blobs(
             .limit(limit)
         )
     ]
-    unused = sorted(set(marked) - await _in_job_files(conn, marked))
+    named = await _in_job_files(conn, marked)
+    if named:  # a job took it by its hash just as it was marked: it is in use
+        await conn.execute(
+            update(blobs).where(blobs.c.sha256.in_(named)).values(gc_marked_at=None, gc_stamp=None)
+        )
+    unused = sorted(set(marked) - named)
     if not unused:
         return []
     deleted = await conn.execute(
