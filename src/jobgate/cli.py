@@ -232,8 +232,16 @@ def serve(
                 state.streams.end_all()
             await super().shutdown(sockets)
 
+    # Idle connections outlive the clients' own idle limit (httpx keeps one 5 s, as
+    # uvicorn did): a client reusing one never has it closed under its request.
     config = uvicorn.Config(
-        application, host=host, port=port, log_config=None, access_log=False, proxy_headers=False
+        application,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        timeout_keep_alive=settings.http_keep_alive_s,
     )
     server = Server(config)
     tune_gc(settings.gc_threshold)

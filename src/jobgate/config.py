@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     gc_threshold: int = Field(
         50_000, ge=0, description="allocations between young GC collections (0: Python's)"
     )
+    http_keep_alive_s: int = Field(
+        30, ge=1, description="how long `serve` keeps an idle client connection open"
+    )
     transport_url: str = "database"
     transport_namespace: str = "jobgate"
     bus_url: str = ""

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -351,3 +352,43 @@ def test_a_second_sigterm_cuts_the_drain_short(api_only: Server, tmp_path: Path)
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+def test_an_idle_connection_outlives_a_clients_own_idle_limit(tmp_path: Path) -> None:
+    """A connection idle for 6 s (past httpx's and uvicorn's default 5 s) still takes the
+    next request on the same socket. (Regression: the server closed it at 5 s, just as a
+    client that kept it as long reused it, and that request failed with a reset.)"""
+    api = start_server(tmp_path, None, worker_concurrency=0)
+    request = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+    try:
+        port = int(api.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(request)
+            assert _response(conn).startswith(b"HTTP/1.1 200")
+            time.sleep(6)
+            conn.sendall(request)
+            assert _response(conn).startswith(b"HTTP/1.1 200")
+    finally:
+        assert api.stop() == 0
+
+
+def _response(conn: socket.socket) -> bytes:
+    """One whole HTTP/1.1 response with a Content-Length (b"" if the server closed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
