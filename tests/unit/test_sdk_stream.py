@@ -697,7 +697,8 @@ def test_a_submit_is_retried_with_one_idempotency_key(mode: str) -> None:
 
 def test_a_cancel_is_sent_again_only_if_it_never_left(mode: str) -> None:
     """A cancel is not safe to repeat (the second answers 409 once the first cancelled a
-    queued job): after a broken connection it fails at once; a refused one is retried."""
+    queued job): after a broken connection or a 503 it fails at once; after a refused
+    connection or a 429 (refused before any work) it is sent again."""
     tries: list[int] = []
 
     def reset(request: httpx.Request) -> httpx.Response:
@@ -716,6 +717,18 @@ def test_a_cancel_is_sent_again_only_if_it_never_left(mode: str) -> None:
 
     assert run(mode, refused_once, "cancel", "j1", retries=QUICK).status == "cancelled"
     assert len(tries) == 3
+
+    def limited_once(request: httpx.Request) -> httpx.Response:
+        tries.append(1)
+        if len(tries) == 4:  # refused before any work: safe to send again
+            return httpx.Response(429, headers={"retry-after": "0"}, json={"status": 429})
+        if len(tries) == 5:  # may have cancelled: not sent again
+            return unavailable()
+        return httpx.Response(200, json={**JOB, "status": "cancelled"})
+
+    with pytest.raises(UnavailableError):
+        run(mode, limited_once, "cancel", "j1", retries=QUICK)
+    assert len(tries) == 5
 
 
 def test_retries_give_up_after_their_attempts_or_a_long_retry_after(mode: str) -> None:

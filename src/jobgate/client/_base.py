@@ -125,7 +125,8 @@ class BaseClient:
             return self.retries.wait(tries, None)
         if response is None or response.status_code not in RETRY_STATUSES:
             return None
-        if not call.safe_to_repeat:
+        # A 429 is a refusal before any work: whatever the call does, it did not happen.
+        if response.status_code != 429 and not call.safe_to_repeat:
             return None
         return self.retries.wait(tries, retry_after(response.headers))
 
