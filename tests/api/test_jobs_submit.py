@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from typing import Any
@@ -440,11 +441,20 @@ async def test_an_idle_server_starts_idempotent_submits_in_their_transaction(
     worker._launch = counted  # type: ignore[attr-defined]
     lent: dict[str, bool] = {}  # job id -> written on a loan
     create = job_repo.create
+    both_written = asyncio.Event()
 
     async def slowed_create(*args: Any, **kwargs: Any) -> Any:
         snapshots = await create(*args, **kwargs)
         loan = kwargs.get("loan")
         lent.update((s.job["id"], loan is not None) for s in snapshots)
+        if len(lent) == 2:
+            # The first of the racing pair waits, uncommitted, for the other to write
+            # its rows too: otherwise a loaded machine may serve the two one after the
+            # other, and the second would only replay the first.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(both_written.wait(), 5)
+        elif len(lent) == 3:
+            both_written.set()
         if loan is not None and len(lent) > 1:
             # Hold the loan's transaction open: the other submit (the worker has no
             # slot left to lend it) commits the key first, and this one rolls back.
