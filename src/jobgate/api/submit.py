@@ -543,10 +543,12 @@ async def commit(
                     stride_s=settings.fair_share_stride_s,
                     loan=loan,
                 )
+                # One grant per owner (a submit has one): two statements, not two a job.
+                files_by_owner: dict[str, list[str]] = {}
                 for job in new_jobs:
-                    await blob_repo.grant(
-                        conn, (f["sha256"] for f in job.files), owner=job.owner, at=at
-                    )
+                    files_by_owner.setdefault(job.owner, []).extend(f["sha256"] for f in job.files)
+                for owner, sha256s in files_by_owner.items():
+                    await blob_repo.grant(conn, sha256s, owner=owner, at=at)
                 ids = [job.id for job in new_jobs]
                 if key is not None:
                     await idempotency.remember(
