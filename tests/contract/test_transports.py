@@ -15,6 +15,7 @@ from jobgate.transport.base import Delivery, Transport, TransportError
 from jobgate.transport.rabbitmq import RabbitTransport
 from jobgate.transport.redis import RedisStreamsTransport
 from tests.conftest import TCP_SERVICES
+from tests.proxy import CuttableProxy
 
 RABBITMQ_URL = f"amqp://guest:guest@{TCP_SERVICES['rabbitmq']}/"
 REDIS_URL = f"redis://{TCP_SERVICES['redis']}/0"
@@ -32,15 +33,16 @@ class Broker:
         self.namespace = f"jgtest{uuid.uuid4().hex[:12]}"
         self._made: list[Transport] = []
 
-    def transport(self) -> Transport:
-        """A new transport (a process of its own, as far as the broker can tell)."""
+    def transport(self, *, via: CuttableProxy | None = None) -> Transport:
+        """A new transport (a process of its own, as far as the broker can tell),
+        connecting through `via` if given."""
         made: Transport
         if self.kind == "rabbitmq":
-            made = RabbitTransport(RABBITMQ_URL, namespace=self.namespace)
+            url = RABBITMQ_URL if via is None else f"amqp://guest:guest@127.0.0.1:{via.port}/"
+            made = RabbitTransport(url, namespace=self.namespace)
         else:
-            made = RedisStreamsTransport(
-                REDIS_URL, namespace=self.namespace, claim_idle_s=CLAIM_IDLE_S
-            )
+            url = REDIS_URL if via is None else f"redis://127.0.0.1:{via.port}/0"
+            made = RedisStreamsTransport(url, namespace=self.namespace, claim_idle_s=CLAIM_IDLE_S)
         self._made.append(made)
         return made
 
@@ -323,6 +325,35 @@ async def test_a_consumer_waits_out_an_unreachable_broker(url: str) -> None:
             await transport.aclose()
     with pytest.raises(StopAsyncIteration):
         await anext(tokens)
+
+
+async def test_a_consumer_back_after_losing_the_broker_says_so(broker: Broker) -> None:
+    """`on_resume` is called once a consumer that lost its broker (connections dropped,
+    new ones refused) is back, and not when it first connects; tokens published after
+    the outage arrive."""
+    host, port = TCP_SERVICES[broker.kind].rsplit(":", 1)
+    proxy = CuttableProxy(int(port), host=host)
+    resumed = asyncio.Event()
+    try:
+        tokens = broker.transport(via=proxy).consume(["a"], prefetch=5, on_resume=resumed.set)
+        publisher = broker.transport()
+        await publisher.publish(["a"])
+        (first,) = await take(tokens, 1)
+        await first.ack()
+        assert not resumed.is_set()
+
+        proxy.down()
+        await asyncio.sleep(1.5)
+        assert not resumed.is_set()
+        proxy.up()
+
+        async with asyncio.timeout(ARRIVAL_S):
+            await resumed.wait()
+        await publisher.publish(["a"])
+        (second,) = await take(tokens, 1)
+        await second.ack()
+    finally:
+        proxy.close()
 
 
 @pytest.mark.parametrize("url", ["amqp://127.0.0.1:1/", "redis://127.0.0.1:1/0"])

@@ -24,8 +24,8 @@ from sqlalchemy.engine import make_url
 from jobgate.transport.wakeups import asyncpg_dsn
 from tests.conftest import POSTGRES_DSN
 from tests.e2e.conftest import JOBGATE, Server, start_server
-from tests.e2e.sdk_helpers import CuttableProxy
 from tests.e2e.test_serve import wait_for, wait_for_stage
+from tests.proxy import CuttableProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

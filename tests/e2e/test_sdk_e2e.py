@@ -24,7 +24,7 @@ from jobgate.client import (
     WaitTimeout,
 )
 from tests.e2e.conftest import Server, start_server
-from tests.e2e.sdk_helpers import CuttableProxy
+from tests.proxy import CuttableProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -18,7 +18,7 @@ from sqlalchemy import func, insert, select
 from jobgate.blobs import open_blob_store
 from jobgate.config import Settings
 from jobgate.ids import uuid7
-from jobgate.pipelines import Registry
+from jobgate.pipelines import Pipeline, Registry
 from jobgate.store import Database, pg
 from jobgate.store.repositories import jobs as job_repo
 from jobgate.store.tables import events, jobs, outbox
@@ -26,10 +26,13 @@ from jobgate.transport import from_url
 from jobgate.transport import outbox as outbox_relay
 from jobgate.transport.base import Transport, TransportError
 from jobgate.transport.outbox import OutboxRelay
+from jobgate.transport.rabbitmq import RabbitTransport
+from jobgate.transport.redis import RedisStreamsTransport
 from jobgate.worker import Worker
 from tests.conftest import require_exclusive
 from tests.engine import pipelines
 from tests.engine.conftest import Engine
+from tests.proxy import CuttableProxy
 
 pytestmark = [pytest.mark.service("postgres"), pytest.mark.timeout(180)]
 
@@ -50,8 +53,20 @@ class BrokerEngine(Engine):
         assert transport is not None
         return transport
 
-    async def start_broker_worker(self, concurrency: int = 4) -> Worker:
-        return await self.start_worker(concurrency, transport=self.transport())
+    async def start_broker_worker(
+        self, concurrency: int = 4, *, via: CuttableProxy | None = None
+    ) -> Worker:
+        """A worker with a transport of its own, connecting through `via` if given."""
+        transport = self.transport()
+        if via is not None:
+            host = f"127.0.0.1:{via.port}"
+            if isinstance(transport, RabbitTransport):
+                url = f"amqp://guest:guest@{host}/"
+                transport = RabbitTransport(url, namespace=self.namespace)
+            else:
+                url = f"redis://{host}/0"
+                transport = RedisStreamsTransport(url, namespace=self.namespace)
+        return await self.start_worker(concurrency, transport=transport)
 
 
 @pytest.fixture(
@@ -120,6 +135,16 @@ async def _delete_broker_queues(broker: str, namespace: str) -> None:
             await channel.queue_delete(f"{namespace}.{queue}")
     finally:
         await connection.close()
+
+
+def _without_caps(engine: Engine, *extra: Pipeline) -> None:
+    """Give `engine` the built-in pipelines (and `extra`) only. With a concurrency cap
+    anywhere, a worker claims without a token after each of its stages, which would
+    hide what the tokens do."""
+    registry = Registry.from_paths([])
+    for pipeline in extra:
+        registry.add(pipeline)
+    engine.registry = registry
 
 
 async def _statuses(engine: Engine) -> dict[str, int]:
@@ -244,15 +269,17 @@ async def test_submits_during_a_broker_outage_run_when_it_returns(
 async def test_a_broker_restart_under_1000_jobs_loses_none(
     broker: str, broker_engine: BrokerEngine
 ) -> None:
-    """Restart the broker while 1,000 jobs run: every job succeeds exactly once.
+    """Restart the broker while 1,000 jobs run: every job succeeds exactly once, and the
+    run goes on at once after the restart.
 
     Each job sleeps 2 x 40 ms, so the 1,000 take several seconds on 16 slots and the
     broker goes down with most of them still to run.
 
-    Redis keeps nothing on disk here, so tokens it held are gone after the restart; the
-    workers' idle poll (2 s in this test) finds their tasks in the store.
+    Redis keeps nothing on disk here, so tokens it held are gone after the restart: the
+    workers, told their consumers are back, claim from the store until it has nothing
+    ready, rather than wait for their idle poll (60 s).
     """
-    broker_engine.settings = broker_engine.settings.model_copy(update={"worker_idle_poll_s": 2.0})
+    _without_caps(broker_engine)
     await broker_engine.start_broker_worker(concurrency=8)
     await broker_engine.start_broker_worker(concurrency=8)
     total = 1000
@@ -288,10 +315,44 @@ async def test_a_broker_restart_under_1000_jobs_loses_none(
     async def all_done() -> bool:
         return await _statuses(broker_engine) == {"succeeded": total}
 
-    await _until(all_done, timeout=150, what="all 1,000 jobs to succeed")
+    # About 5 s of work was left; well under the idle poll.
+    await _until(all_done, timeout=40, what="all 1,000 jobs to succeed after the restart")
     terminal = await _terminal_events_per_job(broker_engine)
     assert len(terminal) == total
     assert set(terminal.values()) == {1}
+
+
+@pytest.mark.parametrize(
+    "broker", [pytest.param("rabbitmq", marks=pytest.mark.service("rabbitmq"))]
+)
+async def test_a_partitioned_worker_s_tokens_go_to_another_worker(
+    broker_engine: BrokerEngine,
+) -> None:
+    """A worker cut off from RabbitMQ by a partition (packets dropped, connections left
+    open) holds the tokens the broker handed its dead connection; the broker gives them
+    to a live worker once it finds the connection dead (heartbeats), well before the
+    60 s idle poll. RabbitMQ's default heartbeat (60 s) held them for a minute."""
+    _without_caps(broker_engine, pipelines.napper)
+    proxy = CuttableProxy(5672)
+    try:
+        await broker_engine.start_broker_worker(concurrency=4, via=proxy)
+        await broker_engine.start_broker_worker(concurrency=4)
+        warm_up = await broker_engine.submit("nap")
+        await broker_engine.wait(warm_up, timeout=30)
+
+        proxy.blackhole()
+        started = time.monotonic()
+        ids = [await broker_engine.submit("nap") for _ in range(8)]
+        for job_id in ids:
+            snapshot = await broker_engine.wait(job_id, timeout=30)
+            assert snapshot.job["status"] == "succeeded"
+        # About 15 s here: the broker finds the dead connection (~13 s), and the cut-off
+        # worker's relay held a token for its publish's timeout (10 s).
+        assert time.monotonic() - started < 30
+    finally:
+        proxy.heal()
+        proxy.close()
+    assert await _terminal_events_per_job(broker_engine) == dict.fromkeys([warm_up, *ids], 1)
 
 
 async def test_a_relay_woken_as_it_closes_stops_at_once(broker_engine: BrokerEngine) -> None:

@@ -11,7 +11,7 @@ acknowledged at once; a token lost or duplicated costs latency, never a job.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from jobgate.errors import JobgateError
@@ -64,12 +64,23 @@ class Transport(Protocol):
         """
         ...
 
-    def consume(self, queues: Sequence[str], *, prefetch: int) -> AsyncIterator[Delivery]:
+    def consume(
+        self,
+        queues: Sequence[str],
+        *,
+        prefetch: int,
+        on_resume: Callable[[], None] | None = None,
+    ) -> AsyncIterator[Delivery]:
         """Tokens of `queues`, at most `prefetch` of them unsettled at once.
 
         The iterator outlives broker restarts: it reconnects by itself (with backoff)
         and goes on. Tokens a dead or closed consumer left unsettled are handed to
         another consumer. It ends when `aclose()` is called.
+
+        `on_resume` is called each time the consumer is back after losing the broker
+        (not when it first connects). Tokens may have gone missing meanwhile, or sit
+        with the broker on a connection it has not yet found dead, so the caller should
+        look at the store rather than wait for them.
         """
         ...
 

@@ -10,6 +10,12 @@ they are published when it returns. A relay that dies holding tokens leaves them
 relay once `TAKEN_FOR_S` has passed; a crash between the publish and the delete
 publishes a token twice, which costs one claim that finds nothing.
 
+A relay cut off from the broker (a partition: its publishes hang until they time out)
+would take every due token and hold it for that long. After a failed publish a relay
+takes one token at a time until a publish succeeds again; and a relay with nothing due
+looks again within `HELD_RECHECK_S` while some token is about to be due, since a token
+another relay put back is due at once and nothing wakes it for that.
+
 One statement, not a transaction holding row locks across the publish: a submit's token
 then reaches the broker one round trip after the relay is woken, not three (`BEGIN`,
 the locking read, then the publish; the delete and `COMMIT` followed).
@@ -39,6 +45,7 @@ BATCH = 1000
 # waits 10 s at most for its confirms), after which another relay may publish them.
 TAKEN_FOR_S = 30.0
 PUT_BACK_TIMEOUT_S = 5.0
+HELD_RECHECK_S = 5.0
 
 # Rows are found as `= ANY(ARRAY(...))`, which PostgreSQL reads by primary key; as
 # `IN (...)` the generic plan hash-joined the whole outbox. Each statement commits
@@ -83,6 +90,7 @@ class OutboxRelay:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._connected = False
+        self._failing = False  # the last publish failed: take one token at a time
 
     def wake(self) -> None:
         """Tokens may have been committed: look now."""
@@ -115,9 +123,12 @@ class OutboxRelay:
                 if not self._connected:
                     await self.transport.connect()
                     self._connected = True
-                count = await self._publish_batch()
+                limit = 1 if self._failing else BATCH
+                count = await self._publish_batch(limit)
                 delay = 0.1
+                self._failing = False
             except (TransportError, OSError) as exc:
+                self._failing = True
                 log.warning("outbox_publish_failed", error=str(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -127,16 +138,16 @@ class OutboxRelay:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            if count == BATCH or self._wakeup.is_set():
+            if count == limit or self._wakeup.is_set():
                 continue  # more may be due, or commits woke it meanwhile: look now
             await wait_at_most(self._wakeup, await self._next_due())
 
-    async def _publish_batch(self) -> int:
+    async def _publish_batch(self, limit: int = BATCH) -> int:
         if self.db.is_sqlite:
-            return await self._publish_in_transaction()
+            return await self._publish_in_transaction(limit)
         at = now()
         async with self.db.autocommit() as conn:
-            rows = await pg.records(conn, _TAKE, at, at + TAKEN_FOR_S, BATCH)
+            rows = await pg.records(conn, _TAKE, at, at + TAKEN_FOR_S, limit)
         if not rows:
             return 0
         ids = [row["id"] for row in rows]
@@ -160,14 +171,14 @@ class OutboxRelay:
         except Exception as exc:
             log.warning("outbox_put_back_failed", tokens=len(ids), error=repr(exc))
 
-    async def _publish_in_transaction(self) -> int:
+    async def _publish_in_transaction(self, limit: int) -> int:
         async with self.db.write() as conn:
             rows = (
                 await conn.execute(
                     select(outbox.c.id, outbox.c.queue)
                     .where(outbox.c.available_at <= now())
                     .order_by(outbox.c.id)
-                    .limit(BATCH)
+                    .limit(limit)
                 )
             ).all()
             if not rows:
@@ -178,9 +189,13 @@ class OutboxRelay:
         return len(rows)
 
     async def _next_due(self) -> float:
-        """Seconds until the earliest token not yet due, capped at the poll interval."""
+        """Seconds until the earliest token not yet due, capped at the poll interval, and
+        at `HELD_RECHECK_S` if that token may be one another relay holds."""
         async with self.db.read() as conn:
             earliest = (await conn.execute(select(func.min(outbox.c.available_at)))).scalar()
         if earliest is None:
             return self.poll_s
-        return max(0.0, min(self.poll_s, float(earliest) - now()))
+        wait = float(earliest) - now()
+        if wait <= TAKEN_FOR_S:
+            wait = min(wait, HELD_RECHECK_S)
+        return max(0.0, min(self.poll_s, wait))

@@ -170,9 +170,15 @@ class RedisStreamsTransport:
         except DRIVER_ERRORS as exc:
             raise TransportError(f"Redis publish failed: {_describe(exc)}") from exc
 
-    def consume(self, queues: Sequence[str], *, prefetch: int) -> RedisStreamsConsumer:
+    def consume(
+        self,
+        queues: Sequence[str],
+        *,
+        prefetch: int,
+        on_resume: Callable[[], None] | None = None,
+    ) -> RedisStreamsConsumer:
         """Tokens of `queues`, at most `prefetch` unsettled; see `RedisStreamsConsumer`."""
-        consumer = RedisStreamsConsumer(self, queues, prefetch=prefetch)
+        consumer = RedisStreamsConsumer(self, queues, prefetch=prefetch, on_resume=on_resume)
         if self._closed:
             consumer._closed = True
         else:
@@ -193,11 +199,18 @@ class RedisStreamsConsumer:
     """An async iterator of `RedisStreamsDelivery`, one consumer of the group.
 
     Its reader and keeper tasks start on the first `__anext__`. Both retry with backoff
-    while Redis is unreachable.
+    while Redis is unreachable; `on_resume` is called when a call succeeds again after
+    failing, or after the group had to be made again (a restart without persistence
+    lost every token).
     """
 
     def __init__(
-        self, transport: RedisStreamsTransport, queues: Sequence[str], *, prefetch: int
+        self,
+        transport: RedisStreamsTransport,
+        queues: Sequence[str],
+        *,
+        prefetch: int,
+        on_resume: Callable[[], None] | None = None,
     ) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
@@ -217,6 +230,7 @@ class RedisStreamsConsumer:
         # Acks waiting for the flush task scheduled with the first of them.
         self._acks: list[tuple[RedisStreamsDelivery, asyncio.Future[None]]] = []
         self._flushing: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
+        self._on_resume = on_resume
 
     def __aiter__(self) -> RedisStreamsConsumer:
         return self
@@ -369,9 +383,10 @@ class RedisStreamsConsumer:
     async def _retrying(self, action: str, call: Callable[[], Awaitable[T]]) -> T:
         """Await `call()` until it succeeds, with backoff; re-create groups on NOGROUP."""
         delay = RETRY_MIN_S
+        interrupted = False
         while True:
             try:
-                return await call()
+                result = await call()
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     error: BaseException = exc
@@ -379,11 +394,17 @@ class RedisStreamsConsumer:
                     # A restart without persistence lost the group: make it again.
                     try:
                         await self._create_groups()
+                        interrupted = True
                         continue
                     except DRIVER_ERRORS as again:
                         error = again
             except DRIVER_ERRORS as exc:
                 error = exc
+            else:
+                if interrupted:
+                    self._resumed()
+                return result
+            interrupted = True
             log.warning(
                 "transport_consume_retry",
                 transport="redis",
@@ -393,6 +414,11 @@ class RedisStreamsConsumer:
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
+
+    def _resumed(self) -> None:
+        log.info("transport_consume_resumed", transport="redis")
+        if self._on_resume is not None and not self._closed:
+            self._on_resume()
 
     async def _settled(self, delivery: RedisStreamsDelivery) -> None:
         async with self._ready:

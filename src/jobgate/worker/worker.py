@@ -116,7 +116,11 @@ class Worker:
         self._tokens: defaultdict[str, deque[Delivery]] = defaultdict(deque)
         self._token_of: dict[int, Delivery] = {}
         self._settling: set[asyncio.Task[None]] = set()
+        # Claim without a token at the next chance; and keep doing so while such claims
+        # come back full (after a broker outage or a poll that found work, tokens may be
+        # missing for more tasks than one claim takes).
         self._recheck = True
+        self._resync = False
         # Slots lent to submit statements (`lend`), and whether the claim loop waits for
         # a wake-up after a claim that found fewer tasks than it asked for.
         self._lent = 0
@@ -337,7 +341,7 @@ class Worker:
                 self._idle = True
                 try:
                     if not await wait_at_most(self._wakeup, self._poll_interval()):
-                        self._recheck = True
+                        self._recheck = self._resync = True
                 finally:
                     self._idle = False
 
@@ -383,9 +387,21 @@ class Worker:
                 await self._unclaimable(queue, unused)
             claimed.extend(got)
         if self._recheck and len(claimed) < free:
-            self._recheck = False
-            claimed.extend(await self._claim(self.queues, pipelines, free - len(claimed)))
+            wanted = free - len(claimed)
+            found = await self._claim(self.queues, pipelines, wanted)
+            claimed.extend(found)
+            self._resync = self._resync and len(found) == wanted
+            self._recheck = self._resync
         return claimed
+
+    def _resume(self) -> None:
+        """The broker is back after an outage: tokens published before it may be gone (a
+        restart without persistence), or held on a connection the broker has not yet
+        found dead; the tasks are in the store, so claim them from there."""
+        if not self._stopping.is_set():
+            log.info("worker_resync", worker=self.id)
+            self._recheck = self._resync = True
+            self._wakeup.set()
 
     async def _unclaimable(self, queue: str, unused: list[Delivery]) -> None:
         async with self.db.read() as conn:
@@ -405,7 +421,10 @@ class Worker:
 
     async def _consume_loop(self) -> None:
         assert self.transport is not None
-        async for token in self.transport.consume(self.queues, prefetch=self.concurrency):
+        tokens = self.transport.consume(
+            self.queues, prefetch=self.concurrency, on_resume=self._resume
+        )
+        async for token in tokens:
             if self._stopping.is_set():
                 self._settle(token, ack=False)
                 continue
