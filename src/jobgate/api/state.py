@@ -11,6 +11,7 @@ from jobgate.api.submit_group import SubmitGroup
 from jobgate.auth.jwt import JwtVerifier
 from jobgate.blobs.base import BlobStore
 from jobgate.config import Settings
+from jobgate.observability.metrics import FinishedCounts
 from jobgate.pipelines import Registry
 from jobgate.store import Database
 from jobgate.transport.base import Transport
@@ -40,6 +41,7 @@ class AppState:
     limits: RateLimits = field(default_factory=RateLimits)
     webhooks: WebhookSender | None = None  # None: JOBGATE_WEBHOOK_CONCURRENCY=0
     transport: Transport | None = None  # None: the database transport (the store)
+    finished_jobs: FinishedCounts = field(default_factory=FinishedCounts)  # for /metrics
     submits: SubmitGroup = field(init=False)
 
     def __post_init__(self) -> None:

@@ -158,8 +158,8 @@ async def prometheus_metrics(request: Request, state: StateDep) -> Response:
     if expected and not hmac.compare_digest(bearer_token(request).encode(), expected.encode()):
         raise Unauthenticated(AUTH_FAILED)
     try:
-        async with asyncio.timeout(CHECK_TIMEOUT_S), state.db.read() as conn:
-            await metrics.refresh(conn)
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            await metrics.refresh(state.db, state.finished_jobs)
     except Exception as exc:  # serve the process's own metrics even if the store is down
         log.warning("metrics_refresh_failed", error=type(exc).__name__)
     metrics.SSE_STREAMS.set(state.streams.open_streams)
