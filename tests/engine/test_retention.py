@@ -5,6 +5,7 @@ period, never one that a job, an artifact or an upload uses again meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -301,3 +302,73 @@ def test_retention_shorter_than_the_idempotency_ttl_is_refused() -> None:
     with pytest.raises(ValidationError, match="JOBGATE_JOB_RETENTION_DAYS"):
         Settings(job_retention_days=0.5, idempotency_ttl_s=86_400)
     assert Settings(job_retention_days=0.5, idempotency_ttl_s=3600).job_retention_days == 0.5
+
+
+def _make_old(engine: Engine, sha256: str, *, seconds: float) -> None:
+    """Date a blob's file `seconds` back, as if written then."""
+    path = engine.blobs.local_path(sha256)
+    assert path is not None
+    old = int((time.time() - seconds) * 1e9)
+    os.utime(path, ns=(old, old))
+
+
+async def test_a_file_without_a_row_is_collected_after_the_grace(engine: Engine) -> None:
+    """A file the store has no row for (its writer died before committing one) is found
+    by listing the blob store once it is older than the grace, given a marked row, and
+    collected a grace later; a younger one is left alone (its row may be on its way)."""
+    orphan = await engine.blobs.put_bytes(b"written by a process that died")
+    young = await engine.blobs.put_bytes(b"written a moment ago")
+    _make_old(engine, orphan.sha256, seconds=2 * GRACE)
+    retention = _retention(engine, job_retention_days=0.0)
+    at = now()
+    for stored in (orphan, young):
+        retention.next_shard = int(stored.sha256[:2], 16)
+        await retention.run(at)
+
+    adopted = await _blob_row(engine, orphan.sha256)
+    assert adopted is not None
+    assert (adopted.size, adopted.gc_marked_at) == (orphan.size, at)
+    assert await _blob_row(engine, young.sha256) is None
+    assert await engine.blobs.exists(orphan.sha256)
+
+    result = await retention.run(at + GRACE + 1)
+
+    assert result.collected == 1
+    assert await _blob_row(engine, orphan.sha256) is None
+    assert not await engine.blobs.exists(orphan.sha256)
+    assert await engine.blobs.exists(young.sha256)
+
+
+async def test_a_file_recorded_after_its_adoption_stays_with_its_type(engine: Engine) -> None:
+    """An upload of the same bytes after the file was adopted records the blob for real:
+    the mark goes, the row takes the upload's type, and no later round collects it."""
+    orphan = await engine.blobs.put_bytes(b"plain text that was orphaned\n")
+    _make_old(engine, orphan.sha256, seconds=2 * GRACE)
+    retention = _retention(engine, job_retention_days=0.0)
+    retention.next_shard = int(orphan.sha256[:2], 16)
+    at = now()
+    assert (await retention.run(at)).adopted == 1
+
+    file = await _upload(engine, "notes.txt", b"plain text that was orphaned\n")
+    await retention.run(at + GRACE + 1)
+    await retention.run(at + 3 * GRACE)
+
+    row = await _blob_row(engine, orphan.sha256)
+    assert row is not None
+    assert row.gc_marked_at is None
+    assert row.content_type == file["content_type"] == "text/plain"
+    assert await engine.blobs.exists(orphan.sha256)
+
+
+async def test_listing_a_shard_finds_its_files_only(engine: Engine) -> None:
+    """`list_files` gives a shard's blobs with their sizes and stamps; shards are two
+    lowercase hex digits."""
+    stored = await engine.blobs.put_bytes(b"listed")
+    listed = await engine.blobs.list_files(stored.sha256[:2])
+    assert [(f.sha256, f.size) for f in listed] == [(stored.sha256, 6)]
+    assert listed[0].stamp == await engine.blobs.stamp(stored.sha256)
+    other = f"{(int(stored.sha256[:2], 16) + 1) % 256:02x}"
+    assert await engine.blobs.list_files(other) == []
+    for bad in ("A0", "0", "../", "zz"):
+        with pytest.raises(ValueError, match="shard"):
+            await engine.blobs.list_files(bad)

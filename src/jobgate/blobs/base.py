@@ -79,6 +79,16 @@ class StoredBlob:
     stamp: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class BlobFile:
+    """A stored blob as a listing finds it: its hash, length and stamp (see `StoredBlob`;
+    the local store: its modification time in nanoseconds)."""
+
+    sha256: str
+    size: int
+    stamp: int
+
+
 class StagedBlob(Protocol):
     """Bytes written and hashed, not yet published under their hash (`stage_stream`).
 
@@ -217,6 +227,15 @@ class BlobStore(Protocol):
 
         Raises:
             InvalidDigest: `sha256` is not a canonical digest.
+        """
+        ...
+
+    async def list_files(self, prefix: str) -> list[BlobFile]:
+        """The stored blobs whose hash starts with `prefix` (two hex digits: one of 256
+        shards), for garbage collection to find the ones the store has no row for.
+
+        Raises:
+            ValueError: `prefix` is not two lowercase hex digits.
         """
         ...
 

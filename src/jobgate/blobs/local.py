@@ -31,7 +31,7 @@ from typing import BinaryIO, TypeVar
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from jobgate.blobs.base import HEAD_BYTES, BlobError, StoredBlob, check_sha256
+from jobgate.blobs.base import HEAD_BYTES, BlobError, BlobFile, StoredBlob, check_sha256, is_sha256
 from jobgate.errors import FileTooLarge
 
 T = TypeVar("T")
@@ -186,6 +186,12 @@ class LocalBlobStore:
             return None
         except OSError as exc:
             raise BlobError(f"Cannot read blob {sha256}: {exc}") from exc
+
+    async def list_files(self, prefix: str) -> list[BlobFile]:
+        """The blob files of one shard, `root/<prefix>/`; see `BlobStore.list_files`."""
+        if len(prefix) != 2 or not all(c in "0123456789abcdef" for c in prefix):
+            raise ValueError(f"a shard is two lowercase hex digits, not {prefix!r}")
+        return await _in_thread(_list_shard, self.root / prefix)
 
     async def delete(self, sha256: str) -> None:
         """Remove the blob if it is there; see `BlobStore.delete`."""
@@ -376,6 +382,29 @@ def _withdraw(final: Path, stamp: int, aside_dir: Path) -> bool:
         return False
     finally:
         aside.unlink(missing_ok=True)
+
+
+def _list_shard(shard: Path) -> list[BlobFile]:
+    found: list[BlobFile] = []
+    try:
+        directories = [entry for entry in os.scandir(shard) if entry.is_dir()]
+    except FileNotFoundError:
+        return found
+    for directory in directories:
+        try:
+            entries = list(os.scandir(directory.path))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            name = entry.name
+            if not is_sha256(name) or (name[:2], name[2:4]) != (shard.name, directory.name):
+                continue
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:
+                continue
+            found.append(BlobFile(name, stat.st_size, stat.st_mtime_ns))
+    return found
 
 
 def _join(chunks: list[bytes]) -> bytes:

@@ -1,9 +1,11 @@
 """The retention round a sweeping worker runs every `JOBGATE_RETENTION_INTERVAL_S`:
 purge finished jobs past `JOBGATE_JOB_RETENTION_DAYS`, then collect the blobs nothing
-refers to any more (`store/repositories/retention.py`, `docs/retention.md`)."""
+refers to any more, files without a row included (`store/repositories/retention.py`,
+`docs/retention.md`)."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +24,9 @@ BATCH = 500
 """Jobs (or grants, or blobs) one transaction takes: each round is many short ones."""
 ROUND_BUDGET_S = 5.0
 """A round stops starting transactions after this long; the next round goes on."""
+SHARDS_PER_ROUND = 16
+"""Of the blob store's 256 shards, how many a round lists for files without a row: the
+whole store every 16 rounds (80 minutes at the default interval)."""
 
 
 @dataclass
@@ -32,6 +37,7 @@ class RoundResult:
     grants: int = 0
     marked: int = 0
     collected: int = 0
+    adopted: int = 0
 
 
 class Retention:
@@ -42,6 +48,7 @@ class Retention:
         self.blobs = blobs
         self.settings = settings
         self._cursor: retention.Cursor | None = None  # where the marking pass got to
+        self.next_shard = random.randrange(256)  # noqa: S311 - where the listing goes on
 
     @property
     def enabled(self) -> bool:
@@ -66,13 +73,17 @@ class Retention:
         if grace_s > 0 and time.monotonic() < deadline:
             result.collected = await self._collect(at - grace_s)
             result.marked = await self._mark(at)
-        if result.jobs or result.grants or result.collected:
+            # Files' ages by the wall clock, as their modification times are.
+            written_before = time.time() - grace_s
+            result.adopted = await self._adopt(at, written_before=written_before, deadline=deadline)
+        if result.jobs or result.grants or result.collected or result.adopted:
             log.info(
                 "retention_round",
                 jobs_purged=result.jobs,
                 grants_purged=result.grants,
                 blobs_marked=result.marked,
                 blobs_collected=result.collected,
+                files_adopted=result.adopted,
             )
         return result
 
@@ -102,6 +113,30 @@ class Retention:
         async with self.db.write() as conn:
             await retention.stamp_blobs(conn, stamps, at=at)
         return len(marked)
+
+    async def _adopt(self, at: float, *, written_before: float, deadline: float) -> int:
+        """List the next shards for files without a row, written before the grace (a
+        younger one may be a write whose row is still to commit), and mark them."""
+        cutoff_ns = int(written_before * 1e9)
+        adopted = 0
+        for _ in range(SHARDS_PER_ROUND):
+            if time.monotonic() >= deadline:
+                break
+            prefix = f"{self.next_shard:02x}"
+            self.next_shard = (self.next_shard + 1) % 256
+            try:
+                files = await self.blobs.list_files(prefix)
+            except BlobError as exc:
+                log.warning("blob_listing_failed", shard=prefix, error=str(exc))
+                continue
+            old = [file for file in files if file.stamp < cutoff_ns]
+            for start in range(0, len(old), BATCH):
+                async with self.db.read() as conn:
+                    rowless = await retention.without_rows(conn, old[start : start + BATCH])
+                if rowless:
+                    async with self.db.write() as conn:
+                        adopted += len(await retention.adopt_files(conn, rowless, at=at))
+        return adopted
 
     async def _collect(self, marked_before: float) -> int:
         async with self.db.write() as conn:

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Insert, select, text, update
+from sqlalchemy import Insert, case, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -34,9 +34,14 @@ def _insert_ignore(conn: AsyncConnection, table: object) -> Insert:
     return sqlite.insert(table).on_conflict_do_nothing()  # type: ignore[arg-type]
 
 
+UNKNOWN_TYPE = ""
+"""The content type of a row garbage collection made for a file it found without one
+(`retention.adopt_files`); recording the blob for real sets its type."""
+
+
 def _insert_unmarking(conn: AsyncConnection) -> Insert:
     """Insert blob rows; a row already there keeps its values but loses any garbage
-    collector's mark.
+    collector's mark (and takes the new type if it had none).
 
     The conflicting row is locked either way (PostgreSQL locks it even when the
     update's condition is false), so a collection deleting it waits for this
@@ -46,10 +51,17 @@ def _insert_unmarking(conn: AsyncConnection) -> Insert:
         statement: postgresql.Insert | sqlite.Insert = postgresql.insert(blobs)
     else:
         statement = sqlite.insert(blobs)
+    untyped = blobs.c.content_type == UNKNOWN_TYPE
     return statement.on_conflict_do_update(
         index_elements=[blobs.c.sha256],
-        set_={"gc_marked_at": None, "gc_stamp": None},
-        where=blobs.c.gc_marked_at.is_not(None),
+        set_={
+            "gc_marked_at": None,
+            "gc_stamp": None,
+            "content_type": case(
+                (untyped, statement.excluded.content_type), else_=blobs.c.content_type
+            ),
+        },
+        where=or_(blobs.c.gc_marked_at.is_not(None), untyped),
     )
 
 

@@ -10,7 +10,9 @@ files; one that none refers to is marked, with its file's stamp. Recording the b
 again (an upload, an artifact, a job using it) clears the mark under the row's lock, so
 a sweep never deletes a row a transaction is about to refer to. A sweep deletes the
 rows still marked and unreferenced; their files are then withdrawn only if nobody has
-published the same bytes since the mark (`BlobStore.withdraw`). `docs/retention.md`.
+published the same bytes since the mark (`BlobStore.withdraw`). A file with no row at
+all (its writer died before committing the row, or a collector before removing the
+file) is given one, marked, by `adopt_files`, and goes the same way. `docs/retention.md`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from sqlalchemy import ColumnElement, and_, delete, exists, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from jobgate.blobs.base import BlobFile
 from jobgate.ids import month_start
+from jobgate.store.repositories.blobs import UNKNOWN_TYPE
 from jobgate.store.repositories.jobs import TERMINAL
 from jobgate.store.tables import (
     artifacts,
@@ -180,6 +184,49 @@ async def mark_blobs(
         )
     cursor = (float(rows[-1].created_at), str(rows[-1].sha256)) if len(rows) == limit else None
     return unused, cursor
+
+
+async def without_rows(conn: AsyncConnection, files: Sequence[BlobFile]) -> list[BlobFile]:
+    """The files among `files` that have no blob row."""
+    if not files:
+        return []
+    wanted = {file.sha256: file for file in files}
+    known = await conn.execute(select(blobs.c.sha256).where(blobs.c.sha256.in_(wanted)))
+    for (sha256,) in known:
+        wanted.pop(sha256, None)
+    return list(wanted.values())
+
+
+async def adopt_files(conn: AsyncConnection, files: Sequence[BlobFile], *, at: float) -> list[str]:
+    """Give each file of `files` (found with no blob row) a row marked unreferenced at
+    `at`, with the stamp it was listed with, for a later `sweep_blobs` to collect it;
+    the hashes adopted.
+
+    A file whose row appeared since is skipped; a writer recording the blob after this
+    leaves the row unmarked, with its type (`blobs.add`): the file stays.
+    """
+    if not files:
+        return []
+    if conn.dialect.name == "postgresql":
+        statement: postgresql.Insert | sqlite.Insert = postgresql.insert(blobs)
+    else:
+        statement = sqlite.insert(blobs)
+    rows = [
+        {
+            "sha256": file.sha256,
+            "size": file.size,
+            "content_type": UNKNOWN_TYPE,
+            "created_at": at,
+            "gc_marked_at": at,
+            "gc_stamp": file.stamp,
+        }
+        for file in files
+    ]
+    adopted = await conn.execute(
+        statement.on_conflict_do_nothing(index_elements=[blobs.c.sha256]).returning(blobs.c.sha256),
+        rows,
+    )
+    return sorted(row[0] for row in adopted)
 
 
 async def stamp_blobs(conn: AsyncConnection, stamps: dict[str, int | None], *, at: float) -> None:
