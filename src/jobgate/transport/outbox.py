@@ -11,10 +11,10 @@ relay once `TAKEN_FOR_S` has passed; a crash between the publish and the delete
 publishes a token twice, which costs one claim that finds nothing.
 
 A relay cut off from the broker (a partition: its publishes hang until they time out)
-would take every due token and hold it for that long. After a failed publish a relay
-takes one token at a time until a publish succeeds again; and a relay with nothing due
-looks again within `HELD_RECHECK_S` while some token is about to be due, since a token
-another relay put back is due at once and nothing wakes it for that.
+would take due tokens again and again and hold each for that long. After a failed
+publish a relay takes no token until the broker answers a ping; and a relay with
+nothing due looks again within `HELD_RECHECK_S` while some token is about to be due,
+since a token another relay put back is due at once and nothing wakes it for that.
 
 One statement, not a transaction holding row locks across the publish: a submit's token
 then reaches the broker one round trip after the relay is woken, not three (`BEGIN`,
@@ -90,7 +90,7 @@ class OutboxRelay:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._connected = False
-        self._failing = False  # the last publish failed: take one token at a time
+        self._failing = False  # the last publish failed: ping before taking tokens
 
     def wake(self) -> None:
         """Tokens may have been committed: look now."""
@@ -123,10 +123,11 @@ class OutboxRelay:
                 if not self._connected:
                     await self.transport.connect()
                     self._connected = True
-                limit = 1 if self._failing else BATCH
-                count = await self._publish_batch(limit)
+                if self._failing:
+                    await self.transport.ping()
+                    self._failing = False
+                count = await self._publish_batch()
                 delay = 0.1
-                self._failing = False
             except (TransportError, OSError) as exc:
                 self._failing = True
                 log.warning("outbox_publish_failed", error=str(exc), retry_in_s=delay)
@@ -138,16 +139,16 @@ class OutboxRelay:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            if count == limit or self._wakeup.is_set():
+            if count == BATCH or self._wakeup.is_set():
                 continue  # more may be due, or commits woke it meanwhile: look now
             await wait_at_most(self._wakeup, await self._next_due())
 
-    async def _publish_batch(self, limit: int = BATCH) -> int:
+    async def _publish_batch(self) -> int:
         if self.db.is_sqlite:
-            return await self._publish_in_transaction(limit)
+            return await self._publish_in_transaction()
         at = now()
         async with self.db.autocommit() as conn:
-            rows = await pg.records(conn, _TAKE, at, at + TAKEN_FOR_S, limit)
+            rows = await pg.records(conn, _TAKE, at, at + TAKEN_FOR_S, BATCH)
         if not rows:
             return 0
         ids = [row["id"] for row in rows]
@@ -171,14 +172,14 @@ class OutboxRelay:
         except Exception as exc:
             log.warning("outbox_put_back_failed", tokens=len(ids), error=repr(exc))
 
-    async def _publish_in_transaction(self, limit: int) -> int:
+    async def _publish_in_transaction(self) -> int:
         async with self.db.write() as conn:
             rows = (
                 await conn.execute(
                     select(outbox.c.id, outbox.c.queue)
                     .where(outbox.c.available_at <= now())
                     .order_by(outbox.c.id)
-                    .limit(limit)
+                    .limit(BATCH)
                 )
             ).all()
             if not rows:

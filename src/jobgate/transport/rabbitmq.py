@@ -136,13 +136,18 @@ class RabbitTransport:
             ) from failures[0]
 
     async def ping(self) -> float:
-        """Open (or find open) the connection and its publishing channel; see
+        """Open (or find open) the connection and its publishing channel, and make one
+        round trip on it (`basic.qos`, which a publishing channel does not use); see
         `Transport.ping`. A robust connection that is reconnecting counts as down."""
         started = time.perf_counter()
         channel = await self._publisher()
         connection = self._connection
         if connection is None or not connection.connected.is_set() or channel.is_closed:
             raise TransportError("the connection to RabbitMQ is down (reconnecting)")
+        try:
+            await channel.set_qos(prefetch_count=0, timeout=CONNECT_TIMEOUT_S)
+        except DRIVER_ERRORS as exc:
+            raise TransportError(f"RabbitMQ did not answer: {_describe(exc)}") from exc
         return (time.perf_counter() - started) * 1000
 
     def consume(

@@ -98,7 +98,7 @@ class RedisStreamsTransport:
 
     name: str = "redis"
 
-    def __init__(self, url: str, *, namespace: str = "jobgate", claim_idle_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, namespace: str = "jobgate", claim_idle_s: float = 15.0) -> None:
         if claim_idle_s <= 0:
             raise ValueError("claim_idle_s must be positive")
         self._url = url
