@@ -399,7 +399,7 @@ class Worker:
         restart without persistence), or held on a connection the broker has not yet
         found dead; the tasks are in the store, so claim them from there."""
         if not self._stopping.is_set():
-            log.info("worker_resync", worker=self.id)
+            log.info("worker_resync", worker_id=self.id)
             self._recheck = self._resync = True
             self._wakeup.set()
 
