@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import OperationalError
 
 from jobgate.blobs import open_blob_store
 from jobgate.config import Settings
@@ -452,6 +453,47 @@ async def test_tokens_a_failed_publish_took_are_due_again_at_once(
         due = (await conn.execute(select(outbox.c.available_at))).scalars().all()
     assert len(due) == 2
     assert max(due) <= time.time()
+
+
+async def test_a_store_error_between_rounds_does_not_end_the_relay(
+    broker_engine: BrokerEngine,
+) -> None:
+    """A relay whose look for the next due token fails (the database restarting, its
+    connection dropped) logs it and goes on: a token committed afterwards is published,
+    and the relay closes cleanly. The error used to end the relay's task for good and
+    silently: the process published no token again, and closing it raised. (A probe
+    hit it by terminating the server's connections; the failure is injected here, at
+    the one place it did harm.)"""
+    transport, consumer_transport = broker_engine.transport(), broker_engine.transport()
+    relay = OutboxRelay(broker_engine.db, transport, poll_s=60)
+    look = relay._next_due
+    failed = asyncio.Event()
+
+    async def look_failing_once() -> float:
+        if not failed.is_set():
+            failed.set()
+            raise OperationalError(
+                "SELECT min(outbox.available_at) FROM outbox",
+                {},
+                ConnectionResetError("connection was closed in the middle of operation"),
+            )
+        return await look()
+
+    relay._next_due = look_failing_once  # type: ignore[method-assign]
+    tokens = consumer_transport.consume(["default"], prefetch=10)
+    try:
+        await relay.start()
+        await asyncio.wait_for(failed.wait(), 10)
+        async with broker_engine.db.write() as conn:
+            await conn.execute(insert(outbox), [{"queue": "default", "available_at": time.time()}])
+        relay.wake()
+        token = await asyncio.wait_for(anext(tokens), 10)
+        await token.ack()
+        await _outbox_drains(broker_engine)  # deleted once confirmed
+    finally:
+        await relay.aclose()
+        await transport.aclose()
+        await consumer_transport.aclose()
 
 
 async def _idle(relay: OutboxRelay) -> bool:

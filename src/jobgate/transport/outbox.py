@@ -27,7 +27,6 @@ transaction.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 from sqlalchemy import delete, func, select
@@ -102,8 +101,12 @@ class OutboxRelay:
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # it never should; a close must go on regardless
+                log.exception("outbox_relay_died")
             self._task = None
 
     async def drain(self) -> int:
@@ -120,28 +123,35 @@ class OutboxRelay:
         while True:
             self._wakeup.clear()
             try:
-                if not self._connected:
-                    await self.transport.connect()
-                    self._connected = True
-                if self._failing:
-                    await self.transport.ping()
-                    self._failing = False
-                count = await self._publish_batch()
+                wait = await self._round()
                 delay = 0.1
             except (TransportError, OSError) as exc:
                 self._failing = True
                 log.warning("outbox_publish_failed", error=str(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
             except Exception:
-                log.exception("outbox_relay_failed")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                # The store failed (a restart, a dropped connection): try again. Nothing
+                # may end this loop but a cancellation, or the process publishes no more.
+                log.exception("outbox_relay_failed", retry_in_s=delay)
+            else:
+                if wait > 0:
+                    await wait_at_most(self._wakeup, wait)
                 continue
-            if count == BATCH or self._wakeup.is_set():
-                continue  # more may be due, or commits woke it meanwhile: look now
-            await wait_at_most(self._wakeup, await self._next_due())
+            # Not cut short by wake-ups: commits go on during an outage.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _round(self) -> float:
+        """Publish what is due; how long to wait for a wake-up before the next round."""
+        if not self._connected:
+            await self.transport.connect()
+            self._connected = True
+        if self._failing:
+            await self.transport.ping()
+            self._failing = False
+        count = await self._publish_batch()
+        if count == BATCH or self._wakeup.is_set():
+            return 0.0  # more may be due, or commits woke it meanwhile: look now
+        return await self._next_due()
 
     async def _publish_batch(self) -> int:
         if self.db.is_sqlite:
