@@ -15,6 +15,12 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The drivers a URL without one means: jobgate installs these, not psycopg or pysqlite.
+_ASYNC_DRIVERS = {
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+}
 DEV_SIGNING_KEY = "dev-only-signing-key-change-me"
 MIN_SECRET_CHARS = 32
 _HOST = re.compile(r"(?i)[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
@@ -201,6 +207,16 @@ class Settings(BaseSettings):
         for part in value.split(","):
             if part.strip():
                 ipaddress.ip_network(part.strip(), strict=False)  # ValueError names the part
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        """`postgres://`, `postgresql://` and `sqlite://` (the forms hosting providers
+        hand out) name jobgate's async drivers; an explicit `+driver` is kept."""
+        scheme, sep, rest = value.partition("://")
+        if sep and scheme in _ASYNC_DRIVERS:
+            return f"{_ASYNC_DRIVERS[scheme]}://{rest}"
         return value
 
     @field_validator("webhook_allowlist")
