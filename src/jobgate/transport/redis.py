@@ -231,6 +231,7 @@ class RedisStreamsConsumer:
         self._acks: list[tuple[RedisStreamsDelivery, asyncio.Future[None]]] = []
         self._flushing: set[asyncio.Task[None]] = set()  # the loop keeps only weak refs
         self._on_resume = on_resume
+        self._resumed_at = -RETRY_MAX_S
 
     def __aiter__(self) -> RedisStreamsConsumer:
         return self
@@ -416,6 +417,12 @@ class RedisStreamsConsumer:
             delay = min(delay * 2, RETRY_MAX_S)
 
     def _resumed(self) -> None:
+        # The reader and the keeper both find Redis back after an outage, a moment
+        # apart: one resync is enough.
+        at = time.monotonic()
+        if at - self._resumed_at < RETRY_MAX_S:
+            return
+        self._resumed_at = at
         log.info("transport_consume_resumed", transport="redis")
         if self._on_resume is not None and not self._closed:
             self._on_resume()
